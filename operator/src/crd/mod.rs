@@ -1,0 +1,37 @@
+//! The `callmeback.dev/v1alpha1` API: the one definition of a persona and of a
+//! voice deployment, shared by the operator, the voice pod and the generated CRDs.
+
+mod persona;
+mod voice_deployment;
+
+pub use persona::*;
+pub use voice_deployment::*;
+
+/// API group of every callmeback resource.
+pub const GROUP: &str = "callmeback.dev";
+/// API version of every callmeback resource.
+pub const VERSION: &str = "v1alpha1";
+
+/// A status condition, keyed by `type` (the CRD marks the list
+/// `x-kubernetes-list-type: map`, so server-side apply merges conditions by type).
+///
+/// The same shape as `metav1.Condition`.
+#[derive(serde::Deserialize, serde::Serialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// `Ready`, `Available`, `Progressing` or `Degraded`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// A CamelCase machine-readable reason, for example `PersonaNotFound`.
+    pub reason: String,
+    /// A human-readable explanation.
+    #[serde(default)]
+    pub message: String,
+    /// The generation of the object this condition was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// When `status` last changed (RFC 3339). Unchanged when only the message changes.
+    pub last_transition_time: String,
+}

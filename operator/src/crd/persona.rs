@@ -1,0 +1,349 @@
+//! `Persona`: who answers the phone, how they sound, think and listen.
+
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::Condition;
+
+/// A phone persona: its prompt, greeting, voice, language model, speech
+/// recognition and turn-taking behaviour.
+///
+/// The voice pod reads exactly this struct from `/etc/callmeback/personas/<name>.yaml`.
+#[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "callmeback.dev",
+    version = "v1alpha1",
+    kind = "Persona",
+    plural = "personas",
+    singular = "persona",
+    shortname = "pa",
+    category = "voice",
+    namespaced,
+    status = "PersonaStatus",
+    printcolumn = r#"{"name":"Display Name","type":"string","jsonPath":".spec.displayName"}"#,
+    printcolumn = r#"{"name":"Voice","type":"string","jsonPath":".spec.voice.voiceId"}"#,
+    printcolumn = r#"{"name":"Model","type":"string","jsonPath":".spec.llm.model"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.idleTimeoutSeconds < self.maxCallDurationSeconds").message("idleTimeoutSeconds must be shorter than maxCallDurationSeconds"))]
+pub struct PersonaSpec {
+    /// The name the persona introduces itself with.
+    #[schemars(length(min = 1, max = 100))]
+    pub display_name: String,
+    /// The system prompt: who the persona is and how it speaks. Call pretext and
+    /// the caller's relationship context are appended per call.
+    #[schemars(length(min = 1, max = 20000))]
+    pub system_prompt: String,
+    /// The first sentence spoken when the call connects. Static, so each pod
+    /// synthesizes it once and plays it without a TTS round trip.
+    #[schemars(length(min = 1, max = 500))]
+    pub greeting: String,
+    /// Spoken when the language model fails, instead of silence.
+    #[serde(default = "default_fallback_phrase")]
+    #[schemars(length(min = 1, max = 300))]
+    pub fallback_phrase: String,
+    /// Spoken before hanging up (max duration reached, idle, draining).
+    #[serde(default = "default_goodbye")]
+    #[schemars(length(min = 1, max = 300))]
+    pub goodbye: String,
+    /// Spoken once when the caller has been silent for `idleTimeoutSeconds`.
+    #[serde(default = "default_idle_prompt")]
+    #[schemars(length(min = 1, max = 300))]
+    pub idle_prompt: String,
+    /// Text-to-speech voice.
+    pub voice: VoiceSpec,
+    /// Language model.
+    #[serde(default)]
+    pub llm: LlmSpec,
+    /// Speech-to-text.
+    #[serde(default)]
+    pub stt: SttSpec,
+    /// When the caller is done talking, and what happens when they interrupt.
+    #[serde(default)]
+    pub turn_taking: TurnTakingSpec,
+    /// Hard cap on a call's length; the persona says goodbye and hangs up.
+    /// Also sizes the pods' termination grace period.
+    #[serde(default = "default_max_call_duration")]
+    #[schemars(range(min = 30, max = 14400))]
+    pub max_call_duration_seconds: u32,
+    /// Silence from the caller after which the persona asks "are you still
+    /// there?", and after twice as long says goodbye.
+    #[serde(default = "default_idle_timeout")]
+    #[schemars(range(min = 5, max = 3600))]
+    pub idle_timeout_seconds: u32,
+    /// What the persona remembers about a caller between calls.
+    #[serde(default)]
+    pub memory: MemorySpec,
+}
+
+/// Text-to-speech settings (ElevenLabs).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VoiceSpec {
+    /// TTS provider. Only `elevenlabs` today.
+    #[serde(default)]
+    pub provider: VoiceProvider,
+    /// Provider voice id.
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z0-9_-]+$"))]
+    pub voice_id: String,
+    /// Provider model id.
+    #[serde(default = "default_tts_model")]
+    #[schemars(length(min = 1, max = 64))]
+    pub model_id: String,
+    /// 0..1: lower is more expressive, higher more consistent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub stability: Option<f64>,
+    /// 0..1: how closely to match the original voice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub similarity_boost: Option<f64>,
+    /// 0..1: style exaggeration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub style: Option<f64>,
+    /// 0.7..1.2: speaking rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.7, max = 1.2))]
+    pub speed: Option<f64>,
+}
+
+/// TTS providers.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum VoiceProvider {
+    /// ElevenLabs streaming TTS over WebSocket.
+    #[default]
+    Elevenlabs,
+}
+
+/// Language-model settings (Cerebras, OpenAI-compatible).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LlmSpec {
+    /// Model id; checked against the provider's `/v1/models` at pod start.
+    #[serde(default = "default_llm_model")]
+    #[schemars(length(min = 1, max = 128))]
+    pub model: String,
+    /// Sampling temperature.
+    #[serde(default = "default_temperature")]
+    #[schemars(range(min = 0.0, max = 2.0))]
+    pub temperature: f64,
+    /// Upper bound on a reply's tokens. Small: voice replies are short, and
+    /// Cerebras charges rate limits on input + max tokens up front.
+    #[serde(default = "default_max_tokens")]
+    #[schemars(range(min = 16, max = 4096))]
+    pub max_tokens: u32,
+    /// For reasoning models: how hard to think. `low` keeps voice latency down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_effort: Option<ReasoningEffort>,
+    /// Conversation turns kept in the prompt (older ones are dropped).
+    #[serde(default = "default_history_turns")]
+    #[schemars(range(min = 2, max = 200))]
+    pub max_history_turns: u32,
+}
+
+/// Reasoning effort for reasoning models.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ReasoningEffort {
+    /// Least latency.
+    Low,
+    /// Balanced.
+    Medium,
+    /// Most thorough.
+    High,
+}
+
+/// Speech-to-text settings (Deepgram live).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SttSpec {
+    /// Deepgram model, e.g. `nova-3` or `nova-2-phonecall`.
+    #[serde(default = "default_stt_model")]
+    #[schemars(length(min = 1, max = 64))]
+    pub model: String,
+    /// BCP-47 language tag.
+    #[serde(default = "default_language")]
+    #[schemars(length(min = 2, max = 16))]
+    pub language: String,
+    /// Silence (ms) after which Deepgram marks `speech_final`.
+    #[serde(default = "default_endpointing_ms")]
+    #[schemars(range(min = 10, max = 5000))]
+    pub endpointing_ms: u32,
+    /// Gap after the last word before Deepgram sends `UtteranceEnd`.
+    #[serde(default = "default_utterance_end_ms")]
+    #[schemars(range(min = 1000, max = 5000))]
+    pub utterance_end_ms: u32,
+    /// Words to boost (names, places).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100))]
+    pub keyterms: Vec<String>,
+}
+
+/// Turn-taking and barge-in knobs.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TurnTakingSpec {
+    /// Extra wait (ms) when the caller's words look unfinished (a trailing
+    /// "and", "so", "um", an open question) before the turn is taken.
+    #[serde(default = "default_incomplete_wait_ms")]
+    #[schemars(range(min = 0, max = 5000))]
+    pub incomplete_extra_wait_ms: u32,
+    /// Ask a fast LLM whether an ambiguous utterance is finished.
+    #[serde(default)]
+    pub llm_judge: bool,
+    /// Hard deadline (ms) for the LLM judgement; on expiry the heuristic decides.
+    #[serde(default = "default_judge_deadline_ms")]
+    #[schemars(range(min = 50, max = 2000))]
+    pub llm_judge_deadline_ms: u32,
+    /// Whether caller speech interrupts the persona.
+    #[serde(default = "default_true")]
+    pub barge_in: bool,
+    /// Words of interim transcript needed to count as an interruption
+    /// (filters coughs and "mm-hm").
+    #[serde(default = "default_barge_in_min_words")]
+    #[schemars(range(min = 1, max = 10))]
+    pub barge_in_min_words: u32,
+    /// Start the LLM when the end of turn is likely but unconfirmed; speak only
+    /// once confirmed, discard if the caller goes on.
+    #[serde(default = "default_true")]
+    pub preemptive_generation: bool,
+}
+
+/// Memory of past calls with a caller.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MemorySpec {
+    /// Summarize each call into the caller's relationship memory.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Bound on the stored memory (characters); the oldest notes go first.
+    #[serde(default = "default_memory_chars")]
+    #[schemars(range(min = 100, max = 20000))]
+    pub max_chars: u32,
+}
+
+/// Observed state of a `Persona`.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PersonaStatus {
+    /// `Ready` with reason `Valid` or `Invalid`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// SHA-256 (hex, first 16 chars) of the rendered persona file the pods load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_hash: Option<String>,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_fallback_phrase() -> String {
+    "Sorry, I lost my train of thought for a second. Could you say that again?".into()
+}
+fn default_goodbye() -> String {
+    "It was lovely talking to you. Goodbye!".into()
+}
+fn default_idle_prompt() -> String {
+    "Are you still there?".into()
+}
+fn default_max_call_duration() -> u32 {
+    900
+}
+fn default_idle_timeout() -> u32 {
+    30
+}
+fn default_tts_model() -> String {
+    "eleven_flash_v2_5".into()
+}
+fn default_llm_model() -> String {
+    "gpt-oss-120b".into()
+}
+fn default_temperature() -> f64 {
+    0.7
+}
+fn default_max_tokens() -> u32 {
+    256
+}
+fn default_history_turns() -> u32 {
+    40
+}
+fn default_stt_model() -> String {
+    "nova-3".into()
+}
+fn default_language() -> String {
+    "en".into()
+}
+fn default_endpointing_ms() -> u32 {
+    300
+}
+fn default_utterance_end_ms() -> u32 {
+    1000
+}
+fn default_incomplete_wait_ms() -> u32 {
+    700
+}
+fn default_judge_deadline_ms() -> u32 {
+    150
+}
+fn default_barge_in_min_words() -> u32 {
+    1
+}
+fn default_memory_chars() -> u32 {
+    4000
+}
+
+impl Default for LlmSpec {
+    fn default() -> Self {
+        Self {
+            model: default_llm_model(),
+            temperature: default_temperature(),
+            max_tokens: default_max_tokens(),
+            reasoning_effort: Some(ReasoningEffort::Low),
+            max_history_turns: default_history_turns(),
+        }
+    }
+}
+
+impl Default for SttSpec {
+    fn default() -> Self {
+        Self {
+            model: default_stt_model(),
+            language: default_language(),
+            endpointing_ms: default_endpointing_ms(),
+            utterance_end_ms: default_utterance_end_ms(),
+            keyterms: Vec::new(),
+        }
+    }
+}
+
+impl Default for TurnTakingSpec {
+    fn default() -> Self {
+        Self {
+            incomplete_extra_wait_ms: default_incomplete_wait_ms(),
+            llm_judge: false,
+            llm_judge_deadline_ms: default_judge_deadline_ms(),
+            barge_in: true,
+            barge_in_min_words: default_barge_in_min_words(),
+            preemptive_generation: true,
+        }
+    }
+}
+
+impl Default for MemorySpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_chars: default_memory_chars(),
+        }
+    }
+}

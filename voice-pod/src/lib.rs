@@ -1,0 +1,32 @@
+//! # voice-pod
+//!
+//! The call bridge of callmeback: Twilio Media Streams in, Deepgram speech-to-text,
+//! Cerebras chat completions, ElevenLabs text-to-speech, audio back to Twilio.
+//!
+//! ## Layout
+//! - [`config`]: typed configuration from flags and environment, validated at start.
+//! - [`personas`]: the hot-reloaded persona directory and inbound number routes.
+//! - [`twilio`]: everything Twilio: webhook signatures, TwiML, the Media Streams
+//!   message types, the REST client.
+//! - [`http`]: the axum apps (8080 app, 9090 metrics and probes) and their handlers.
+//! - [`session`]: one call's life on the pod: the seam between the Twilio stream and
+//!   the conversation engine.
+//! - [`audio`]: G.711 mu-law, 20 ms framing, resampling, MP3 decoding.
+//! - [`providers`]: Deepgram, Cerebras and ElevenLabs clients behind small traits.
+//! - [`engine`]: the conversation: turn-taking, streaming replies, barge-in.
+//! - [`store`]: PostgreSQL persistence of calls, turns, costs and relationships.
+//! - [`metrics`]: the Prometheus metrics (names are the dashboard's contract).
+//! - [`drain`]: graceful shutdown: readiness off, refuse new calls, finish active ones.
+#![forbid(unsafe_code)]
+
+pub mod audio;
+pub mod config;
+pub mod drain;
+pub mod engine;
+pub mod http;
+pub mod metrics;
+pub mod personas;
+pub mod providers;
+pub mod session;
+pub mod store;
+pub mod twilio;

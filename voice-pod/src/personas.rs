@@ -1,0 +1,1 @@
+//! personas (in progress)
