@@ -3,4 +3,6 @@
 # It installs or starts whatever the tests need; nothing is done by hand.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Real helm and kubectl for the chart tests (cached outside the repo).
+export CALLMEBACK_TOOLS_DIR="$(bash scripts/helm-tools.sh)"
 cargo test --workspace --all-targets
