@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Builds the Kubernetes control plane the tests run against (etcd,
+# kube-apiserver, kube-controller-manager) from the Go module in
+# tests/controlplane/, into a cache directory outside the repository keyed by
+# the pinned versions. A warm cache makes this a no-op; a cold one takes a
+# while (see README, "Testing").
+#
+# Prints the binary directory on stdout (all progress goes to stderr), so
+# callers can do: BIN=$(scripts/controlplane-build.sh)
+#
+# Environment:
+#   CALLMEBACK_CONTROLPLANE_BIN  use this directory instead of the default cache
+#   XDG_CACHE_HOME               cache root (default ~/.cache)
+set -euo pipefail
+
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+mod="$repo/tests/controlplane"
+
+log() { echo "controlplane-build: $*" >&2; }
+
+command -v go >/dev/null || { log "go is not installed (needed to build Kubernetes)"; exit 1; }
+
+# Versions come from go.mod alone, so the cache key needs no network.
+k8s_version="$(awk '$1 == "k8s.io/kubernetes" && $2 ~ /^v/ { print $2; exit }' "$mod/go.mod")"
+etcd_version="$(awk '$1 == "go.etcd.io/etcd/server/v3" && $2 ~ /^v/ { print $2; exit }' "$mod/go.mod")"
+[[ -n "$k8s_version" && -n "$etcd_version" ]] || { log "cannot read versions from $mod/go.mod"; exit 1; }
+
+bin="${CALLMEBACK_CONTROLPLANE_BIN:-${XDG_CACHE_HOME:-$HOME/.cache}/callmeback/k8s-${k8s_version}-etcd-${etcd_version}/bin}"
+binaries=(etcd kube-apiserver kube-controller-manager)
+
+# The stamp records exactly what was built; a changed go.mod/go.sum or build
+# recipe (this script) rebuilds even when the version key stayed the same.
+stamp_value="$(cat "$mod/go.mod" "$mod/go.sum" "$0" | sha256sum | cut -d' ' -f1)"
+
+up_to_date() {
+  [[ -f "$bin/.stamp" && "$(cat "$bin/.stamp")" == "$stamp_value" ]] || return 1
+  local b
+  for b in "${binaries[@]}"; do [[ -x "$bin/$b" ]] || return 1; done
+}
+
+if up_to_date; then
+  echo "$bin"
+  exit 0
+fi
+
+mkdir -p "$(dirname "$bin")"
+# Two test binaries (or a test run and a manual build) may start this at once:
+# one builds, the other waits and then finds the cache warm.
+exec 9>"$(dirname "$bin")/.build.lock"
+flock 9
+if up_to_date; then
+  echo "$bin"
+  exit 0
+fi
+
+log "building Kubernetes $k8s_version and etcd $etcd_version into $bin (cold builds take tens of minutes)"
+start=$SECONDS
+
+# Version stamps, as Kubernetes' hack/lib/version.sh sets them: the apiserver
+# and controller-manager derive their binary/emulation version from these,
+# and an unset gitVersion would make them believe they are v0.0.0.
+minor="${k8s_version#v1.}"
+minor="${minor%%.*}"
+ldflags="-s -w"
+for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+  ldflags+=" -X $pkg.gitVersion=$k8s_version -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+  ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+done
+
+staging="$(dirname "$bin")/.bin.tmp.$$"
+rm -rf "$staging"
+mkdir -p "$staging"
+trap 'rm -rf "$staging"' EXIT
+
+(
+  cd "$mod"
+  # The official release builds are static (CGO off) as well; it also avoids
+  # needing a C toolchain. -mod=readonly: go.sum is committed and must match.
+  CGO_ENABLED=0 GOFLAGS="${GOFLAGS:-} -mod=readonly" go build -trimpath -ldflags "$ldflags" -o "$staging/" \
+    go.etcd.io/etcd/server/v3 \
+    k8s.io/kubernetes/cmd/kube-apiserver \
+    k8s.io/kubernetes/cmd/kube-controller-manager
+)
+# etcd's main package is the server module's root, so go names it "v3".
+mv "$staging/v3" "$staging/etcd"
+
+rm -rf "$bin"
+mv "$staging" "$bin"
+echo "$stamp_value" >"$bin/.stamp"
+log "built in $((SECONDS - start))s"
+echo "$bin"
