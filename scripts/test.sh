@@ -5,4 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # Real helm and kubectl for the chart tests (cached outside the repo).
 export CALLMEBACK_TOOLS_DIR="$(bash scripts/helm-tools.sh)"
+# A real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager)
+# built from Go modules into a versioned cache outside the repo; a no-op when warm.
+export CALLMEBACK_CONTROLPLANE_BIN="$(bash scripts/controlplane-build.sh)"
 cargo test --workspace --all-targets
