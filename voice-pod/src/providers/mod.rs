@@ -35,6 +35,9 @@ use voice_operator::crd::{LlmSpec, ReasoningEffort, SttSpec, VoiceSpec};
 use crate::metrics::SocketErrorKind;
 
 pub mod backoff;
+pub mod cerebras;
+pub mod deepgram;
+pub mod sse;
 
 /// A provider API key. Its `Debug` and `Display` never show the value.
 #[derive(Clone, PartialEq, Eq)]
