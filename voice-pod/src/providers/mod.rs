@@ -37,6 +37,7 @@ use crate::metrics::SocketErrorKind;
 pub mod backoff;
 pub mod cerebras;
 pub mod deepgram;
+pub mod elevenlabs;
 pub mod sse;
 
 /// A provider API key. Its `Debug` and `Display` never show the value.
