@@ -81,8 +81,9 @@ trap 'rm -rf "$staging"' EXIT
     k8s.io/kubernetes/cmd/kube-apiserver \
     k8s.io/kubernetes/cmd/kube-controller-manager
 )
-# etcd's main package is the server module's root, so go names it "v3".
-mv "$staging/v3" "$staging/etcd"
+# etcd's main package is the server module's root: go drops the /v3 suffix
+# and names the binary "server".
+mv "$staging/server" "$staging/etcd"
 
 rm -rf "$bin"
 mv "$staging" "$bin"
