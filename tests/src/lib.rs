@@ -1,1 +1,4 @@
 //! test support
+
+pub mod emulators;
+pub mod speech;

@@ -1,0 +1,11 @@
+//! Protocol-faithful emulators of the pod's peers: real servers on 127.0.0.1:0 that check
+//! what the real services check, answer like them, and record what they received.
+//!
+//! - [`deepgram`]: Deepgram live STT (`/v1/listen`), transcribing real audio by energy
+//!   against a script.
+//! - [`cerebras`]: Cerebras chat completions (SSE) and `/v1/models`.
+//! - [`elevenlabs`]: ElevenLabs multi-context TTS (`multi-stream-input`), mu-law audio.
+
+pub mod cerebras;
+pub mod deepgram;
+pub mod elevenlabs;
