@@ -587,6 +587,9 @@ async fn produce(
     tokens.extend(tokenize(&reply.content).into_iter().map(|t| (false, t)));
     let total = tokens.len();
     for (i, (reasoning, tok)) in tokens.into_iter().enumerate() {
+        if i > 0 && !inter.is_zero() {
+            sleep(inter).await;
+        }
         match &fault {
             Some(CerebrasFault::ErrorInStream { after_tokens }) if *after_tokens == i => {
                 let e = json!({"error": {"message": "Internal server error while streaming", "type": "server_error", "code": "internal_server_error"}, "status_code": 500});
@@ -614,9 +617,6 @@ async fn produce(
                 return;
             }
             _ => {}
-        }
-        if i > 0 && !inter.is_zero() {
-            sleep(inter).await;
         }
         let delta = if reasoning {
             json!({"reasoning": tok})
