@@ -597,7 +597,16 @@ impl SessionTask {
     async fn close_socket(&mut self, ws: &mut Ws) -> Result<(), TtsError> {
         self.send(ws, serde_json::json!({"close_socket": true}))
             .await?;
-        let _ = timeout(Duration::from_millis(500), ws.close(None)).await;
+        // Let the provider finish its side (finals, then its close frame), bounded.
+        let _ = timeout(Duration::from_secs(1), async {
+            while let Some(Ok(msg)) = ws.next().await {
+                if matches!(msg, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
+        let _ = timeout(Duration::from_millis(200), ws.close(None)).await;
         Ok(())
     }
 
