@@ -138,7 +138,7 @@ async fn two_turns_are_spoken_on_one_socket() {
             .filter(|m| m["context_id"] == ctx && m.get("text").is_some())
             .map(|m| m.get("voice_settings").is_some())
             .collect();
-        assert_eq!(with_settings[0], true);
+        assert!(with_settings[0]);
         assert!(
             with_settings[1..].iter().all(|b| !b),
             "{ctx}: {with_settings:?}"

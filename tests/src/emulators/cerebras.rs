@@ -484,10 +484,10 @@ async fn chat(
                 "quota",
                 "request_quota_exceeded",
             );
-            if let Some(ra) = retry_after {
-                if let Ok(v) = HeaderValue::from_str(&format!("{:.3}", ra.as_secs_f64())) {
-                    resp.headers_mut().insert("retry-after", v);
-                }
+            if let Some(ra) = retry_after
+                && let Ok(v) = HeaderValue::from_str(&format!("{:.3}", ra.as_secs_f64()))
+            {
+                resp.headers_mut().insert("retry-after", v);
             }
             resp.headers_mut().insert(
                 "x-ratelimit-remaining-requests-day",

@@ -317,6 +317,8 @@ async fn handle_connection(tcp: TcpStream, shared: Arc<Shared>, cancel: Cancella
     let mut record = ConnectionRecord::default();
     let key = shared.cfg.api_key.clone();
     let refuse_with = shared.lock().refuse_with;
+    // The error type is tungstenite's handshake response; its size is not ours to pick.
+    #[allow(clippy::result_large_err)]
     let callback = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
         record.query = parse_query(req.uri().query());
         if req.uri().path() != "/v1/listen" {
@@ -616,11 +618,11 @@ impl Recognizer {
                     }
                 } else {
                     self.voiced_run = 0;
-                    if let (Some(lwe), Some(ue)) = (self.pending_ue, self.utterance_end) {
-                        if end - lwe >= ue {
-                            self.pending_ue = None;
-                            self.send(json!({"type": "UtteranceEnd", "channel": [0, 1], "last_word_end": round3(lwe)})).await;
-                        }
+                    if let (Some(lwe), Some(ue)) = (self.pending_ue, self.utterance_end)
+                        && end - lwe >= ue
+                    {
+                        self.pending_ue = None;
+                        self.send(json!({"type": "UtteranceEnd", "channel": [0, 1], "last_word_end": round3(lwe)})).await;
                     }
                     if end - self.seg_start >= self.shared.cfg.silence_final_interval.as_secs_f64()
                     {

@@ -273,6 +273,8 @@ struct Ctx {
 async fn handle_connection(tcp: TcpStream, shared: Arc<Shared>, cancel: CancellationToken) {
     let mut record = TtsConnectionRecord::default();
     let key = shared.cfg.api_key.clone();
+    // The error type is tungstenite's handshake response; its size is not ours to pick.
+    #[allow(clippy::result_large_err)]
     let callback = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
         record.path = req.uri().path().to_owned();
         record.query = url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
@@ -316,14 +318,14 @@ async fn handle_connection(tcp: TcpStream, shared: Arc<Shared>, cancel: Cancella
             record.refused = Some(400);
             return Err(refuse(StatusCode::BAD_REQUEST, "model_id is required"));
         }
-        if let Some(t) = p("inactivity_timeout") {
-            if t.parse::<u64>().map_or(true, |t| t == 0 || t > 180) {
-                record.refused = Some(422);
-                return Err(refuse(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "inactivity_timeout must be between 1 and 180",
-                ));
-            }
+        if let Some(t) = p("inactivity_timeout")
+            && t.parse::<u64>().map_or(true, |t| t == 0 || t > 180)
+        {
+            record.refused = Some(422);
+            return Err(refuse(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "inactivity_timeout must be between 1 and 180",
+            ));
         }
         Ok(resp)
     };

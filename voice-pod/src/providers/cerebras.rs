@@ -224,15 +224,15 @@ impl Cerebras {
                     Ok(ChatDelta::Content(_) | ChatDelta::Reasoning(_) | ChatDelta::Done { .. })
                 ) || d.is_err()
             }) {
-                if let Some(Err(_)) = state.pending.front() {
-                    if let Some(Err(e)) = state.pending.pop_front() {
-                        return Err(match e {
-                            LlmError::InStream(_) | LlmError::Truncated | LlmError::Connect(_) => {
-                                Attempt::Retry(e, None)
-                            }
-                            other => Attempt::Fatal(other),
-                        });
-                    }
+                if let Some(Err(_)) = state.pending.front()
+                    && let Some(Err(e)) = state.pending.pop_front()
+                {
+                    return Err(match e {
+                        LlmError::InStream(_) | LlmError::Truncated | LlmError::Connect(_) => {
+                            Attempt::Retry(e, None)
+                        }
+                        other => Attempt::Fatal(other),
+                    });
                 }
                 return Ok(Primed(state));
             }

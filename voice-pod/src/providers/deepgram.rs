@@ -477,10 +477,10 @@ impl SessionTask {
         let mut tick = tokio::time::interval(keepalive.min(Duration::from_secs(1)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut closing: Option<Instant> = None;
-        if std::mem::take(&mut self.pending_finalize) {
-            if !self.send(&mut ws, control_msg("Finalize")).await {
-                return Phase::Dropped(SttError::Protocol("send failed".into()));
-            }
+        if std::mem::take(&mut self.pending_finalize)
+            && !self.send(&mut ws, control_msg("Finalize")).await
+        {
+            return Phase::Dropped(SttError::Protocol("send failed".into()));
         }
         loop {
             let close_deadline =

@@ -400,7 +400,7 @@ impl SessionTask {
     /// `Ok(false)`: the session should close.
     async fn apply(&mut self, cmd: TtsCommand, ws: Option<&mut Ws>) -> Result<bool, TtsError> {
         match cmd {
-            TtsCommand::Close => return Ok(false),
+            TtsCommand::Close => Ok(false),
             TtsCommand::Speak { context_id, text } => {
                 if text.is_empty() || self.cancelled.contains(&context_id) {
                     return Ok(true);
@@ -411,17 +411,17 @@ impl SessionTask {
                         // Respect the cap: close the oldest open context first.
                         let open = self.contexts.iter().filter(|c| !c.ended).count();
                         let mut ws = ws;
-                        if open >= MAX_CONTEXTS {
-                            if let Some(oldest) = self.contexts.iter().position(|c| !c.ended) {
-                                let old = self.contexts.remove(oldest);
-                                debug!(context = %old.id, "closing the oldest context to stay within the cap");
-                                if let Some(w) = ws.as_deref_mut() {
-                                    if old.initialized {
-                                        self.send(w, close_context(&old.id)).await?;
-                                    }
-                                }
-                                self.remember_cancelled(old.id);
+                        if open >= MAX_CONTEXTS
+                            && let Some(oldest) = self.contexts.iter().position(|c| !c.ended)
+                        {
+                            let old = self.contexts.remove(oldest);
+                            debug!(context = %old.id, "closing the oldest context to stay within the cap");
+                            if let Some(w) = ws.as_deref_mut()
+                                && old.initialized
+                            {
+                                self.send(w, close_context(&old.id)).await?;
                             }
+                            self.remember_cancelled(old.id);
                         }
                         self.contexts.push(Ctx::new(context_id.clone()));
                         let i = self.contexts.len() - 1;
@@ -438,10 +438,10 @@ impl SessionTask {
             TtsCommand::Flush { context_id } => {
                 if let Some(i) = self.ctx_index(&context_id) {
                     self.contexts[i].flushed = true;
-                    if let Some(w) = ws {
-                        if self.contexts[i].initialized {
-                            self.send(w, flush(&context_id)).await?;
-                        }
+                    if let Some(w) = ws
+                        && self.contexts[i].initialized
+                    {
+                        self.send(w, flush(&context_id)).await?;
                     }
                 }
                 Ok(true)
@@ -459,11 +459,11 @@ impl SessionTask {
                         self.emit(TtsEvent::ContextDone { context_id }).await;
                         return Ok(true);
                     }
-                    if let Some(w) = ws {
-                        if self.contexts[i].initialized {
-                            self.send(w, flush(&context_id)).await?;
-                            self.send(w, close_context(&context_id)).await?;
-                        }
+                    if let Some(w) = ws
+                        && self.contexts[i].initialized
+                    {
+                        self.send(w, flush(&context_id)).await?;
+                        self.send(w, close_context(&context_id)).await?;
                     }
                 } else if !self.cancelled.contains(&context_id) {
                     // Ending a context that never spoke: done.
@@ -515,10 +515,10 @@ impl SessionTask {
         }
         let chunk = c.text[c.sent..].to_owned();
         let mut msg = serde_json::json!({"text": chunk, "context_id": c.id});
-        if !c.initialized {
-            if let Some(vs) = &self.voice_settings {
-                msg["voice_settings"] = vs.clone();
-            }
+        if !c.initialized
+            && let Some(vs) = &self.voice_settings
+        {
+            msg["voice_settings"] = vs.clone();
         }
         self.send(ws, msg).await?;
         let c = &mut self.contexts[idx];

@@ -147,12 +147,11 @@ impl SseParser {
                 }
             }
             b"event" => self.event = Some(value.into_owned()),
-            b"id" => {
+            b"id"
                 // The spec ignores ids containing NUL.
-                if !value.contains('\0') {
+                if !value.contains('\0') => {
                     self.last_id = Some(value.into_owned());
                 }
-            }
             b"retry" => {
                 if let Ok(ms) = value.parse::<u64>() {
                     self.retry_ms = Some(ms);
