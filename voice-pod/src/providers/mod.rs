@@ -753,3 +753,123 @@ impl fmt::Debug for Providers {
         f.write_str("Providers { .. }")
     }
 }
+
+/// Default base URLs (the design's defaults for `DEEPGRAM_URL`, `CEREBRAS_URL`, `ELEVENLABS_URL`).
+pub const DEFAULT_DEEPGRAM_URL: &str = "wss://api.deepgram.com";
+/// See [`DEFAULT_DEEPGRAM_URL`].
+pub const DEFAULT_CEREBRAS_URL: &str = "https://api.cerebras.ai";
+/// See [`DEFAULT_DEEPGRAM_URL`].
+pub const DEFAULT_ELEVENLABS_URL: &str = "wss://api.elevenlabs.io";
+
+/// Base URLs and keys of the three providers.
+#[derive(Clone, Debug)]
+pub struct ProviderSettings {
+    /// `DEEPGRAM_URL`.
+    pub deepgram_url: String,
+    /// `DEEPGRAM_API_KEY`.
+    pub deepgram_key: ApiKey,
+    /// `CEREBRAS_URL`.
+    pub cerebras_url: String,
+    /// `CEREBRAS_API_KEY`.
+    pub cerebras_key: ApiKey,
+    /// `ELEVENLABS_URL`.
+    pub elevenlabs_url: String,
+    /// `ELEVENLABS_API_KEY`.
+    pub elevenlabs_key: ApiKey,
+}
+
+impl ProviderSettings {
+    /// Reads the design's variables through `lookup` (the environment in production, a
+    /// map in tests). Keys are required; URLs default to the public endpoints.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ProviderInitError> {
+        let get = |name: &'static str| lookup(name).filter(|v| !v.trim().is_empty());
+        let key = |name: &'static str| {
+            get(name)
+                .map(ApiKey::new)
+                .ok_or(ProviderInitError::Missing(name))
+        };
+        Ok(Self {
+            deepgram_url: get("DEEPGRAM_URL").unwrap_or_else(|| DEFAULT_DEEPGRAM_URL.into()),
+            deepgram_key: key("DEEPGRAM_API_KEY")?,
+            cerebras_url: get("CEREBRAS_URL").unwrap_or_else(|| DEFAULT_CEREBRAS_URL.into()),
+            cerebras_key: key("CEREBRAS_API_KEY")?,
+            elevenlabs_url: get("ELEVENLABS_URL").unwrap_or_else(|| DEFAULT_ELEVENLABS_URL.into()),
+            elevenlabs_key: key("ELEVENLABS_API_KEY")?,
+        })
+    }
+}
+
+/// Why the providers could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderInitError {
+    /// A required variable is unset.
+    #[error("{0} is not set")]
+    Missing(&'static str),
+    /// Deepgram settings are invalid.
+    #[error("DEEPGRAM_URL/DEEPGRAM_API_KEY: {0}")]
+    Stt(#[source] SttError),
+    /// Cerebras settings are invalid.
+    #[error("CEREBRAS_URL/CEREBRAS_API_KEY: {0}")]
+    Llm(#[source] LlmError),
+    /// ElevenLabs settings are invalid.
+    #[error("ELEVENLABS_URL/ELEVENLABS_API_KEY: {0}")]
+    Tts(#[source] TtsError),
+}
+
+impl Providers {
+    /// The real clients (Deepgram, Cerebras, ElevenLabs) with production defaults. One
+    /// set per process: the Cerebras client holds the warm connection pool.
+    pub fn real(
+        settings: &ProviderSettings,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
+    ) -> Result<Self, ProviderInitError> {
+        let stt = deepgram::Deepgram::new(
+            deepgram::DeepgramConfig::new(&settings.deepgram_url, settings.deepgram_key.clone()),
+            metrics.clone(),
+        )
+        .map_err(ProviderInitError::Stt)?;
+        let llm = cerebras::Cerebras::new(
+            cerebras::CerebrasConfig::new(&settings.cerebras_url, settings.cerebras_key.clone()),
+            metrics.clone(),
+        )
+        .map_err(ProviderInitError::Llm)?;
+        let tts = elevenlabs::ElevenLabs::new(
+            elevenlabs::ElevenLabsConfig::new(
+                &settings.elevenlabs_url,
+                settings.elevenlabs_key.clone(),
+            ),
+            metrics,
+        )
+        .map_err(ProviderInitError::Tts)?;
+        Ok(Self {
+            stt: std::sync::Arc::new(stt),
+            llm: std::sync::Arc::new(llm),
+            tts: std::sync::Arc::new(tts),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_need_keys_and_default_the_urls() {
+        // Proves a missing key is named, URLs default to the public endpoints, and keys never print.
+        let env = |k: &str| match k {
+            "DEEPGRAM_API_KEY" | "CEREBRAS_API_KEY" => Some("k1".to_string()),
+            "ELEVENLABS_URL" => Some("ws://127.0.0.1:9".to_string()),
+            _ => None,
+        };
+        let err = ProviderSettings::from_lookup(env).unwrap_err();
+        assert_eq!(err.to_string(), "ELEVENLABS_API_KEY is not set");
+        let s = ProviderSettings::from_lookup(|k| {
+            env(k).or_else(|| Some("k2".into()).filter(|_| k == "ELEVENLABS_API_KEY"))
+        })
+        .unwrap();
+        assert_eq!(s.deepgram_url, DEFAULT_DEEPGRAM_URL);
+        assert_eq!(s.elevenlabs_url, "ws://127.0.0.1:9");
+        assert!(!format!("{s:?}").contains("k1"));
+        assert!(Providers::real(&s, std::sync::Arc::new(crate::metrics::Metrics::new())).is_ok());
+    }
+}
