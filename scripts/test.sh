@@ -3,6 +3,9 @@
 # It installs or starts whatever the tests need; nothing is done by hand.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Build artifacts live in a cache outside the checkout, so a fresh clone (CI) reuses
+# what an earlier run on this machine compiled. Override with CARGO_TARGET_DIR.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/callmeback/target}"
 # Real caller speech for the provider and call tests (tests/src/speech.rs).
 command -v espeak-ng >/dev/null || (apt-get update -qq && apt-get install -y -qq espeak-ng)
 # Real helm and kubectl for the chart tests (cached outside the repo).
