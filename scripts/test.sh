@@ -13,4 +13,7 @@ export CALLMEBACK_TOOLS_DIR="$(bash scripts/helm-tools.sh)"
 # A real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager)
 # built from Go modules into a versioned cache outside the repo; a no-op when warm.
 export CALLMEBACK_CONTROLPLANE_BIN="$(bash scripts/controlplane-build.sh)"
+# PostgreSQL for the store tests: a running server is reused; on a bare machine
+# Debian's package is installed and a throwaway cluster started (tests/src/postgres.rs).
+export CALLMEBACK_TEST_DATABASE_URL="$(bash scripts/postgres.sh)"
 cargo test --workspace --all-targets
