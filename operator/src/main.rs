@@ -1,1 +1,215 @@
-fn main() {}
+//! `voice-operator`: parse flags, set up logs, wire, run. Nothing else.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use voice_operator::controller::{self, Config};
+use voice_operator::leader::{LeaderConfig, run_when_leader};
+use voice_operator::metrics::Metrics;
+use voice_operator::web::{WebState, app};
+use voice_operator::{crdgen, render};
+
+#[derive(Parser)]
+#[command(
+    name = "voice-operator",
+    version,
+    about = "callmeback Kubernetes operator"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Reconcile Personas and VoiceDeployments.
+    Run(RunArgs),
+    /// Write the CRDs (persona.yaml, voicedeployment.yaml) into a directory.
+    Crdgen {
+        /// Output directory.
+        #[arg(long, default_value = "crds")]
+        out: PathBuf,
+        /// Print to stdout instead of writing files.
+        #[arg(long)]
+        stdout: bool,
+    },
+    /// Print the objects the operator would apply for these files, offline.
+    Render {
+        /// Persona / VoiceDeployment YAML files (repeatable).
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Health, readiness and metrics listener.
+    #[arg(long, env = "OPERATOR_LISTEN", default_value = "0.0.0.0:8080")]
+    listen: SocketAddr,
+    /// Watch only this namespace (default: all).
+    #[arg(long, env = "OPERATOR_WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
+    /// Twilio REST base when a Secret has no TWILIO_API_URL.
+    #[arg(long, env = "TWILIO_API_URL", default_value = voice_operator::twilio_numbers::DEFAULT_TWILIO_API_URL)]
+    twilio_api_url: String,
+    /// Seconds deletion keeps retrying to restore Twilio numbers before giving up.
+    #[arg(
+        long,
+        env = "OPERATOR_TWILIO_RESTORE_DEADLINE_SECONDS",
+        default_value_t = 120
+    )]
+    twilio_restore_deadline_seconds: u64,
+    /// Concurrent reconciles per kind.
+    #[arg(long, env = "OPERATOR_CONCURRENCY", default_value_t = 8)]
+    concurrency: u16,
+    /// Run controllers only while holding the Lease.
+    #[arg(long, env = "OPERATOR_LEADER_ELECTION", default_value_t = false)]
+    leader_election: bool,
+    /// Lease name.
+    #[arg(
+        long,
+        env = "OPERATOR_LEASE_NAME",
+        default_value = "callmeback-operator"
+    )]
+    lease_name: String,
+    /// Lease namespace (the operator's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// This replica's identity (pod name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Log format: json or text.
+    #[arg(long, env = "OPERATOR_LOG_FORMAT", default_value = "json")]
+    log_format: String,
+}
+
+fn init_logs(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if format == "text" {
+        builder.init();
+    } else {
+        builder.json().flatten_event(true).init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Crdgen { out, stdout } => {
+            if stdout {
+                for (_, content) in crdgen::files()? {
+                    print!("---\n{content}");
+                }
+            } else {
+                crdgen::write(&out).with_context(|| format!("writing {}", out.display()))?;
+            }
+            Ok(())
+        }
+        Command::Render { files } => {
+            let mut inputs = Vec::new();
+            for f in files {
+                let content = std::fs::read_to_string(&f)
+                    .with_context(|| format!("reading {}", f.display()))?;
+                inputs.push((f.display().to_string(), content));
+            }
+            print!("{}", render::render(&inputs)?);
+            Ok(())
+        }
+        Command::Run(args) => run(args).await,
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    init_logs(&args.log_format);
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to Kubernetes")?;
+    let metrics = Metrics::new();
+    let ready = Arc::new(AtomicBool::new(false));
+    let shutdown = CancellationToken::new();
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let web = app(WebState {
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+    });
+    let web_shutdown = shutdown.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, web)
+            .with_graceful_shutdown(web_shutdown.cancelled_owned())
+            .await
+    });
+
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        signals.cancel();
+    });
+
+    let identity = args
+        .identity
+        .clone()
+        .unwrap_or_else(|| format!("voice-operator-{}", std::process::id()));
+    let config = Config {
+        twilio_api_url: args.twilio_api_url,
+        twilio_restore_deadline: Duration::from_secs(args.twilio_restore_deadline_seconds),
+        namespace: args.watch_namespace,
+        concurrency: args.concurrency,
+        instance: Some(identity.clone()),
+    };
+    ready.store(true, Ordering::Relaxed);
+    if args.leader_election {
+        let leader = LeaderConfig {
+            lease_name: args.lease_name,
+            namespace: args.lease_namespace,
+            identity,
+            duration_seconds: 15,
+            grace_seconds: 5,
+        };
+        let (c, cfg, m) = (client.clone(), config.clone(), metrics.clone());
+        run_when_leader(client, leader, metrics, shutdown.clone(), move |term| {
+            controller::run(c.clone(), cfg.clone(), m.clone(), term)
+        })
+        .await?;
+    } else {
+        metrics.leader.set(1);
+        controller::run(client, config, metrics, shutdown.clone()).await;
+    }
+    shutdown.cancel();
+    // Bounded: a stuck connection must not keep the pod from exiting.
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {},
+                    _ = term.recv() => {},
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

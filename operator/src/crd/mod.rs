@@ -16,7 +16,9 @@ pub const VERSION: &str = "v1alpha1";
 /// `x-kubernetes-list-type: map`, so server-side apply merges conditions by type).
 ///
 /// The same shape as `metav1.Condition`.
-#[derive(serde::Deserialize, serde::Serialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[derive(
+    serde::Deserialize, serde::Serialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema,
+)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
     /// `Ready`, `Available`, `Progressing` or `Degraded`.
@@ -34,4 +36,16 @@ pub struct Condition {
     pub observed_generation: Option<i64>,
     /// When `status` last changed (RFC 3339). Unchanged when only the message changes.
     pub last_transition_time: String,
+}
+
+impl Condition {
+    /// Whether `status` is `True`.
+    pub fn is_true(&self) -> bool {
+        self.status == "True"
+    }
+}
+
+/// The condition of `type_` in `conditions`, if present.
+pub fn find_condition<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
+    conditions.iter().find(|c| c.type_ == type_)
 }

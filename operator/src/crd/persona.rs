@@ -347,3 +347,74 @@ impl Default for MemorySpec {
         }
     }
 }
+
+/// Words a greeting may have: it is synthesized once and must start the call quickly.
+pub const MAX_GREETING_WORDS: usize = 80;
+/// Rough upper bound on prompt tokens (4 characters per token) plus `maxTokens`, so a
+/// persona never exhausts a small model's context before the conversation starts.
+pub const MAX_PROMPT_BUDGET_TOKENS: u32 = 16_000;
+
+impl PersonaSpec {
+    /// Checks beyond the CRD schema (which already enforces ranges and lengths): text
+    /// that is blank or carries control characters, a greeting too long to speak
+    /// promptly, a prompt that leaves no room for the reply, duplicate key terms.
+    /// Empty when the persona is usable. The operator reports these as `PersonaInvalid`.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let texts = [
+            ("displayName", &self.display_name),
+            ("systemPrompt", &self.system_prompt),
+            ("greeting", &self.greeting),
+            ("fallbackPhrase", &self.fallback_phrase),
+            ("goodbye", &self.goodbye),
+            ("idlePrompt", &self.idle_prompt),
+        ];
+        for (field, text) in texts {
+            if text.trim().is_empty() {
+                out.push(format!("{field} is blank"));
+            }
+            if text
+                .chars()
+                .any(|c| c.is_control() && c != '\n' && c != '\t' && c != '\r')
+            {
+                out.push(format!("{field} contains control characters"));
+            }
+        }
+        let greeting_words = self.greeting.split_whitespace().count();
+        if greeting_words > MAX_GREETING_WORDS {
+            out.push(format!(
+                "greeting has {greeting_words} words; keep it under {MAX_GREETING_WORDS} so the call starts promptly"
+            ));
+        }
+        let prompt_tokens =
+            u32::try_from(self.system_prompt.chars().count() / 4).unwrap_or(u32::MAX);
+        if prompt_tokens.saturating_add(self.llm.max_tokens) > MAX_PROMPT_BUDGET_TOKENS {
+            out.push(format!(
+                "systemPrompt (~{prompt_tokens} tokens) plus llm.maxTokens ({}) exceeds {MAX_PROMPT_BUDGET_TOKENS} tokens",
+                self.llm.max_tokens
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for term in &self.stt.keyterms {
+            if term.trim().is_empty() {
+                out.push("stt.keyterms contains a blank term".to_string());
+            } else if !seen.insert(term.to_lowercase()) {
+                out.push(format!("stt.keyterms lists {term:?} twice"));
+            }
+        }
+        if self.turn_taking.llm_judge
+            && self.turn_taking.llm_judge_deadline_ms
+                > self
+                    .turn_taking
+                    .incomplete_extra_wait_ms
+                    .max(self.stt.endpointing_ms)
+                    * 4
+        {
+            out.push(format!(
+                "turnTaking.llmJudgeDeadlineMs ({}) is far above the turn-taking waits; the judge would add audible latency",
+                self.turn_taking.llm_judge_deadline_ms
+            ));
+        }
+        out
+    }
+}

@@ -39,6 +39,7 @@ pub struct VoiceDeploymentSpec {
     /// Personas served, by name, in this namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 100))]
+    #[x_kube(validation = Rule::new("self.all(p, p.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$') && size(p) <= 63)").message("personas must be Persona names (lowercase DNS labels)"))]
     pub personas: Option<Vec<String>>,
     /// Personas served, by label (in addition to `personas`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -54,9 +55,9 @@ pub struct VoiceDeploymentSpec {
     #[serde(default = "default_image")]
     #[schemars(length(min = 1))]
     pub image: String,
-    /// Image pull policy (`Always`, `IfNotPresent`, `Never`).
+    /// Image pull policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub image_pull_policy: Option<String>,
+    pub image_pull_policy: Option<ImagePullPolicy>,
     /// Fixed replica count (ignored when `autoscaling` is set; the `scale`
     /// subresource writes here).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -88,6 +89,28 @@ pub struct VoiceDeploymentSpec {
     /// Provider prices for call cost records.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub prices: Vec<Price>,
+}
+
+/// When the kubelet pulls the voice pod image.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ImagePullPolicy {
+    /// Pull on every pod start.
+    Always,
+    /// Pull when the node lacks the image.
+    IfNotPresent,
+    /// Never pull.
+    Never,
+}
+
+impl ImagePullPolicy {
+    /// The Kubernetes spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Always => "Always",
+            Self::IfNotPresent => "IfNotPresent",
+            Self::Never => "Never",
+        }
+    }
 }
 
 /// Autoscaling bounds and target.
@@ -148,12 +171,14 @@ pub struct TwilioSpec {
 }
 
 /// A provider unit price.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Price {
     /// `twilio`, `deepgram`, `cerebras` or `elevenlabs`.
+    #[x_kube(validation = Rule::new("self in ['twilio', 'deepgram', 'cerebras', 'elevenlabs']").message("provider must be one of twilio, deepgram, cerebras, elevenlabs"))]
     pub provider: String,
     /// `stt_seconds`, `llm_input_tokens`, `llm_output_tokens`, `tts_characters`, `telephony_seconds`.
+    #[x_kube(validation = Rule::new("self in ['stt_seconds', 'llm_input_tokens', 'llm_output_tokens', 'tts_characters', 'telephony_seconds']").message("unit must be one of stt_seconds, llm_input_tokens, llm_output_tokens, tts_characters, telephony_seconds"))]
     pub unit: String,
     /// Price per unit in USD, as a decimal string (e.g. `"0.0000043"`).
     #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?$"))]
@@ -186,6 +211,31 @@ pub struct VoiceDeploymentStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+impl VoiceDeploymentSpec {
+    /// `publicUrl` without a trailing slash.
+    pub fn public_base(&self) -> &str {
+        self.public_url.trim_end_matches('/')
+    }
+
+    /// The voice webhook Twilio must call: `<publicUrl>/twilio/voice`.
+    pub fn webhook_url(&self) -> String {
+        format!("{}/twilio/voice", self.public_base())
+    }
+
+    /// The call status callback: `<publicUrl>/twilio/status`.
+    pub fn status_callback_url(&self) -> String {
+        format!("{}/twilio/status", self.public_base())
+    }
+
+    /// The Twilio numbers this deployment wires (empty when none).
+    pub fn twilio_numbers(&self) -> &[String] {
+        self.twilio
+            .as_ref()
+            .map(|t| t.phone_numbers.as_slice())
+            .unwrap_or_default()
+    }
 }
 
 fn default_image() -> String {

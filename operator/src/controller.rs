@@ -1,0 +1,300 @@
+//! The controllers: wiring of watches, the shared [`Context`], per-object backoff,
+//! and [`run`], the `voice-operator run` code path (tests spawn it too).
+//!
+//! Two `kube::runtime::Controller`s run side by side:
+//! - `Persona`, owning its ConfigMap (drift is put back).
+//! - `VoiceDeployment`, owning everything it applies, and triggered by `Persona`
+//!   changes (through a reflector store the reconciler also reads personas from, so
+//!   resolving personas costs no API call) and by its Secret (a metadata-only watch:
+//!   the operator never caches Secret contents).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::Ingress;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::core::{PartialObjectMeta, Selector, SelectorExt};
+use kube::runtime::controller::{self, Action, Controller};
+use kube::runtime::events::{Event, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+
+use crate::crd::{Persona, VoiceDeployment};
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::reconcile::{persona, voice_deployment};
+use crate::resources::MANAGED_SELECTOR;
+use crate::twilio_numbers::{DEFAULT_TWILIO_API_URL, TwilioNumbers};
+
+/// First retry delay after a failed reconcile; doubles per failure.
+pub const BACKOFF_BASE: Duration = Duration::from_secs(2);
+/// Longest retry delay.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// How long a reconcile waits for the persona cache's first list.
+pub const CACHE_SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+/// The Events reporter name.
+pub const REPORTER: &str = "callmeback-operator";
+
+/// Operator settings (from flags in `voice-operator run`).
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Twilio REST base when the Secret has no `TWILIO_API_URL`.
+    pub twilio_api_url: String,
+    /// How long deletion keeps trying to restore Twilio numbers before releasing.
+    pub twilio_restore_deadline: Duration,
+    /// Watch one namespace, or all when `None`.
+    pub namespace: Option<String>,
+    /// Concurrent reconciles per controller.
+    pub concurrency: u16,
+    /// This replica's name in Events (the pod name).
+    pub instance: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            twilio_api_url: DEFAULT_TWILIO_API_URL.into(),
+            twilio_restore_deadline: Duration::from_secs(120),
+            namespace: None,
+            concurrency: 8,
+            instance: None,
+        }
+    }
+}
+
+/// Everything a reconcile needs.
+pub struct Context {
+    /// The API client (the operator's own identity).
+    pub client: Client,
+    /// Publishes Kubernetes Events.
+    pub recorder: Recorder,
+    /// Reconcile metrics.
+    pub metrics: Metrics,
+    /// Settings.
+    pub config: Config,
+    /// Cached Personas (the VoiceDeployment controller's persona watch fills it).
+    pub personas: Store<Persona>,
+    /// HTTP client for Twilio, with timeouts.
+    pub http: reqwest::Client,
+    /// Consecutive failures per object, for per-object backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    /// Publishes an Event; a failure to publish is logged, never fails the reconcile.
+    pub async fn publish(&self, regarding: &ObjectReference, event: Event) {
+        if let Err(e) = self.recorder.publish(&event, regarding).await {
+            tracing::warn!(error = %e, reason = %event.reason, "could not publish Event");
+        }
+    }
+
+    fn failed(&self, key: String) -> Duration {
+        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(key).or_insert(0);
+        *n = n.saturating_add(1);
+        let delay = BACKOFF_BASE.saturating_mul(1u32 << (*n - 1).min(16));
+        delay.min(BACKOFF_MAX)
+    }
+
+    fn succeeded(&self, key: &str) {
+        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(key);
+    }
+}
+
+fn key_of<K: Resource>(kind: &str, obj: &K) -> String {
+    format!(
+        "{kind}/{}/{}",
+        obj.meta().namespace.as_deref().unwrap_or_default(),
+        obj.meta().name.as_deref().unwrap_or_default()
+    )
+}
+
+async fn reconcile_persona(obj: Arc<Persona>, ctx: Arc<Context>) -> Result<Action> {
+    let key = key_of(persona::KIND, obj.as_ref());
+    let out = persona::reconcile(obj, ctx.clone()).await;
+    if out.is_ok() {
+        ctx.succeeded(&key);
+    }
+    out
+}
+
+async fn reconcile_voice_deployment(
+    obj: Arc<VoiceDeployment>,
+    ctx: Arc<Context>,
+) -> Result<Action> {
+    // Resolving personas against a cache that has not listed yet would report
+    // PersonaNotFound for personas that exist.
+    if tokio::time::timeout(CACHE_SYNC_TIMEOUT, ctx.personas.wait_until_ready())
+        .await
+        .is_err()
+    {
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
+    let key = key_of(voice_deployment::KIND, obj.as_ref());
+    let out = voice_deployment::reconcile(obj, ctx.clone()).await;
+    if out.is_ok() {
+        ctx.succeeded(&key);
+    }
+    out
+}
+
+fn error_policy<K: Resource>(
+    kind: &'static str,
+) -> impl Fn(Arc<K>, &Error, Arc<Context>) -> Action {
+    move |obj, err, ctx| {
+        ctx.metrics.error(kind, err.metric_label());
+        let key = key_of(kind, obj.as_ref());
+        let delay = ctx.failed(key.clone());
+        tracing::warn!(object = %key, error = %err, retry_in = ?delay, "reconcile failed");
+        Action::requeue(delay)
+    }
+}
+
+/// VoiceDeployments in `ns` that select a persona named `name` with `labels`.
+pub fn deployments_using_persona(
+    store: &Store<VoiceDeployment>,
+    persona: &Persona,
+) -> Vec<ObjectRef<VoiceDeployment>> {
+    let ns = persona.namespace();
+    let name = persona.name_any();
+    store
+        .state()
+        .into_iter()
+        .filter(|vd| vd.namespace() == ns)
+        .filter(|vd| {
+            vd.spec.personas.iter().flatten().any(|p| *p == name)
+                || vd
+                    .spec
+                    .persona_selector
+                    .clone()
+                    .and_then(|s| Selector::try_from(s).ok())
+                    .is_some_and(|s| s.matches(persona.labels()))
+        })
+        .map(|vd| ObjectRef::from_obj(vd.as_ref()))
+        .collect()
+}
+
+/// VoiceDeployments in the Secret's namespace that reference it.
+pub fn deployments_using_secret(
+    store: &Store<VoiceDeployment>,
+    secret: &PartialObjectMeta<Secret>,
+) -> Vec<ObjectRef<VoiceDeployment>> {
+    let ns = secret.namespace();
+    let name = secret.name_any();
+    store
+        .state()
+        .into_iter()
+        .filter(|vd| vd.namespace() == ns && vd.spec.secret_ref.name == name)
+        .map(|vd| ObjectRef::from_obj(vd.as_ref()))
+        .collect()
+}
+
+fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Runs both controllers until `shutdown` is cancelled (then lets in-flight
+/// reconciles finish). This is `voice-operator run` minus flags, HTTP and leader
+/// election.
+pub async fn run(client: Client, config: Config, metrics: Metrics, shutdown: CancellationToken) {
+    let ns = config.namespace.clone();
+    let ns = ns.as_deref();
+    let reporter = Reporter {
+        controller: REPORTER.into(),
+        instance: config.instance.clone(),
+    };
+    let (persona_store, persona_writer) = reflector::store::<Persona>();
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        recorder: Recorder::new(client.clone(), reporter),
+        metrics,
+        config: config.clone(),
+        personas: persona_store,
+        http: TwilioNumbers::http_client(),
+        failures: Mutex::new(HashMap::new()),
+    });
+    let owned = watcher::Config::default().labels(MANAGED_SELECTOR);
+    let controller_config = controller::Config::default().concurrency(config.concurrency);
+
+    let personas = Controller::new(api::<Persona>(&client, ns), watcher::Config::default())
+        .owns(api::<ConfigMap>(&client, ns), owned.clone())
+        .with_config(controller_config.clone())
+        .graceful_shutdown_on(shutdown.clone().cancelled_owned())
+        .run(
+            reconcile_persona,
+            error_policy::<Persona>(persona::KIND),
+            ctx.clone(),
+        )
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "persona controller event");
+            }
+        });
+
+    let persona_events = watcher(api::<Persona>(&client, ns), watcher::Config::default())
+        .default_backoff()
+        .reflect(persona_writer)
+        .touched_objects();
+    let secret_events = watcher(
+        api::<PartialObjectMeta<Secret>>(&client, ns),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .touched_objects();
+    let vds = Controller::new(
+        api::<VoiceDeployment>(&client, ns),
+        watcher::Config::default(),
+    );
+    let by_persona = vds.store();
+    let by_secret = vds.store();
+    let vds = vds
+        .owns(api::<Deployment>(&client, ns), owned.clone())
+        .owns(api::<Service>(&client, ns), owned.clone())
+        .owns(api::<ConfigMap>(&client, ns), owned.clone())
+        .owns(api::<ServiceAccount>(&client, ns), owned.clone())
+        .owns(api::<Role>(&client, ns), owned.clone())
+        .owns(api::<RoleBinding>(&client, ns), owned.clone())
+        .owns(api::<HorizontalPodAutoscaler>(&client, ns), owned.clone())
+        .owns(api::<PodDisruptionBudget>(&client, ns), owned.clone())
+        .owns(api::<Ingress>(&client, ns), owned)
+        .watches_stream(persona_events, move |p: Persona| {
+            deployments_using_persona(&by_persona, &p)
+        })
+        .watches_stream(secret_events, move |s: PartialObjectMeta<Secret>| {
+            deployments_using_secret(&by_secret, &s)
+        })
+        .with_config(controller_config)
+        .graceful_shutdown_on(shutdown.clone().cancelled_owned())
+        .run(
+            reconcile_voice_deployment,
+            error_policy::<VoiceDeployment>(voice_deployment::KIND),
+            ctx,
+        )
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "voice deployment controller event");
+            }
+        });
+    tracing::info!(namespace = ?ns, "controllers started");
+    futures::join!(personas, vds);
+    tracing::info!("controllers stopped");
+}

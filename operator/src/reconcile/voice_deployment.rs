@@ -1,0 +1,717 @@
+//! `VoiceDeployment` -> personas resolved, Secret checked, the desired set applied
+//! (ServiceAccount, Role, RoleBinding, routes ConfigMap, Deployment, Service, HPA,
+//! PDB, Ingress), Twilio numbers wired, status and Events.
+//!
+//! Rules that keep it calm and safe:
+//! - Desired objects come from [`crate::resources`] and are applied with server-side
+//!   apply; unchanged objects are not rewritten.
+//! - With the Secret missing/incomplete or no persona resolved, the Deployment and
+//!   HPA are not touched: new pods could not start, and running ones keep going.
+//! - Status is written only when it differs; Events only when the Degraded reason or
+//!   message changes, so a steady state makes no API writes.
+//! - Twilio: the previous wiring of a number is saved in an annotation *before* it is
+//!   changed, and put back when the number leaves the spec or the object is deleted
+//!   (finalizer `callmeback.dev/twilio-numbers`, only present while numbers are wired).
+//!   Deletion gives Twilio `twilio_restore_deadline`, then releases with an Event.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::Ingress;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::api::{Patch, PatchParams};
+use kube::core::{Selector, SelectorExt};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Api, Resource, ResourceExt};
+
+use super::{apply, apply_status, condition, delete_if_exists};
+use crate::controller::Context;
+use crate::crd::{Condition, Persona, VoiceDeployment, VoiceDeploymentStatus, find_condition};
+use crate::error::{Error, Result};
+use crate::resources::deployment::{SECRET_ENV_KEYS, required_secret_keys};
+use crate::resources::{
+    DeploymentInputs, FIELD_MANAGER, ResolvedPersona, desired_objects, name_ns, selector_string,
+    short_hash,
+};
+use crate::twilio_numbers::{PreviousWiring, TwilioError, TwilioNumbers, wanted_wiring};
+
+/// Metric and log label of this kind.
+pub const KIND: &str = "VoiceDeployment";
+/// Finalizer held while Twilio numbers point at the deployment.
+pub const TWILIO_FINALIZER: &str = "callmeback.dev/twilio-numbers";
+/// Annotation remembering each wired number's previous settings (JSON).
+pub const TWILIO_PREVIOUS_ANNOTATION: &str = "callmeback.dev/twilio-previous";
+/// Periodic resync: Twilio settings can drift outside Kubernetes.
+pub const RESYNC: Duration = Duration::from_secs(300);
+/// Retry interval while Twilio is failing.
+pub const TWILIO_RETRY: Duration = Duration::from_secs(30);
+
+/// Outcome of looking up the deployment's personas.
+#[derive(Debug, Default, PartialEq)]
+pub struct PersonaResolution {
+    /// Found and valid, sorted by name.
+    pub resolved: Vec<ResolvedPersona>,
+    /// Named but absent.
+    pub missing: Vec<String>,
+    /// Present but failing validation: name and problems.
+    pub invalid: Vec<(String, String)>,
+}
+
+/// Finds the personas `vd` selects in `store` (names plus label selector).
+pub fn resolve_personas(
+    vd: &VoiceDeployment,
+    ns: &str,
+    store: &Store<Persona>,
+) -> PersonaResolution {
+    let mut names: BTreeSet<String> = vd.spec.personas.iter().flatten().cloned().collect();
+    if let Some(sel) = &vd.spec.persona_selector
+        && let Ok(selector) = Selector::try_from(sel.clone())
+    {
+        for p in store
+            .state_filter(|p| p.namespace().as_deref() == Some(ns) && selector.matches(p.labels()))
+        {
+            names.insert(p.name_any());
+        }
+    }
+    let mut out = PersonaResolution::default();
+    for name in names {
+        match store.get(&ObjectRef::new(&name).within(ns)) {
+            None => out.missing.push(name),
+            Some(p) => {
+                let problems = p.spec.problems();
+                if problems.is_empty() {
+                    out.resolved.push(ResolvedPersona {
+                        name,
+                        spec: p.spec.clone(),
+                    });
+                } else {
+                    out.invalid.push((name, problems.join("; ")));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// What the referenced Secret offers.
+#[derive(Debug)]
+pub enum SecretCheck {
+    /// No such Secret.
+    Missing,
+    /// Present without these required keys.
+    MissingKeys {
+        /// The absent keys.
+        keys: Vec<&'static str>,
+        /// What is there (Twilio credentials may still be usable for cleanup).
+        data: BTreeMap<String, String>,
+    },
+    /// Usable: the hash of the pod-facing values, and the values themselves.
+    Ok {
+        /// Hash over the keys the pods read.
+        hash: String,
+        /// Decoded values (kept in memory only for Twilio credentials).
+        data: BTreeMap<String, String>,
+    },
+}
+
+/// Classifies a Secret's content.
+pub fn check_secret(secret: Option<&Secret>) -> SecretCheck {
+    let Some(secret) = secret else {
+        return SecretCheck::Missing;
+    };
+    let mut data: BTreeMap<String, String> = BTreeMap::new();
+    for (k, v) in secret.data.iter().flatten() {
+        data.insert(k.clone(), String::from_utf8_lossy(&v.0).into_owned());
+    }
+    for (k, v) in secret.string_data.iter().flatten() {
+        data.insert(k.clone(), v.clone());
+    }
+    let missing: Vec<&'static str> = required_secret_keys()
+        .filter(|k| data.get(*k).is_none_or(|v| v.is_empty()))
+        .collect();
+    if !missing.is_empty() {
+        return SecretCheck::MissingKeys {
+            keys: missing,
+            data,
+        };
+    }
+    let mut parts: Vec<&[u8]> = Vec::new();
+    for (key, _) in SECRET_ENV_KEYS {
+        parts.push(key.as_bytes());
+        parts.push(data.get(*key).map(|v| v.as_bytes()).unwrap_or_default());
+    }
+    SecretCheck::Ok {
+        hash: short_hash(&parts),
+        data,
+    }
+}
+
+/// Reconciles one VoiceDeployment.
+pub async fn reconcile(vd: Arc<VoiceDeployment>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.start(KIND);
+    let (name, ns) = name_ns(vd.as_ref())?;
+    let client = ctx.client.clone();
+    let secret = Api::<Secret>::namespaced(client.clone(), &ns)
+        .get_opt(&vd.spec.secret_ref.name)
+        .await?;
+    let secret_check = check_secret(secret.as_ref());
+
+    if vd.meta().deletion_timestamp.is_some() {
+        return cleanup(&vd, &ctx, &secret_check).await;
+    }
+
+    let personas = resolve_personas(&vd, &ns, &ctx.personas);
+    let mut problems: Vec<(&'static str, String)> = Vec::new();
+    let secret_name = &vd.spec.secret_ref.name;
+    let secret_hash = match &secret_check {
+        SecretCheck::Missing => {
+            problems.push(("SecretMissing", format!("Secret {secret_name} not found")));
+            None
+        }
+        SecretCheck::MissingKeys { keys, .. } => {
+            problems.push((
+                "SecretKeyMissing",
+                format!("Secret {secret_name} lacks {}", keys.join(", ")),
+            ));
+            None
+        }
+        SecretCheck::Ok { hash, .. } => Some(hash.clone()),
+    };
+    if !personas.missing.is_empty() {
+        problems.push((
+            "PersonaNotFound",
+            format!("Persona not found: {}", personas.missing.join(", ")),
+        ));
+    }
+    if !personas.invalid.is_empty() {
+        let list = personas
+            .invalid
+            .iter()
+            .map(|(n, why)| format!("{n} ({why})"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        problems.push(("PersonaInvalid", format!("Persona invalid: {list}")));
+    }
+    if personas.resolved.is_empty() && personas.missing.is_empty() && personas.invalid.is_empty() {
+        problems.push((
+            "NoPersonas",
+            "no Persona matches personas or personaSelector".into(),
+        ));
+    }
+
+    let inputs = DeploymentInputs {
+        personas: personas.resolved.clone(),
+        secret_hash: secret_hash.clone().unwrap_or_default(),
+    };
+    let desired = desired_objects(&vd, &inputs)?;
+    apply(
+        &Api::<ServiceAccount>::namespaced(client.clone(), &ns),
+        &desired.service_account,
+    )
+    .await?;
+    apply(&Api::<Role>::namespaced(client.clone(), &ns), &desired.role).await?;
+    apply(
+        &Api::<RoleBinding>::namespaced(client.clone(), &ns),
+        &desired.role_binding,
+    )
+    .await?;
+    apply(
+        &Api::<ConfigMap>::namespaced(client.clone(), &ns),
+        &desired.routes,
+    )
+    .await?;
+    apply(
+        &Api::<Service>::namespaced(client.clone(), &ns),
+        &desired.service,
+    )
+    .await?;
+    apply(
+        &Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns),
+        &desired.pdb,
+    )
+    .await?;
+    let ingress_api = Api::<Ingress>::namespaced(client.clone(), &ns);
+    match &desired.ingress {
+        Some(ing) => drop(apply(&ingress_api, ing).await?),
+        None => delete_owned(&ingress_api, &name, &vd).await?,
+    }
+
+    let blocked = secret_hash.is_none() || personas.resolved.is_empty();
+    let deploy_api = Api::<Deployment>::namespaced(client.clone(), &ns);
+    let deployment = if blocked {
+        deploy_api.get_opt(&name).await?
+    } else {
+        let hpa_api = Api::<HorizontalPodAutoscaler>::namespaced(client.clone(), &ns);
+        match &desired.hpa {
+            Some(hpa) => drop(apply(&hpa_api, hpa).await?),
+            None => delete_owned(&hpa_api, &name, &vd).await?,
+        }
+        Some(apply(&deploy_api, &desired.deployment).await?)
+    };
+
+    let mut requeue = RESYNC;
+    if let SecretCheck::Ok { data, .. } = &secret_check
+        && let Err(e) = wire_twilio(&vd, &ctx, data).await
+    {
+        problems.push(("TwilioError", e.to_string()));
+        ctx.metrics.error(KIND, "twilio");
+        requeue = TWILIO_RETRY;
+    }
+
+    let status = compute_status(
+        &vd,
+        &personas,
+        deployment.as_ref(),
+        problems.first(),
+        blocked,
+    );
+    let previous = vd.status.clone().unwrap_or_default();
+    if vd.status.as_ref() != Some(&status) {
+        publish_degraded_change(&vd, &ctx, &previous.conditions, &status.conditions).await;
+        apply_status(
+            &Api::<VoiceDeployment>::namespaced(client, &ns),
+            &name,
+            &status,
+        )
+        .await?;
+    }
+    Ok(Action::requeue(requeue))
+}
+
+/// Deletes an object only when this deployment controls it (never someone else's).
+async fn delete_owned<K>(api: &Api<K>, name: &str, vd: &VoiceDeployment) -> Result<()>
+where
+    K: Resource + serde::de::DeserializeOwned + Clone + std::fmt::Debug,
+{
+    let Some(obj) = api.get_opt(name).await? else {
+        return Ok(());
+    };
+    let uid = vd.meta().uid.as_deref();
+    let ours = obj
+        .meta()
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| Some(o.uid.as_str()) == uid);
+    if ours {
+        delete_if_exists(api, name).await
+    } else {
+        Ok(())
+    }
+}
+
+/// Builds the status from what was observed. Deterministic: the same observations
+/// give an equal value (lastTransitionTime carried over), so it is written once.
+pub fn compute_status(
+    vd: &VoiceDeployment,
+    personas: &PersonaResolution,
+    deployment: Option<&Deployment>,
+    problem: Option<&(&'static str, String)>,
+    blocked: bool,
+) -> VoiceDeploymentStatus {
+    let previous = vd
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    let generation = vd.meta().generation;
+    let name = vd.name_any();
+    let dstatus = deployment
+        .and_then(|d| d.status.clone())
+        .unwrap_or_default();
+    let dconds = dstatus.conditions.clone().unwrap_or_default();
+    let find = |t: &str| dconds.iter().find(|c| c.type_ == t).cloned();
+
+    let available = match (deployment, find("Available")) {
+        (None, _) => condition(
+            previous,
+            "Available",
+            false,
+            problem.map(|p| p.0).unwrap_or("DeploymentPending"),
+            "no voice pod Deployment yet",
+            generation,
+        ),
+        (Some(_), Some(c)) => condition(
+            previous,
+            "Available",
+            c.status == "True",
+            c.reason.as_deref().unwrap_or("Unknown"),
+            format!(
+                "{} of {} pods ready: {}",
+                dstatus.ready_replicas.unwrap_or(0),
+                dstatus.replicas.unwrap_or(0),
+                c.message.unwrap_or_default()
+            ),
+            generation,
+        ),
+        (Some(_), None) => condition(
+            previous,
+            "Available",
+            false,
+            "DeploymentPending",
+            "the Deployment reports no availability yet",
+            generation,
+        ),
+    };
+
+    let deadline_exceeded = find("Progressing")
+        .is_some_and(|c| c.reason.as_deref() == Some("ProgressDeadlineExceeded"));
+    let progressing = match deployment {
+        _ if blocked => condition(
+            previous,
+            "Progressing",
+            false,
+            "Blocked",
+            problem.map(|p| p.1.clone()).unwrap_or_default(),
+            generation,
+        ),
+        None => condition(
+            previous,
+            "Progressing",
+            true,
+            "Creating",
+            "creating the Deployment",
+            generation,
+        ),
+        Some(d) => {
+            let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+            let current_gen =
+                dstatus.observed_generation.unwrap_or(0) >= d.metadata.generation.unwrap_or(0);
+            let updated = dstatus.updated_replicas.unwrap_or(0);
+            let ready = dstatus.ready_replicas.unwrap_or(0);
+            let total = dstatus.replicas.unwrap_or(0);
+            let done = current_gen && updated >= want && ready >= want && total == updated;
+            if done {
+                condition(
+                    previous,
+                    "Progressing",
+                    false,
+                    "RolloutComplete",
+                    format!("{want} pods up to date"),
+                    generation,
+                )
+            } else {
+                condition(
+                    previous,
+                    "Progressing",
+                    true,
+                    "RollingOut",
+                    format!("{updated} of {want} pods updated, {ready} ready"),
+                    generation,
+                )
+            }
+        }
+    };
+
+    let degraded = match problem {
+        Some((reason, message)) => condition(
+            previous,
+            "Degraded",
+            true,
+            reason,
+            message.clone(),
+            generation,
+        ),
+        None if deadline_exceeded => condition(
+            previous,
+            "Degraded",
+            true,
+            "ProgressDeadlineExceeded",
+            "the Deployment exceeded its progress deadline",
+            generation,
+        ),
+        None => condition(previous, "Degraded", false, "AsExpected", "", generation),
+    };
+
+    VoiceDeploymentStatus {
+        replicas: dstatus.replicas.unwrap_or(0),
+        ready_replicas: dstatus.ready_replicas.unwrap_or(0),
+        selector: Some(selector_string(&name)),
+        resolved_personas: personas.resolved.iter().map(|p| p.name.clone()).collect(),
+        webhook_url: Some(vd.spec.webhook_url()),
+        conditions: vec![available, progressing, degraded],
+        observed_generation: generation,
+    }
+}
+
+async fn publish_degraded_change(
+    vd: &VoiceDeployment,
+    ctx: &Context,
+    before: &[Condition],
+    after: &[Condition],
+) {
+    let key =
+        |c: Option<&Condition>| c.map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()));
+    let was = key(find_condition(before, "Degraded"));
+    let now = find_condition(after, "Degraded");
+    if was == key(now) {
+        return;
+    }
+    if let Some(c) = now
+        && c.is_true()
+    {
+        ctx.publish(
+            &vd.object_ref(&()),
+            Event {
+                type_: EventType::Warning,
+                reason: c.reason.clone(),
+                note: Some(super::persona::truncate(&c.message, 1000)),
+                action: "Reconcile".into(),
+                secondary: None,
+            },
+        )
+        .await;
+    }
+}
+
+fn has_finalizer(vd: &VoiceDeployment) -> bool {
+    vd.finalizers().iter().any(|f| f == TWILIO_FINALIZER)
+}
+
+fn previous_wiring(vd: &VoiceDeployment) -> PreviousWiring {
+    vd.annotations()
+        .get(TWILIO_PREVIOUS_ANNOTATION)
+        .and_then(|s| match serde_json::from_str(s) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring unreadable {TWILIO_PREVIOUS_ANNOTATION}");
+                None
+            }
+        })
+        .unwrap_or_default()
+}
+
+/// Sets the finalizer list, guarded by resourceVersion (a concurrent change makes
+/// this fail with 409 and the reconcile retry).
+async fn set_finalizers(
+    vd: &VoiceDeployment,
+    ctx: &Context,
+    finalizers: Vec<String>,
+) -> Result<()> {
+    let (name, ns) = name_ns(vd)?;
+    let patch = serde_json::json!({
+        "metadata": { "finalizers": finalizers, "resourceVersion": vd.resource_version() }
+    });
+    Api::<VoiceDeployment>::namespaced(ctx.client.clone(), &ns)
+        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(())
+}
+
+async fn save_previous(
+    vd: &VoiceDeployment,
+    ctx: &Context,
+    previous: &PreviousWiring,
+) -> Result<()> {
+    let (name, ns) = name_ns(vd)?;
+    let value = if previous.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::Value::String(serde_json::to_string(previous)?)
+    };
+    let patch =
+        serde_json::json!({ "metadata": { "annotations": { TWILIO_PREVIOUS_ANNOTATION: value } } });
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PatchParams::default()
+    };
+    Api::<VoiceDeployment>::namespaced(ctx.client.clone(), &ns)
+        .patch(&name, &params, &Patch::Merge(&patch))
+        .await?;
+    Ok(())
+}
+
+fn twilio_client(
+    ctx: &Context,
+    data: &BTreeMap<String, String>,
+) -> Result<TwilioNumbers, TwilioError> {
+    let sid = data
+        .get("TWILIO_ACCOUNT_SID")
+        .filter(|v| !v.is_empty())
+        .ok_or(TwilioError::MissingCredential("TWILIO_ACCOUNT_SID"))?;
+    let token = data
+        .get("TWILIO_AUTH_TOKEN")
+        .filter(|v| !v.is_empty())
+        .ok_or(TwilioError::MissingCredential("TWILIO_AUTH_TOKEN"))?;
+    let base = data
+        .get("TWILIO_API_URL")
+        .filter(|v| !v.is_empty())
+        .cloned()
+        .unwrap_or_else(|| ctx.config.twilio_api_url.clone());
+    Ok(TwilioNumbers::new(
+        ctx.http.clone(),
+        &base,
+        sid.clone(),
+        token.clone(),
+    ))
+}
+
+/// Points the spec's numbers at this deployment and restores numbers it dropped.
+async fn wire_twilio(
+    vd: &VoiceDeployment,
+    ctx: &Context,
+    data: &BTreeMap<String, String>,
+) -> Result<()> {
+    let numbers = vd.spec.twilio_numbers();
+    let previous = previous_wiring(vd);
+    if numbers.is_empty() && previous.is_empty() {
+        if has_finalizer(vd) {
+            let rest = vd
+                .finalizers()
+                .iter()
+                .filter(|f| *f != TWILIO_FINALIZER)
+                .cloned()
+                .collect();
+            set_finalizers(vd, ctx, rest).await?;
+        }
+        return Ok(());
+    }
+    if !has_finalizer(vd) {
+        // Before touching Twilio: a deletion from here on waits for the restore.
+        let mut all = vd.finalizers().to_vec();
+        all.push(TWILIO_FINALIZER.into());
+        set_finalizers(vd, ctx, all).await?;
+    }
+    let twilio = twilio_client(ctx, data)?;
+    let wanted = wanted_wiring(vd.spec.webhook_url(), vd.spec.status_callback_url());
+    let mut remembered = previous.clone();
+    let mut current = Vec::new();
+    for number in numbers {
+        let found = twilio.find(number).await?;
+        let wiring = found.wiring();
+        if !remembered.contains_key(number) && wiring.voice_url != wanted.voice_url {
+            remembered.insert(number.clone(), wiring);
+        }
+        current.push(found);
+    }
+    let mut first_error = None;
+    for (number, before) in &previous {
+        if numbers.contains(number) {
+            continue;
+        }
+        match twilio.restore(number, &wanted, before).await {
+            Ok(()) => {
+                remembered.remove(number);
+            }
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    if remembered != previous {
+        // Remember first, then change: a crash in between loses nothing.
+        save_previous(vd, ctx, &remembered).await?;
+    }
+    for found in current {
+        if found.wiring() != wanted {
+            twilio.update(&found.sid, &wanted).await?;
+            tracing::info!(number = %found.phone_number, "pointed Twilio number at the deployment");
+        }
+    }
+    match first_error {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
+}
+
+/// Deletion: restore the numbers' previous wiring, then release the finalizer; give
+/// up after the deadline so a dead Twilio never wedges deletion.
+async fn cleanup(vd: &VoiceDeployment, ctx: &Context, secret: &SecretCheck) -> Result<Action> {
+    if !has_finalizer(vd) {
+        return Ok(Action::await_change());
+    }
+    let previous = previous_wiring(vd);
+    let wanted = wanted_wiring(vd.spec.webhook_url(), vd.spec.status_callback_url());
+    let mut failed: Vec<String> = Vec::new();
+    if !previous.is_empty() {
+        let client = match secret {
+            SecretCheck::Ok { data, .. } | SecretCheck::MissingKeys { data, .. } => {
+                twilio_client(ctx, data)
+            }
+            SecretCheck::Missing => Err(TwilioError::MissingCredential("TWILIO_ACCOUNT_SID")),
+        };
+        match client {
+            Ok(twilio) => {
+                for (number, before) in &previous {
+                    if let Err(e) = twilio.restore(number, &wanted, before).await {
+                        tracing::warn!(%number, error = %e, "restoring Twilio number failed");
+                        failed.push(format!("{number}: {e}"));
+                    }
+                }
+            }
+            Err(e) => failed.push(e.to_string()),
+        }
+    }
+    let release = |reason: &str, note: String| Event {
+        type_: if failed.is_empty() {
+            EventType::Normal
+        } else {
+            EventType::Warning
+        },
+        reason: reason.into(),
+        note: Some(super::persona::truncate(&note, 1000)),
+        action: "Finalize".into(),
+        secondary: None,
+    };
+    if !failed.is_empty() {
+        ctx.metrics.error(KIND, "twilio");
+        let elapsed = vd
+            .meta()
+            .deletion_timestamp
+            .as_ref()
+            .map(|t| {
+                let since = jiff_elapsed(&t.0);
+                Duration::from_secs(since.max(0) as u64)
+            })
+            .unwrap_or_default();
+        let deadline = ctx.config.twilio_restore_deadline;
+        if elapsed < deadline {
+            let retry = (deadline / 4).clamp(Duration::from_secs(1), TWILIO_RETRY);
+            return Ok(Action::requeue(
+                retry.min(deadline - elapsed + Duration::from_millis(100)),
+            ));
+        }
+        ctx.publish(
+            &vd.object_ref(&()),
+            release(
+                "TwilioRestoreFailed",
+                format!(
+                    "gave up restoring Twilio numbers after {}s; set them by hand: {}",
+                    deadline.as_secs(),
+                    failed.join("; ")
+                ),
+            ),
+        )
+        .await;
+    } else if !previous.is_empty() {
+        let numbers = previous.keys().cloned().collect::<Vec<_>>().join(", ");
+        ctx.publish(
+            &vd.object_ref(&()),
+            release("TwilioNumbersRestored", format!("restored {numbers}")),
+        )
+        .await;
+    }
+    let rest = vd
+        .finalizers()
+        .iter()
+        .filter(|f| *f != TWILIO_FINALIZER)
+        .cloned()
+        .collect();
+    match set_finalizers(vd, ctx, rest).await {
+        Ok(()) => Ok(Action::await_change()),
+        Err(Error::Kube(kube::Error::Api(s))) if s.code == 404 => Ok(Action::await_change()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Seconds since `t`.
+fn jiff_elapsed(t: &k8s_openapi::jiff::Timestamp) -> i64 {
+    k8s_openapi::jiff::Timestamp::now().as_second() - t.as_second()
+}

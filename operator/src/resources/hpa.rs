@@ -1,0 +1,83 @@
+//! The HorizontalPodAutoscaler (`autoscaling/v2`): CPU utilisation by default, or
+//! `voice_active_calls` per pod (a Pods metric served by a metrics adapter) when
+//! `targetActiveCallsPerPod` is set. Scale-down is slow on purpose: calls last
+//! minutes, and pods with calls carry a higher deletion cost.
+
+use k8s_openapi::api::autoscaling::v2::{
+    CrossVersionObjectReference, HPAScalingPolicy, HPAScalingRules, HorizontalPodAutoscaler,
+    HorizontalPodAutoscalerBehavior, HorizontalPodAutoscalerSpec, MetricIdentifier, MetricSpec,
+    MetricTarget, PodsMetricSource, ResourceMetricSource,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+
+use super::{BuildError, name_ns, owned_meta};
+use crate::crd::VoiceDeployment;
+
+/// The metric the pods export for active calls (the design's contract).
+pub const ACTIVE_CALLS_METRIC: &str = "voice_active_calls";
+/// Seconds of lower recommendations before scaling down.
+pub const SCALE_DOWN_STABILIZATION_SECONDS: i32 = 300;
+
+/// The HPA, when `spec.autoscaling` is set.
+pub fn hpa(vd: &VoiceDeployment) -> Result<Option<HorizontalPodAutoscaler>, BuildError> {
+    let Some(auto) = &vd.spec.autoscaling else {
+        return Ok(None);
+    };
+    let (name, _) = name_ns(vd)?;
+    let metric = match auto.target_active_calls_per_pod {
+        Some(calls) => MetricSpec {
+            type_: "Pods".into(),
+            pods: Some(PodsMetricSource {
+                metric: MetricIdentifier {
+                    name: ACTIVE_CALLS_METRIC.into(),
+                    selector: None,
+                },
+                target: MetricTarget {
+                    type_: "AverageValue".into(),
+                    average_value: Some(Quantity(calls.to_string())),
+                    ..MetricTarget::default()
+                },
+            }),
+            ..MetricSpec::default()
+        },
+        None => MetricSpec {
+            type_: "Resource".into(),
+            resource: Some(ResourceMetricSource {
+                name: "cpu".into(),
+                target: MetricTarget {
+                    type_: "Utilization".into(),
+                    average_utilization: Some(auto.target_cpu_utilization),
+                    ..MetricTarget::default()
+                },
+            }),
+            ..MetricSpec::default()
+        },
+    };
+    Ok(Some(HorizontalPodAutoscaler {
+        metadata: owned_meta(vd, name.clone())?,
+        spec: Some(HorizontalPodAutoscalerSpec {
+            scale_target_ref: CrossVersionObjectReference {
+                api_version: Some("apps/v1".into()),
+                kind: "Deployment".into(),
+                name,
+            },
+            min_replicas: Some(auto.min_replicas),
+            max_replicas: auto.max_replicas,
+            metrics: Some(vec![metric]),
+            behavior: Some(HorizontalPodAutoscalerBehavior {
+                scale_down: Some(HPAScalingRules {
+                    stabilization_window_seconds: Some(SCALE_DOWN_STABILIZATION_SECONDS),
+                    select_policy: Some("Max".into()),
+                    policies: Some(vec![HPAScalingPolicy {
+                        type_: "Pods".into(),
+                        value: 1,
+                        period_seconds: 60,
+                    }]),
+                    tolerance: None,
+                }),
+                scale_up: None,
+            }),
+        }),
+        status: None,
+    }))
+}
