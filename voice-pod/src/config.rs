@@ -1,1 +1,483 @@
-//! config (in progress)
+//! Typed configuration of `voice-pod serve`.
+//!
+//! Every setting is a flag and an environment variable (the names are the design's
+//! contract, see `Pod configuration` in the design document). Clap only collects
+//! strings; [`Config::from_args`] validates them and names the offending setting in
+//! its error, so a bad value fails the start with exit status 64 (`EX_USAGE`) and a
+//! message an operator can act on.
+//!
+//! Limits that are not worth a flag live in [`Limits`] with documented defaults;
+//! tests shorten them.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Exit status for bad configuration (`EX_USAGE` from sysexits.h).
+pub const EXIT_BAD_CONFIG: i32 = 64;
+
+/// The flags of `voice-pod serve`; each also reads its environment variable.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ServeArgs {
+    /// App socket (Twilio webhooks, the media stream, the call-me-back API).
+    #[arg(long, env = "CALLMEBACK_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: String,
+    /// Metrics and probes socket.
+    #[arg(
+        long,
+        env = "CALLMEBACK_METRICS_LISTEN",
+        default_value = "0.0.0.0:9090"
+    )]
+    pub metrics_listen: String,
+    /// The https base URL Twilio reaches; signatures and the stream URL derive from it.
+    #[arg(long, env = "CALLMEBACK_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Directory of persona files (`<name>.yaml`, `.yml` or `.json`).
+    #[arg(
+        long,
+        env = "CALLMEBACK_PERSONA_DIR",
+        default_value = "/etc/callmeback/personas"
+    )]
+    pub persona_dir: PathBuf,
+    /// Inbound number -> persona routes.
+    #[arg(
+        long,
+        env = "CALLMEBACK_ROUTES_FILE",
+        default_value = "/etc/callmeback/routes.yaml"
+    )]
+    pub routes_file: PathBuf,
+    /// Bearer token for `/v1/*`; the API is disabled when unset.
+    #[arg(long, env = "CALLMEBACK_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// How long SIGTERM waits for active calls (`90s`, `5m`, or bare seconds).
+    /// Default: the longest persona `maxCallDurationSeconds`.
+    #[arg(long, env = "CALLMEBACK_DRAIN_TIMEOUT")]
+    pub drain_timeout: Option<String>,
+    /// Twilio account SID (`AC...`).
+    #[arg(long, env = "TWILIO_ACCOUNT_SID")]
+    pub twilio_account_sid: Option<String>,
+    /// Twilio auth token: REST credentials and the key of Twilio's webhook signatures.
+    #[arg(long, env = "TWILIO_AUTH_TOKEN", hide_env_values = true)]
+    pub twilio_auth_token: Option<String>,
+    /// Twilio REST base URL (the client appends `/2010-04-01/Accounts/{sid}/...`).
+    #[arg(long, env = "TWILIO_API_URL", default_value = "https://api.twilio.com")]
+    pub twilio_api_url: String,
+    /// Caller ID for outbound calls (E.164).
+    #[arg(long, env = "TWILIO_FROM_NUMBER")]
+    pub twilio_from_number: Option<String>,
+    /// PostgreSQL URL; persistence is off when unset.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+}
+
+/// A secret string: never printed by `Debug` or `Display`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// The public base URL Twilio reaches, validated: `https://host[:port][/prefix]`
+/// (plain `http` is accepted for local tests), without a trailing slash, query or
+/// fragment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublicUrl {
+    base: String,
+}
+
+impl PublicUrl {
+    /// Validates and normalizes (trailing slashes dropped) a base URL.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let parsed = url::Url::parse(raw).map_err(|e| format!("not a URL ({e})"))?;
+        match parsed.scheme() {
+            "https" | "http" => {}
+            other => {
+                return Err(format!(
+                    "scheme must be https (or http for local tests), not {other}"
+                ));
+            }
+        }
+        if parsed.host_str().is_none_or(str::is_empty) {
+            return Err("has no host".into());
+        }
+        if parsed.query().is_some() || parsed.fragment().is_some() {
+            return Err("must not carry a query string or fragment".into());
+        }
+        if !parsed.username().is_empty() || parsed.password().is_some() {
+            return Err("must not carry credentials".into());
+        }
+        if parsed.host_str().is_some_and(|h| h.contains('_')) {
+            // Twilio refuses callback hosts with underscores.
+            return Err("host must not contain underscores (Twilio rejects them)".into());
+        }
+        Ok(Self {
+            base: raw.trim_end_matches('/').to_string(),
+        })
+    }
+
+    /// The base as configured, without a trailing slash.
+    pub fn as_str(&self) -> &str {
+        &self.base
+    }
+
+    /// `base + path_and_query`: the URL Twilio requested, as it signed it.
+    pub fn join(&self, path_and_query: &str) -> String {
+        format!("{}{}", self.base, path_and_query)
+    }
+
+    /// The Media Streams URL: `wss://host/prefix/twilio/stream` (`ws://` for an
+    /// `http` base). No query string: Twilio drops it (error 31920).
+    pub fn stream_url(&self) -> String {
+        let rest = self
+            .base
+            .strip_prefix("https://")
+            .map(|r| format!("wss://{r}"))
+            .or_else(|| {
+                self.base
+                    .strip_prefix("http://")
+                    .map(|r| format!("ws://{r}"))
+            })
+            .unwrap_or_else(|| self.base.clone());
+        format!("{rest}/twilio/stream")
+    }
+}
+
+/// Twilio credentials and REST settings.
+#[derive(Clone, Debug)]
+pub struct TwilioConfig {
+    /// `AC` + 32 hex digits.
+    pub account_sid: Option<String>,
+    /// REST password and webhook signing key.
+    pub auth_token: Option<Secret>,
+    /// REST base URL without a trailing slash.
+    pub api_url: String,
+    /// Default caller ID for outbound calls.
+    pub from_number: Option<String>,
+}
+
+/// Limits and timings that are constants in production and shorter in tests.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// A media stream must deliver a valid `start` within this time (design: 5 s).
+    pub stream_start_timeout: Duration,
+    /// Periodic persona rescan, in addition to file notifications (ConfigMap
+    /// updates swap a `..data` symlink that watchers can miss).
+    pub persona_rescan_interval: Duration,
+    /// How long Twilio lets an outbound call ring (`Timeout` on the Calls API).
+    pub ring_timeout: Duration,
+    /// Validity of the signed call context in `<Parameter>`s after the webhook
+    /// answered (Twilio opens the stream within a second or two).
+    pub inbound_context_ttl: Duration,
+    /// Extra validity of an outbound call's context beyond the ring timeout.
+    pub outbound_context_grace: Duration,
+    /// Timeout of each Twilio REST request.
+    pub rest_timeout: Duration,
+    /// After the stream stops, how long the call handler may take to finish
+    /// before it is cancelled.
+    pub handler_finish_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            stream_start_timeout: Duration::from_secs(5),
+            persona_rescan_interval: Duration::from_secs(2),
+            ring_timeout: Duration::from_secs(30),
+            inbound_context_ttl: Duration::from_secs(120),
+            outbound_context_grace: Duration::from_secs(600),
+            rest_timeout: Duration::from_secs(10),
+            handler_finish_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The validated configuration of one pod.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// App socket.
+    pub listen: SocketAddr,
+    /// Metrics and probes socket.
+    pub metrics_listen: SocketAddr,
+    /// Public base URL; Twilio endpoints answer 503 without it.
+    pub public_url: Option<PublicUrl>,
+    /// Persona directory.
+    pub persona_dir: PathBuf,
+    /// Routes file.
+    pub routes_file: PathBuf,
+    /// Bearer token of `/v1/*`; `None` disables the API.
+    pub api_token: Option<Secret>,
+    /// Drain deadline; `None` = the longest persona max call duration.
+    pub drain_timeout: Option<Duration>,
+    /// Twilio settings.
+    pub twilio: TwilioConfig,
+    /// PostgreSQL URL; `None` = persistence off.
+    pub database_url: Option<Secret>,
+    /// Limits and timings.
+    pub limits: Limits,
+}
+
+/// A setting that failed validation. The message names the variable and the flag.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid {env} (--{flag}): {reason}")]
+pub struct ConfigError {
+    /// Environment variable name.
+    pub env: &'static str,
+    /// Flag name without dashes.
+    pub flag: &'static str,
+    /// What is wrong (never the value of a secret).
+    pub reason: String,
+}
+
+impl ConfigError {
+    fn new(env: &'static str, flag: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            env,
+            flag,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl Config {
+    /// Validates the raw flags.
+    pub fn from_args(args: ServeArgs) -> Result<Self, ConfigError> {
+        let listen = parse_addr(&args.listen)
+            .map_err(|r| ConfigError::new("CALLMEBACK_LISTEN", "listen", r))?;
+        let metrics_listen = parse_addr(&args.metrics_listen)
+            .map_err(|r| ConfigError::new("CALLMEBACK_METRICS_LISTEN", "metrics-listen", r))?;
+        let public_url = non_empty(args.public_url)
+            .map(|u| PublicUrl::parse(&u))
+            .transpose()
+            .map_err(|r| ConfigError::new("CALLMEBACK_PUBLIC_URL", "public-url", r))?;
+        let api_token = match args.api_token {
+            None => None,
+            Some(t) if t.is_empty() => {
+                return Err(ConfigError::new(
+                    "CALLMEBACK_API_TOKEN",
+                    "api-token",
+                    "is set but empty; unset it to disable the API",
+                ));
+            }
+            Some(t) if t.len() < 16 => {
+                return Err(ConfigError::new(
+                    "CALLMEBACK_API_TOKEN",
+                    "api-token",
+                    "is shorter than 16 characters; use a long random token",
+                ));
+            }
+            Some(t) => Some(Secret(t)),
+        };
+        let drain_timeout = non_empty(args.drain_timeout)
+            .map(|d| parse_duration(&d))
+            .transpose()
+            .map_err(|r| ConfigError::new("CALLMEBACK_DRAIN_TIMEOUT", "drain-timeout", r))?;
+        let account_sid = non_empty(args.twilio_account_sid);
+        if let Some(sid) = &account_sid
+            && !is_account_sid(sid)
+        {
+            return Err(ConfigError::new(
+                "TWILIO_ACCOUNT_SID",
+                "twilio-account-sid",
+                "must be AC followed by 32 hex digits",
+            ));
+        }
+        let auth_token = non_empty(args.twilio_auth_token).map(Secret);
+        let api_url = args.twilio_api_url.trim_end_matches('/').to_string();
+        match url::Url::parse(&api_url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => {}
+            _ => {
+                return Err(ConfigError::new(
+                    "TWILIO_API_URL",
+                    "twilio-api-url",
+                    format!("{api_url:?} is not an http(s) URL"),
+                ));
+            }
+        }
+        let from_number = non_empty(args.twilio_from_number);
+        if let Some(n) = &from_number
+            && !is_e164(n)
+        {
+            return Err(ConfigError::new(
+                "TWILIO_FROM_NUMBER",
+                "twilio-from-number",
+                "must be an E.164 number such as +14155550100",
+            ));
+        }
+        Ok(Self {
+            listen,
+            metrics_listen,
+            public_url,
+            persona_dir: args.persona_dir,
+            routes_file: args.routes_file,
+            api_token,
+            drain_timeout,
+            twilio: TwilioConfig {
+                account_sid,
+                auth_token,
+                api_url,
+                from_number,
+            },
+            database_url: non_empty(args.database_url).map(Secret),
+            limits: Limits::default(),
+        })
+    }
+
+    /// Settings missing for real Twilio calls, for a warning at start.
+    pub fn missing_for_twilio(&self) -> Vec<&'static str> {
+        let mut missing = Vec::new();
+        if self.public_url.is_none() {
+            missing.push("CALLMEBACK_PUBLIC_URL");
+        }
+        if self.twilio.auth_token.is_none() {
+            missing.push("TWILIO_AUTH_TOKEN");
+        }
+        missing
+    }
+}
+
+fn non_empty(v: Option<String>) -> Option<String> {
+    v.filter(|s| !s.trim().is_empty())
+}
+
+fn parse_addr(raw: &str) -> Result<SocketAddr, String> {
+    raw.parse()
+        .map_err(|_| format!("{raw:?} is not a socket address such as 0.0.0.0:8080"))
+}
+
+/// Parses `90s`, `5m`, `1h30m` (humantime) or a bare number of seconds.
+pub fn parse_duration(raw: &str) -> Result<Duration, String> {
+    let raw = raw.trim();
+    if let Ok(secs) = raw.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(raw)
+        .map_err(|e| format!("{raw:?} is not a duration such as 90s, 5m or 120 ({e})"))
+}
+
+/// `+` and 7 to 15 digits, the first not zero (ITU-T E.164).
+pub fn is_e164(n: &str) -> bool {
+    let Some(digits) = n.strip_prefix('+') else {
+        return false;
+    };
+    (7..=15).contains(&digits.len())
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && !digits.starts_with('0')
+}
+
+fn is_account_sid(s: &str) -> bool {
+    s.len() == 34 && s.starts_with("AC") && s[2..].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> ServeArgs {
+        ServeArgs {
+            listen: "127.0.0.1:8080".into(),
+            metrics_listen: "127.0.0.1:9090".into(),
+            twilio_api_url: "https://api.twilio.com".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn durations_accept_suffixes_and_bare_seconds() {
+        // Proves the documented duration forms parse: 90s, 5m, bare seconds.
+        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("120").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn bad_settings_name_the_variable() {
+        // Proves a bad value is reported with its environment variable and flag.
+        let mut a = args();
+        a.drain_timeout = Some("forever".into());
+        let err = Config::from_args(a).unwrap_err().to_string();
+        assert!(
+            err.contains("CALLMEBACK_DRAIN_TIMEOUT") && err.contains("--drain-timeout"),
+            "{err}"
+        );
+
+        let mut a = args();
+        a.public_url = Some("ftp://x".into());
+        assert!(
+            Config::from_args(a)
+                .unwrap_err()
+                .to_string()
+                .contains("CALLMEBACK_PUBLIC_URL")
+        );
+
+        let mut a = args();
+        a.twilio_account_sid = Some("ACnothex".into());
+        assert!(
+            Config::from_args(a)
+                .unwrap_err()
+                .to_string()
+                .contains("TWILIO_ACCOUNT_SID")
+        );
+
+        let mut a = args();
+        a.listen = "8080".into();
+        assert!(
+            Config::from_args(a)
+                .unwrap_err()
+                .to_string()
+                .contains("CALLMEBACK_LISTEN")
+        );
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        // Proves Debug output of the config does not contain the token.
+        let mut a = args();
+        a.api_token = Some("super-secret-token-123".into());
+        a.twilio_auth_token = Some("twilio-secret".into());
+        let cfg = Config::from_args(a).unwrap();
+        let dbg = format!("{cfg:?}");
+        assert!(
+            !dbg.contains("super-secret") && !dbg.contains("twilio-secret"),
+            "{dbg}"
+        );
+    }
+
+    #[test]
+    fn stream_url_has_no_query_and_uses_wss() {
+        // Proves the stream URL derives from the public base with wss and no query.
+        let u = PublicUrl::parse("https://pod.example.com/voice/").unwrap();
+        assert_eq!(u.stream_url(), "wss://pod.example.com/voice/twilio/stream");
+        assert_eq!(
+            u.join("/twilio/voice?x=1"),
+            "https://pod.example.com/voice/twilio/voice?x=1"
+        );
+        assert!(PublicUrl::parse("https://a.example.com/?q=1").is_err());
+        assert!(PublicUrl::parse("https://bad_host.example.com").is_err());
+    }
+
+    #[test]
+    fn e164_validation() {
+        // Proves E.164 checks: plus sign, 7-15 digits, no leading zero.
+        assert!(is_e164("+14155550100"));
+        assert!(!is_e164("14155550100"));
+        assert!(!is_e164("+0123456789"));
+        assert!(!is_e164("+1415555010a"));
+        assert!(!is_e164("+1234567890123456"));
+    }
+}

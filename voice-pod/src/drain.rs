@@ -1,1 +1,161 @@
-//! drain (in progress)
+//! Graceful shutdown: calls last minutes, and a pod must not cut them.
+//!
+//! On SIGTERM (or SIGINT) the pod:
+//! 1. reports not-ready at once (`/readyz` 503) so Kubernetes stops routing to it,
+//! 2. refuses new calls politely (webhook: `<Say>` + `<Hangup/>`; `/v1/calls`: 503),
+//!    while streams of calls it already answered are still accepted,
+//! 3. waits for active calls to end, up to the drain deadline,
+//! 4. cancels what is left (handlers say goodbye and hang up), then exits 0.
+//!
+//! The metrics port stays up until the process exits. Call tasks are tracked by a
+//! [`TaskTracker`] (the `run(listener, shutdown)` pattern of mini-redis: each call
+//! holds a token, the server waits for all of them).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TrackedFuture;
+
+use crate::metrics::Metrics;
+
+/// Time handlers get to wrap up after the drain deadline cancelled them.
+pub const CANCEL_GRACE: Duration = Duration::from_secs(10);
+
+/// Shared drain state: one per pod, cloned into every handler.
+#[derive(Clone)]
+pub struct Drain {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Set once, on the shutdown signal; read by every webhook and probe.
+    draining: AtomicBool,
+    /// Every media stream task (from upgrade to close).
+    calls: TaskTracker,
+    /// Cancelled at the drain deadline; each call gets a child token.
+    cancel_calls: CancellationToken,
+    metrics: Arc<Metrics>,
+}
+
+/// How the drain ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DrainOutcome {
+    /// Every call ended on its own.
+    Finished,
+    /// The deadline passed; remaining calls were cancelled.
+    DeadlineCancelled,
+}
+
+impl Drain {
+    /// A pod that is not draining.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                draining: AtomicBool::new(false),
+                calls: TaskTracker::new(),
+                cancel_calls: CancellationToken::new(),
+                metrics,
+            }),
+        }
+    }
+
+    /// True once draining began.
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::SeqCst)
+    }
+
+    /// Starts draining: readiness off, new calls refused.
+    pub fn begin(&self) {
+        if !self.inner.draining.swap(true, Ordering::SeqCst) {
+            self.inner.metrics.draining.set(1);
+            self.inner.calls.close();
+            tracing::info!(
+                active_streams = self.inner.calls.len(),
+                "draining: not ready, refusing new calls"
+            );
+        }
+    }
+
+    /// Wraps a stream task so the drain waits for it.
+    pub fn track<F: Future>(&self, fut: F) -> TrackedFuture<F> {
+        self.inner.calls.track_future(fut)
+    }
+
+    /// A token that fires when the pod must end this call (drain deadline).
+    pub fn call_token(&self) -> CancellationToken {
+        self.inner.cancel_calls.child_token()
+    }
+
+    /// Streams in progress.
+    pub fn active_streams(&self) -> usize {
+        self.inner.calls.len()
+    }
+
+    /// Waits for calls up to `deadline`, then cancels the rest and gives them
+    /// [`CANCEL_GRACE`]. Call after [`Drain::begin`].
+    pub async fn wait_for_calls(&self, deadline: Duration) -> DrainOutcome {
+        self.begin();
+        if tokio::time::timeout(deadline, self.inner.calls.wait())
+            .await
+            .is_ok()
+        {
+            return DrainOutcome::Finished;
+        }
+        tracing::warn!(
+            remaining = self.inner.calls.len(),
+            deadline_seconds = deadline.as_secs(),
+            "drain deadline passed; ending the remaining calls"
+        );
+        self.inner.cancel_calls.cancel();
+        if tokio::time::timeout(CANCEL_GRACE, self.inner.calls.wait())
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                remaining = self.inner.calls.len(),
+                "calls did not end after cancellation"
+            );
+        }
+        DrainOutcome::DeadlineCancelled
+    }
+}
+
+/// Which signal asked the pod to stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signal {
+    /// SIGTERM (Kubernetes).
+    Term,
+    /// SIGINT (Ctrl-C).
+    Int,
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+pub async fn shutdown_signal() -> Signal {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => Signal::Term,
+                    _ = int.recv() => Signal::Int,
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+                Signal::Int
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        Signal::Int
+    }
+}

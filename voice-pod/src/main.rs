@@ -1,1 +1,120 @@
-fn main() {}
+//! `voice-pod`: parse flags, set up JSON logs, wire, run. Everything else lives in
+//! the library.
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use voice_pod::config::{Config, EXIT_BAD_CONFIG, ServeArgs};
+use voice_pod::drain::{self, DrainOutcome};
+use voice_pod::http::{self, Pod};
+
+#[derive(Parser)]
+#[command(
+    name = "voice-pod",
+    version,
+    about = "callmeback voice pod: Twilio calls to AI personas"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve Twilio webhooks, media streams and the call-me-back API.
+    Serve(ServeArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            let _ = err.print();
+            // Help and version are not errors; anything else is a usage error.
+            return if err.use_stderr() {
+                ExitCode::from(EXIT_BAD_CONFIG as u8)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    init_logging();
+    match cli.command {
+        Command::Serve(args) => {
+            let config = match Config::from_args(args) {
+                Ok(c) => c,
+                Err(err) => {
+                    tracing::error!(error = %err, "bad configuration");
+                    eprintln!("voice-pod: {err}");
+                    return ExitCode::from(EXIT_BAD_CONFIG as u8);
+                }
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(err) => {
+                    eprintln!("voice-pod: cannot start the runtime: {err}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(serve(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    tracing::error!(error = format!("{err:#}"), "voice pod failed");
+                    eprintln!("voice-pod: {err:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(filter)
+        .with_current_span(true)
+        .with_span_list(true)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let app = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (CALLMEBACK_LISTEN)", config.listen))?;
+    let metrics = tokio::net::TcpListener::bind(config.metrics_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (CALLMEBACK_METRICS_LISTEN)",
+                config.metrics_listen
+            )
+        })?;
+    if config.database_url.is_some() {
+        tracing::warn!("DATABASE_URL is set, but this build keeps no call records yet");
+    }
+    let shutdown = async {
+        let signal = drain::shutdown_signal().await;
+        tracing::info!(?signal, "shutdown signal received");
+        // A second signal means "now": exit without waiting for calls.
+        tokio::spawn(async {
+            let again = drain::shutdown_signal().await;
+            tracing::warn!(signal = ?again, "second signal: exiting without finishing calls");
+            std::process::exit(130);
+        });
+    };
+    let outcome = http::serve(Pod::new(config), app, metrics, shutdown).await?;
+    match outcome {
+        DrainOutcome::Finished => tracing::info!("all calls finished; exiting"),
+        DrainOutcome::DeadlineCancelled => {
+            tracing::warn!("drain deadline passed; remaining calls were ended")
+        }
+    }
+    Ok(())
+}

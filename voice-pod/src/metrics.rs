@@ -146,6 +146,9 @@ pub struct Metrics {
     pub call_duration: HistogramVec,
     /// `voice_draining` (1 while draining).
     pub draining: IntGauge,
+    /// `voice_inbound_frames_dropped_total`: caller audio frames dropped because the
+    /// call handler fell behind (the Twilio reader never blocks on it).
+    pub inbound_frames_dropped: IntCounter,
 }
 
 impl Metrics {
@@ -219,6 +222,11 @@ impl Metrics {
             .expect("static metric definition"),
             draining: IntGauge::new("voice_draining", "1 while the pod drains after SIGTERM")
                 .expect("static metric definition"),
+            inbound_frames_dropped: IntCounter::new(
+                "voice_inbound_frames_dropped_total",
+                "Caller audio frames dropped because the call handler fell behind",
+            )
+            .expect("static metric definition"),
             registry,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -236,6 +244,7 @@ impl Metrics {
             Box::new(m.outbound_calls.clone()),
             Box::new(m.call_duration.clone()),
             Box::new(m.draining.clone()),
+            Box::new(m.inbound_frames_dropped.clone()),
         ];
         for c in collectors {
             m.registry

@@ -1,0 +1,284 @@
+//! The pod's two HTTP servers and their lifecycle.
+//!
+//! - App (8080, [`app`]): Twilio's webhooks and media stream, the call-me-back API.
+//! - Metrics (9090, [`probes::router`]): `/metrics`, `/healthz`, `/readyz`.
+//!
+//! [`serve`] runs both until `shutdown` resolves, then drains (see [`crate::drain`]):
+//! the app keeps answering (politely refusing new calls) while active calls finish,
+//! and the metrics port stays up until the very end.
+//!
+//! ## Layout
+//! - [`twilio`]: `/twilio/voice`, `/twilio/status`, `/twilio/stream`.
+//! - [`calls`]: `/v1/calls`.
+//! - [`probes`]: the metrics port.
+//! - [`error`]: JSON errors.
+
+pub mod calls;
+pub mod error;
+pub mod probes;
+pub mod twilio;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::drain::{Drain, DrainOutcome};
+use crate::metrics::Metrics;
+use crate::personas::{Personas, watch};
+use crate::session::{CallHandler, RecordingHandler};
+use crate::store::{CallRecords, NoPersistence};
+use crate::twilio::context::ContextSigner;
+use crate::twilio::media_stream::StreamDeps;
+use crate::twilio::rest::{RestError, TwilioClient};
+
+/// Largest webhook or API body accepted (Twilio's forms are a few kB).
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Drain deadline when neither the flag nor any persona sets one (the CRD default).
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(900);
+/// How long each server may take to stop once asked.
+const SERVER_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Everything the handlers share.
+pub struct AppState {
+    /// Validated configuration.
+    pub config: Arc<Config>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Personas and routes.
+    pub personas: Arc<Personas>,
+    /// Talks to callers.
+    pub handler: Arc<dyn CallHandler>,
+    /// Call records.
+    pub records: Arc<dyn CallRecords>,
+    /// Twilio REST (needs account SID and auth token).
+    pub twilio: Option<TwilioClient>,
+    /// Call context signer (needs the auth token).
+    pub signer: Option<ContextSigner>,
+    /// Drain state.
+    pub drain: Drain,
+    /// What media streams need (needs the auth token).
+    pub stream: Option<Arc<StreamDeps>>,
+}
+
+/// The app router (port 8080).
+pub fn app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/twilio/voice", post(twilio::voice))
+        .route("/twilio/status", post(twilio::status))
+        .route("/twilio/stream", get(twilio::stream))
+        .route("/v1/calls", post(calls::create))
+        .route("/v1/calls/{sid}", get(calls::get))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// A pod to run: configuration plus the pluggable parts.
+pub struct Pod {
+    /// Validated configuration.
+    pub config: Config,
+    /// Metrics (tests keep a clone to read counters).
+    pub metrics: Arc<Metrics>,
+    /// Talks to callers ([`RecordingHandler`] by default).
+    pub handler: Arc<dyn CallHandler>,
+    /// Call records ([`NoPersistence`] by default).
+    pub records: Arc<dyn CallRecords>,
+}
+
+impl Pod {
+    /// A pod with the default handler and no persistence.
+    pub fn new(config: Config) -> Self {
+        Self {
+            config,
+            metrics: Arc::new(Metrics::new()),
+            handler: Arc::new(RecordingHandler),
+            records: Arc::new(NoPersistence),
+        }
+    }
+
+    /// Replaces the call handler (the conversation engine, or a test double).
+    pub fn with_handler(mut self, handler: Arc<dyn CallHandler>) -> Self {
+        self.handler = handler;
+        self
+    }
+
+    /// Replaces the call records.
+    pub fn with_records(mut self, records: Arc<dyn CallRecords>) -> Self {
+        self.records = records;
+        self
+    }
+
+    /// Uses these metrics.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+}
+
+/// Why the pod could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The Twilio client could not be built.
+    #[error("cannot build the Twilio client: {0}")]
+    Twilio(#[from] RestError),
+    /// A server failed.
+    #[error("{server} server failed: {source}")]
+    Server {
+        /// `app` or `metrics`.
+        server: &'static str,
+        /// The failure.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Runs the pod until `shutdown` resolves, then drains and returns.
+pub async fn serve(
+    pod: Pod,
+    app_listener: TcpListener,
+    metrics_listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<DrainOutcome, ServeError> {
+    let Pod {
+        config,
+        metrics,
+        handler,
+        records,
+    } = pod;
+    let config = Arc::new(config);
+    let personas = {
+        let (dir, routes, m) = (
+            config.persona_dir.clone(),
+            config.routes_file.clone(),
+            Arc::clone(&metrics),
+        );
+        match tokio::task::spawn_blocking(move || Personas::load(dir, routes, m)).await {
+            Ok(p) => Arc::new(p),
+            Err(err) => {
+                tracing::error!(error = %err, "persona loading panicked; starting empty");
+                Arc::new(Personas::load(
+                    std::path::PathBuf::new(),
+                    std::path::PathBuf::new(),
+                    Arc::clone(&metrics),
+                ))
+            }
+        }
+    };
+    let drain = Drain::new(Arc::clone(&metrics));
+    let signer = config.twilio.auth_token.as_ref().map(ContextSigner::new);
+    let twilio = match (&config.twilio.account_sid, &config.twilio.auth_token) {
+        (Some(sid), Some(token)) => Some(TwilioClient::new(
+            &config.twilio.api_url,
+            sid,
+            token.clone(),
+            config.limits.rest_timeout,
+        )?),
+        _ => None,
+    };
+    let missing = config.missing_for_twilio();
+    if !missing.is_empty() {
+        tracing::warn!(missing = ?missing, "Twilio endpoints answer 503 until these are set");
+    }
+    let stream = signer.clone().map(|signer| {
+        Arc::new(StreamDeps {
+            metrics: Arc::clone(&metrics),
+            personas: Arc::clone(&personas),
+            signer,
+            handler: Arc::clone(&handler),
+            twilio: twilio.clone(),
+            drain: drain.clone(),
+            limits: config.limits.clone(),
+        })
+    });
+    let state = Arc::new(AppState {
+        config: Arc::clone(&config),
+        metrics: Arc::clone(&metrics),
+        personas: Arc::clone(&personas),
+        handler,
+        records,
+        twilio,
+        signer,
+        drain: drain.clone(),
+        stream,
+    });
+
+    let stop_watch = CancellationToken::new();
+    let watcher = tokio::spawn(watch::run(
+        Arc::clone(&personas),
+        config.limits.persona_rescan_interval,
+        stop_watch.clone(),
+    ));
+
+    let stop_metrics = CancellationToken::new();
+    let probe_router = probes::router(probes::ProbeState {
+        metrics: Arc::clone(&metrics),
+        drain: drain.clone(),
+        personas: Arc::clone(&personas),
+    });
+    let metrics_addr = metrics_listener.local_addr().ok();
+    let mut metrics_server = tokio::spawn(
+        axum::serve(metrics_listener, probe_router)
+            .with_graceful_shutdown(stop_metrics.clone().cancelled_owned())
+            .into_future(),
+    );
+    let stop_app = CancellationToken::new();
+    let app_addr = app_listener.local_addr().ok();
+    let mut app_server = tokio::spawn(
+        axum::serve(app_listener, app(state))
+            .with_graceful_shutdown(stop_app.clone().cancelled_owned())
+            .into_future(),
+    );
+    tracing::info!(app = ?app_addr, metrics = ?metrics_addr, personas = personas.snapshot().len(), "voice pod serving");
+
+    let failure = tokio::select! {
+        () = shutdown => None,
+        res = &mut app_server => Some(("app", res)),
+        res = &mut metrics_server => Some(("metrics", res)),
+    };
+    if let Some((server, res)) = failure {
+        stop_watch.cancel();
+        stop_app.cancel();
+        stop_metrics.cancel();
+        let source = match res {
+            Ok(Ok(())) => std::io::Error::other("stopped unexpectedly"),
+            Ok(Err(e)) => e,
+            Err(join) => std::io::Error::other(join.to_string()),
+        };
+        return Err(ServeError::Server { server, source });
+    }
+
+    let deadline = config
+        .drain_timeout
+        .or_else(|| personas.snapshot().longest_max_call_duration())
+        .unwrap_or(DEFAULT_DRAIN_TIMEOUT);
+    tracing::info!(
+        deadline_seconds = deadline.as_secs(),
+        active_streams = drain.active_streams(),
+        "shutdown requested; draining"
+    );
+    let outcome = drain.wait_for_calls(deadline).await;
+    tracing::info!(?outcome, "drain finished");
+
+    stop_app.cancel();
+    if tokio::time::timeout(SERVER_STOP_TIMEOUT, app_server)
+        .await
+        .is_err()
+    {
+        tracing::warn!("app server did not stop in time");
+    }
+    stop_watch.cancel();
+    let _ = tokio::time::timeout(SERVER_STOP_TIMEOUT, watcher).await;
+    stop_metrics.cancel();
+    if tokio::time::timeout(SERVER_STOP_TIMEOUT, metrics_server)
+        .await
+        .is_err()
+    {
+        tracing::warn!("metrics server did not stop in time");
+    }
+    Ok(outcome)
+}

@@ -1,0 +1,60 @@
+//! The metrics port (9090): `/metrics`, `/healthz`, `/readyz`.
+//!
+//! `/readyz` is 503 while draining (Kubernetes stops routing new calls to the pod)
+//! or while no persona is loaded (the pod could only refuse calls).
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+
+use crate::drain::Drain;
+use crate::metrics::Metrics;
+use crate::personas::Personas;
+
+/// What the probes look at.
+#[derive(Clone)]
+pub struct ProbeState {
+    /// Metrics to render.
+    pub metrics: Arc<Metrics>,
+    /// Draining flag.
+    pub drain: Drain,
+    /// Loaded personas.
+    pub personas: Arc<Personas>,
+}
+
+/// The metrics and probes router.
+pub fn router(state: ProbeState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+async fn metrics(State(s): State<ProbeState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(s): State<ProbeState>) -> impl IntoResponse {
+    if s.drain.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+    } else if s.personas.snapshot().is_empty() {
+        (StatusCode::SERVICE_UNAVAILABLE, "no persona loaded\n")
+    } else {
+        (StatusCode::OK, "ready\n")
+    }
+}

@@ -1,1 +1,0 @@
-//! personas (in progress)

@@ -1,0 +1,452 @@
+//! Signed call contexts: what a call is about, carried through Twilio and back.
+//!
+//! Twilio is the only courier between the pod that answers a webhook (or creates an
+//! outbound call) and the pod that receives the media stream, so the call's context
+//! travels with Twilio, signed by us:
+//!
+//! - [`Purpose::Stream`]: the `<Parameter>`s of `<Connect><Stream>`, which come back in
+//!   `start.customParameters`. The stream endpoint trusts nothing before this
+//!   signature and its expiry check pass.
+//! - [`Purpose::Answer`]: the query string of an outbound call's answer URL (used only
+//!   when the inline TwiML would exceed Twilio's 4000-character cap).
+//! - [`Purpose::Status`]: the query string of the `StatusCallback` URL (persona and call
+//!   id for metrics and the call record; no expiry, since calls last hours).
+//!
+//! Each purpose has its own key, derived from the Twilio auth token as
+//! `HMAC-SHA256(auth_token, "callmeback/<purpose>-context/v1")`, so a signature made
+//! for one place is useless in another. The MAC covers every parameter except `sig`,
+//! sorted by name, each encoded as `len(name):name=len(value):value;` (length
+//! prefixes: no delimiter in a value can forge a different parameter set). The
+//! signature is unpadded base64url of the HMAC-SHA256.
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use super::signature::ct_eq_str;
+use crate::config::Secret;
+
+/// Name of the signature parameter.
+pub const SIG_PARAM: &str = "sig";
+/// Version of the context format (parameter `v`).
+pub const CONTEXT_VERSION: &str = "1";
+
+/// Which way the call goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// Someone called a persona's number.
+    Inbound,
+    /// The persona calls someone back (`POST /v1/calls`).
+    Outbound,
+}
+
+impl Direction {
+    /// `inbound` or `outbound`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "inbound" => Some(Direction::Inbound),
+            "outbound" => Some(Direction::Outbound),
+            _ => None,
+        }
+    }
+}
+
+/// Where a signed context is used; each has its own key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// `<Parameter>`s of the media stream.
+    Stream,
+    /// Query string of an outbound call's answer URL.
+    Answer,
+    /// Query string of the status callback URL.
+    Status,
+}
+
+impl Purpose {
+    fn label(self) -> &'static [u8] {
+        match self {
+            Purpose::Stream => b"callmeback/stream-context/v1",
+            Purpose::Answer => b"callmeback/answer-context/v1",
+            Purpose::Status => b"callmeback/status-context/v1",
+        }
+    }
+}
+
+/// The context of one call, as the stream endpoint needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CallContextParams {
+    /// Persona name (a key of the persona registry).
+    pub persona: String,
+    /// Inbound or outbound.
+    pub direction: Direction,
+    /// Caller number (E.164), when known.
+    pub from: Option<String>,
+    /// Called number (E.164), when known.
+    pub to: Option<String>,
+    /// Why the persona calls (outbound), appended to the system prompt.
+    pub pretext: Option<String>,
+    /// Opaque id of the user the call is for (relationship memory).
+    pub user: Option<String>,
+    /// Our id of the call (the `id` of `POST /v1/calls`; a fresh UUID for inbound calls).
+    pub call_id: String,
+    /// Twilio's call SID when known at signing time (inbound webhooks); the stream
+    /// endpoint then requires `start.callSid` to match.
+    pub call_sid: Option<String>,
+    /// Unix seconds after which the context is refused.
+    pub expires_at: u64,
+}
+
+/// Why a context was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ContextError {
+    /// No `sig` parameter.
+    #[error("no signature")]
+    MissingSignature,
+    /// The signature does not match.
+    #[error("signature mismatch")]
+    BadSignature,
+    /// Past its expiry.
+    #[error("expired {seconds_ago} s ago")]
+    Expired {
+        /// How long ago.
+        seconds_ago: u64,
+    },
+    /// A required field is missing or malformed (checked after the signature).
+    #[error("field {0} missing or malformed")]
+    Malformed(&'static str),
+    /// A version we do not understand.
+    #[error("unsupported context version")]
+    Version,
+}
+
+impl ContextError {
+    /// Low-cardinality label for logs and metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ContextError::MissingSignature => "missing_signature",
+            ContextError::BadSignature => "bad_signature",
+            ContextError::Expired { .. } => "expired",
+            ContextError::Malformed(_) => "malformed",
+            ContextError::Version => "version",
+        }
+    }
+}
+
+/// Signs and verifies contexts with keys derived from the Twilio auth token.
+#[derive(Clone)]
+pub struct ContextSigner {
+    stream: [u8; 32],
+    answer: [u8; 32],
+    status: [u8; 32],
+}
+
+impl std::fmt::Debug for ContextSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ContextSigner(***)")
+    }
+}
+
+impl ContextSigner {
+    /// Derives the three keys from the auth token.
+    pub fn new(auth_token: &Secret) -> Self {
+        let derive = |p: Purpose| -> [u8; 32] {
+            let mut mac = Hmac::<Sha256>::new_from_slice(auth_token.expose().as_bytes())
+                .expect("HMAC accepts keys of any length");
+            mac.update(p.label());
+            mac.finalize().into_bytes().into()
+        };
+        Self {
+            stream: derive(Purpose::Stream),
+            answer: derive(Purpose::Answer),
+            status: derive(Purpose::Status),
+        }
+    }
+
+    fn key(&self, p: Purpose) -> &[u8; 32] {
+        match p {
+            Purpose::Stream => &self.stream,
+            Purpose::Answer => &self.answer,
+            Purpose::Status => &self.status,
+        }
+    }
+
+    /// The MAC over `params` (any `sig` among them is ignored).
+    pub fn mac(&self, purpose: Purpose, params: &[(String, String)]) -> String {
+        let mut sorted: Vec<&(String, String)> =
+            params.iter().filter(|(k, _)| k != SIG_PARAM).collect();
+        sorted.sort();
+        let mut mac = Hmac::<Sha256>::new_from_slice(self.key(purpose))
+            .expect("HMAC accepts keys of any length");
+        for (k, v) in sorted {
+            mac.update(format!("{}:", k.len()).as_bytes());
+            mac.update(k.as_bytes());
+            mac.update(format!("={}:", v.len()).as_bytes());
+            mac.update(v.as_bytes());
+            mac.update(b";");
+        }
+        URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+    }
+
+    /// `params` plus their `sig`.
+    pub fn sign(
+        &self,
+        purpose: Purpose,
+        mut params: Vec<(String, String)>,
+    ) -> Vec<(String, String)> {
+        params.retain(|(k, _)| k != SIG_PARAM);
+        let sig = self.mac(purpose, &params);
+        params.push((SIG_PARAM.to_string(), sig));
+        params
+    }
+
+    /// Checks the `sig` among `params` (constant time). Keys must be unique.
+    pub fn verify(
+        &self,
+        purpose: Purpose,
+        params: &BTreeMap<String, String>,
+    ) -> Result<(), ContextError> {
+        let sig = params
+            .get(SIG_PARAM)
+            .ok_or(ContextError::MissingSignature)?;
+        let pairs: Vec<(String, String)> =
+            params.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        if ct_eq_str(&self.mac(purpose, &pairs), sig) {
+            Ok(())
+        } else {
+            Err(ContextError::BadSignature)
+        }
+    }
+
+    /// The signed parameters of a call context (for `<Parameter>`s or a query string).
+    pub fn sign_call(&self, purpose: Purpose, ctx: &CallContextParams) -> Vec<(String, String)> {
+        self.sign(purpose, ctx.to_params())
+    }
+
+    /// Verifies signature and expiry, then parses the context.
+    pub fn verify_call(
+        &self,
+        purpose: Purpose,
+        params: &BTreeMap<String, String>,
+        now_unix: u64,
+    ) -> Result<CallContextParams, ContextError> {
+        self.verify(purpose, params)?;
+        let ctx = CallContextParams::from_params(params)?;
+        if ctx.expires_at < now_unix {
+            return Err(ContextError::Expired {
+                seconds_ago: now_unix - ctx.expires_at,
+            });
+        }
+        Ok(ctx)
+    }
+}
+
+impl CallContextParams {
+    /// The unsigned parameters; optional fields are omitted when `None`.
+    pub fn to_params(&self) -> Vec<(String, String)> {
+        let mut p = vec![
+            ("v".to_string(), CONTEXT_VERSION.to_string()),
+            ("persona".to_string(), self.persona.clone()),
+            ("direction".to_string(), self.direction.as_str().to_string()),
+            ("call_id".to_string(), self.call_id.clone()),
+            ("exp".to_string(), self.expires_at.to_string()),
+        ];
+        let optional = [
+            ("from", &self.from),
+            ("to", &self.to),
+            ("pretext", &self.pretext),
+            ("user", &self.user),
+            ("call_sid", &self.call_sid),
+        ];
+        for (k, v) in optional {
+            if let Some(v) = v {
+                p.push((k.to_string(), v.clone()));
+            }
+        }
+        p
+    }
+
+    /// Parses (already verified) parameters.
+    pub fn from_params(params: &BTreeMap<String, String>) -> Result<Self, ContextError> {
+        if params.get("v").map(String::as_str) != Some(CONTEXT_VERSION) {
+            return Err(ContextError::Version);
+        }
+        let req = |k: &'static str| {
+            params
+                .get(k)
+                .filter(|v| !v.is_empty())
+                .cloned()
+                .ok_or(ContextError::Malformed(k))
+        };
+        let direction =
+            Direction::parse(&req("direction")?).ok_or(ContextError::Malformed("direction"))?;
+        let expires_at = req("exp")?
+            .parse::<u64>()
+            .map_err(|_| ContextError::Malformed("exp"))?;
+        Ok(Self {
+            persona: req("persona")?,
+            direction,
+            from: params.get("from").cloned(),
+            to: params.get("to").cloned(),
+            pretext: params.get("pretext").cloned(),
+            user: params.get("user").cloned(),
+            call_id: req("call_id")?,
+            call_sid: params.get("call_sid").cloned(),
+            expires_at,
+        })
+    }
+}
+
+/// The signed context of a status callback URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatusContext {
+    /// Persona name.
+    pub persona: String,
+    /// Our call id.
+    pub call_id: String,
+}
+
+impl ContextSigner {
+    /// Signed query parameters for a `StatusCallback` URL.
+    pub fn sign_status(&self, ctx: &StatusContext) -> Vec<(String, String)> {
+        self.sign(
+            Purpose::Status,
+            vec![
+                ("persona".into(), ctx.persona.clone()),
+                ("call_id".into(), ctx.call_id.clone()),
+            ],
+        )
+    }
+
+    /// Verifies a status callback's query parameters.
+    pub fn verify_status(
+        &self,
+        params: &BTreeMap<String, String>,
+    ) -> Result<StatusContext, ContextError> {
+        self.verify(Purpose::Status, params)?;
+        let get = |k: &'static str| params.get(k).cloned().ok_or(ContextError::Malformed(k));
+        Ok(StatusContext {
+            persona: get("persona")?,
+            call_id: get("call_id")?,
+        })
+    }
+}
+
+/// Current Unix time in seconds.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signer() -> ContextSigner {
+        ContextSigner::new(&Secret::new("auth-token"))
+    }
+
+    fn ctx() -> CallContextParams {
+        CallContextParams {
+            persona: "date-rescuer".into(),
+            direction: Direction::Outbound,
+            from: Some("+14155550100".into()),
+            to: Some("+14155550199".into()),
+            pretext: Some("Rescue me & my \"date\" <now> 🙂".into()),
+            user: Some("u-1".into()),
+            call_id: "c-1".into(),
+            call_sid: None,
+            expires_at: 2_000,
+        }
+    }
+
+    fn map(p: Vec<(String, String)>) -> BTreeMap<String, String> {
+        p.into_iter().collect()
+    }
+
+    #[test]
+    fn signed_context_round_trips() {
+        // Proves sign -> verify -> parse gives back the same context.
+        let s = signer();
+        let params = map(s.sign_call(Purpose::Stream, &ctx()));
+        assert_eq!(
+            s.verify_call(Purpose::Stream, &params, 1_000).unwrap(),
+            ctx()
+        );
+    }
+
+    #[test]
+    fn tampered_expired_or_cross_purpose_contexts_fail() {
+        // Proves a changed value, an added parameter, expiry and a different purpose are refused.
+        let s = signer();
+        let good = map(s.sign_call(Purpose::Stream, &ctx()));
+
+        let mut t = good.clone();
+        t.insert("persona".into(), "other".into());
+        assert_eq!(
+            s.verify_call(Purpose::Stream, &t, 1_000),
+            Err(ContextError::BadSignature)
+        );
+
+        let mut t = good.clone();
+        t.insert("extra".into(), "x".into());
+        assert_eq!(
+            s.verify_call(Purpose::Stream, &t, 1_000),
+            Err(ContextError::BadSignature)
+        );
+
+        let mut t = good.clone();
+        t.remove("sig");
+        assert_eq!(
+            s.verify_call(Purpose::Stream, &t, 1_000),
+            Err(ContextError::MissingSignature)
+        );
+
+        assert!(matches!(
+            s.verify_call(Purpose::Stream, &good, 2_001),
+            Err(ContextError::Expired { seconds_ago: 1 })
+        ));
+        assert_eq!(
+            s.verify_call(Purpose::Answer, &good, 1_000),
+            Err(ContextError::BadSignature)
+        );
+
+        let other = ContextSigner::new(&Secret::new("other-token"));
+        assert_eq!(
+            other.verify_call(Purpose::Stream, &good, 1_000),
+            Err(ContextError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn length_prefixes_prevent_boundary_shifts() {
+        // Proves moving characters between a name and a value changes the MAC.
+        let s = signer();
+        let a = s.mac(Purpose::Stream, &[("ab".into(), "c".into())]);
+        let b = s.mac(Purpose::Stream, &[("a".into(), "bc".into())]);
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn status_context_round_trips() {
+        // Proves the status callback context verifies and rejects tampering.
+        let s = signer();
+        let c = StatusContext {
+            persona: "p".into(),
+            call_id: "id".into(),
+        };
+        let mut m = map(s.sign_status(&c));
+        assert_eq!(s.verify_status(&m).unwrap(), c);
+        m.insert("persona".into(), "q".into());
+        assert!(s.verify_status(&m).is_err());
+    }
+}

@@ -1,0 +1,405 @@
+//! Twilio Media Streams framing: the JSON text frames of a bidirectional stream.
+//!
+//! Field names are exactly Twilio's (camelCase, `streamSid`, `sequenceNumber`);
+//! `sequenceNumber`, `chunk` and `timestamp` arrive as strings ([`NumStr`] also
+//! accepts numbers, to be lenient with look-alike peers). Outbound messages carry
+//! exactly the fields Twilio accepts: an extra field is warning 31951.
+//!
+//! [`parse_inbound`] classifies failures the way `voice_socket_errors_total{kind}`
+//! counts them: not JSON, an event we do not know, or a known event with the wrong
+//! shape.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::SocketErrorKind;
+
+/// A count or time that Twilio sends as a string (`"1"`), parsed leniently.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct NumStr(pub String);
+
+impl NumStr {
+    /// The value as an integer, if it is one.
+    pub fn as_u64(&self) -> Option<u64> {
+        self.0.parse().ok()
+    }
+}
+
+impl<'de> Deserialize<'de> for NumStr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            S(String),
+            N(u64),
+        }
+        Ok(match Raw::deserialize(d)? {
+            Raw::S(s) => NumStr(s),
+            Raw::N(n) => NumStr(n.to_string()),
+        })
+    }
+}
+
+impl Serialize for NumStr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+/// Messages Twilio sends to us.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(tag = "event", rename_all = "lowercase")]
+pub enum Inbound {
+    /// First message: `{"event":"connected","protocol":"Call","version":"1.0.0"}`.
+    Connected {
+        /// `Call`.
+        #[serde(default)]
+        protocol: String,
+        /// `1.0.0`.
+        #[serde(default)]
+        version: String,
+    },
+    /// The stream's metadata and our `<Parameter>`s.
+    Start {
+        /// Message counter.
+        #[serde(rename = "sequenceNumber", default)]
+        sequence_number: NumStr,
+        /// `MZ...`.
+        #[serde(rename = "streamSid")]
+        stream_sid: String,
+        /// Metadata.
+        start: StartMeta,
+    },
+    /// 20 ms of caller audio.
+    Media {
+        /// Message counter.
+        #[serde(rename = "sequenceNumber", default)]
+        sequence_number: NumStr,
+        /// `MZ...`.
+        #[serde(rename = "streamSid")]
+        stream_sid: String,
+        /// The audio.
+        media: MediaIn,
+    },
+    /// A key press.
+    Dtmf {
+        /// Message counter.
+        #[serde(rename = "sequenceNumber", default)]
+        sequence_number: NumStr,
+        /// `MZ...`.
+        #[serde(rename = "streamSid")]
+        stream_sid: String,
+        /// The digit.
+        dtmf: DtmfIn,
+    },
+    /// Our mark came back: the audio before it has played (or was cleared).
+    Mark {
+        /// Message counter.
+        #[serde(rename = "sequenceNumber", default)]
+        sequence_number: NumStr,
+        /// `MZ...`.
+        #[serde(rename = "streamSid")]
+        stream_sid: String,
+        /// The label we sent.
+        mark: MarkBody,
+    },
+    /// Last message: the call ended or the stream was stopped.
+    Stop {
+        /// Message counter.
+        #[serde(rename = "sequenceNumber", default)]
+        sequence_number: NumStr,
+        /// `MZ...`.
+        #[serde(rename = "streamSid")]
+        stream_sid: String,
+        /// Account and call.
+        #[serde(default)]
+        stop: StopMeta,
+    },
+}
+
+/// The events Twilio sends, for telling an unknown event from a malformed one.
+pub const INBOUND_EVENTS: &[&str] = &["connected", "start", "media", "dtmf", "mark", "stop"];
+
+/// `start.start`.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+pub struct StartMeta {
+    /// `MZ...`.
+    #[serde(rename = "streamSid")]
+    pub stream_sid: String,
+    /// `AC...`.
+    #[serde(rename = "accountSid")]
+    pub account_sid: String,
+    /// `CA...`.
+    #[serde(rename = "callSid")]
+    pub call_sid: String,
+    /// `["inbound"]` on `<Connect><Stream>`.
+    #[serde(default)]
+    pub tracks: Vec<String>,
+    /// Our `<Parameter>`s, name -> value.
+    #[serde(rename = "customParameters", default)]
+    pub custom_parameters: BTreeMap<String, String>,
+    /// Audio format of the inbound track.
+    #[serde(rename = "mediaFormat")]
+    pub media_format: MediaFormat,
+}
+
+/// `start.mediaFormat`.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+pub struct MediaFormat {
+    /// `audio/x-mulaw`.
+    pub encoding: String,
+    /// 8000.
+    #[serde(rename = "sampleRate")]
+    pub sample_rate: u32,
+    /// 1.
+    pub channels: u32,
+}
+
+impl MediaFormat {
+    /// True for the only format a bidirectional stream uses: mu-law, 8 kHz, mono.
+    pub fn is_mulaw_8k_mono(&self) -> bool {
+        self.encoding == "audio/x-mulaw" && self.sample_rate == 8000 && self.channels == 1
+    }
+}
+
+/// `media.media` from Twilio.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+pub struct MediaIn {
+    /// `inbound`.
+    #[serde(default)]
+    pub track: String,
+    /// Frame counter from "1".
+    #[serde(default)]
+    pub chunk: NumStr,
+    /// Milliseconds since the stream started.
+    #[serde(default)]
+    pub timestamp: NumStr,
+    /// Base64 mu-law, no header.
+    pub payload: String,
+}
+
+/// `dtmf.dtmf`.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+pub struct DtmfIn {
+    /// `inbound_track`.
+    #[serde(default)]
+    pub track: String,
+    /// `0`-`9`, `*`, `#` (and `A`-`D` on some networks).
+    pub digit: String,
+}
+
+/// `mark.mark`, both directions.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+pub struct MarkBody {
+    /// Our label.
+    pub name: String,
+}
+
+/// `stop.stop`.
+#[derive(Clone, Debug, PartialEq, Default, Deserialize, Serialize)]
+pub struct StopMeta {
+    /// `AC...`.
+    #[serde(rename = "accountSid", default)]
+    pub account_sid: String,
+    /// `CA...`.
+    #[serde(rename = "callSid", default)]
+    pub call_sid: String,
+}
+
+/// Messages we send to Twilio: exactly `media`, `mark` and `clear`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "lowercase")]
+pub enum Outbound {
+    /// `{"event":"media","streamSid":"MZ...","media":{"payload":"<base64 mu-law>"}}`.
+    Media {
+        /// The active stream.
+        #[serde(rename = "streamSid")]
+        stream_sid: String,
+        /// The audio.
+        media: MediaOut,
+    },
+    /// `{"event":"mark","streamSid":"MZ...","mark":{"name":"..."}}`.
+    Mark {
+        /// The active stream.
+        #[serde(rename = "streamSid")]
+        stream_sid: String,
+        /// The label.
+        mark: MarkBody,
+    },
+    /// `{"event":"clear","streamSid":"MZ..."}`: drop buffered audio (barge-in).
+    Clear {
+        /// The active stream.
+        #[serde(rename = "streamSid")]
+        stream_sid: String,
+    },
+}
+
+/// `media.media` to Twilio: only the payload.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MediaOut {
+    /// Base64 mu-law 8 kHz.
+    pub payload: String,
+}
+
+impl Outbound {
+    /// The JSON text frame.
+    pub fn to_json(&self) -> String {
+        // Serializing these plain structs to a String cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// Why an inbound frame could not be understood.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// Not JSON, or JSON without a string `event`.
+    #[error("not a JSON event: {0}")]
+    MalformedJson(String),
+    /// An event name Twilio does not send.
+    #[error("unknown event {0:?}")]
+    UnknownEvent(String),
+    /// A known event with missing or mistyped fields.
+    #[error("{event} with the wrong shape: {detail}")]
+    Shape {
+        /// The event.
+        event: String,
+        /// serde's explanation.
+        detail: String,
+    },
+}
+
+impl FrameError {
+    /// The `voice_socket_errors_total{kind}` this error counts as.
+    pub fn kind(&self) -> SocketErrorKind {
+        match self {
+            FrameError::MalformedJson(_) => SocketErrorKind::MalformedJson,
+            FrameError::UnknownEvent(_) => SocketErrorKind::UnknownEvent,
+            FrameError::Shape { .. } => SocketErrorKind::Protocol,
+        }
+    }
+}
+
+/// Parses one text frame from Twilio.
+pub fn parse_inbound(text: &str) -> Result<Inbound, FrameError> {
+    #[derive(Deserialize)]
+    struct Envelope {
+        event: String,
+    }
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| FrameError::MalformedJson(e.to_string()))?;
+    let event = Envelope::deserialize(&value)
+        .map_err(|e| FrameError::MalformedJson(e.to_string()))?
+        .event;
+    if !INBOUND_EVENTS.contains(&event.as_str()) {
+        // Truncated: the name is logged, and a peer controls its length.
+        return Err(FrameError::UnknownEvent(event.chars().take(40).collect()));
+    }
+    Inbound::deserialize(value).map_err(|e| FrameError::Shape {
+        event,
+        detail: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_event_as_twilio_sends_it() {
+        // Proves each documented inbound message (protocols.md 1.2) parses with string counters.
+        let connected = r#"{"event":"connected","protocol":"Call","version":"1.0.0"}"#;
+        assert!(matches!(
+            parse_inbound(connected).unwrap(),
+            Inbound::Connected { .. }
+        ));
+
+        let start = r#"{"event":"start","sequenceNumber":"1","streamSid":"MZ1","start":{"streamSid":"MZ1","accountSid":"AC1","callSid":"CA1","tracks":["inbound"],"customParameters":{"persona":"p","sig":"x"},"mediaFormat":{"encoding":"audio/x-mulaw","sampleRate":8000,"channels":1}}}"#;
+        match parse_inbound(start).unwrap() {
+            Inbound::Start {
+                start,
+                sequence_number,
+                ..
+            } => {
+                assert_eq!(sequence_number.as_u64(), Some(1));
+                assert_eq!(start.call_sid, "CA1");
+                assert_eq!(start.custom_parameters["persona"], "p");
+                assert!(start.media_format.is_mulaw_8k_mono());
+            }
+            other => panic!("{other:?}"),
+        }
+
+        let media = r#"{"event":"media","sequenceNumber":"3","streamSid":"MZ1","media":{"track":"inbound","chunk":"2","timestamp":"5","payload":"//8="}}"#;
+        match parse_inbound(media).unwrap() {
+            Inbound::Media { media, .. } => {
+                assert_eq!(media.timestamp.as_u64(), Some(5));
+                assert_eq!(media.chunk.as_u64(), Some(2));
+            }
+            other => panic!("{other:?}"),
+        }
+
+        let dtmf = r#"{"event":"dtmf","streamSid":"MZ1","sequenceNumber":"5","dtmf":{"track":"inbound_track","digit":"1"}}"#;
+        assert!(
+            matches!(parse_inbound(dtmf).unwrap(), Inbound::Dtmf { dtmf, .. } if dtmf.digit == "1")
+        );
+
+        let mark =
+            r#"{"event":"mark","sequenceNumber":"4","streamSid":"MZ1","mark":{"name":"m1"}}"#;
+        assert!(
+            matches!(parse_inbound(mark).unwrap(), Inbound::Mark { mark, .. } if mark.name == "m1")
+        );
+
+        let stop = r#"{"event":"stop","sequenceNumber":"5","streamSid":"MZ1","stop":{"accountSid":"AC1","callSid":"CA1"}}"#;
+        assert!(matches!(parse_inbound(stop).unwrap(), Inbound::Stop { .. }));
+    }
+
+    #[test]
+    fn classifies_bad_frames() {
+        // Proves bad frames map to the design's error kinds.
+        assert_eq!(
+            parse_inbound("{nope").unwrap_err().kind(),
+            SocketErrorKind::MalformedJson
+        );
+        assert_eq!(
+            parse_inbound(r#"{"x":1}"#).unwrap_err().kind(),
+            SocketErrorKind::MalformedJson
+        );
+        assert_eq!(
+            parse_inbound(r#"{"event":"party"}"#).unwrap_err().kind(),
+            SocketErrorKind::UnknownEvent
+        );
+        assert_eq!(
+            parse_inbound(r#"{"event":"media","streamSid":"MZ1"}"#)
+                .unwrap_err()
+                .kind(),
+            SocketErrorKind::Protocol
+        );
+    }
+
+    #[test]
+    fn outbound_frames_have_exactly_twilios_fields() {
+        // Proves outbound JSON matches protocols.md 1.3 byte for byte.
+        let m = Outbound::Media {
+            stream_sid: "MZ1".into(),
+            media: MediaOut {
+                payload: "AA==".into(),
+            },
+        };
+        assert_eq!(
+            m.to_json(),
+            r#"{"event":"media","streamSid":"MZ1","media":{"payload":"AA=="}}"#
+        );
+        let k = Outbound::Mark {
+            stream_sid: "MZ1".into(),
+            mark: MarkBody { name: "n".into() },
+        };
+        assert_eq!(
+            k.to_json(),
+            r#"{"event":"mark","streamSid":"MZ1","mark":{"name":"n"}}"#
+        );
+        let c = Outbound::Clear {
+            stream_sid: "MZ1".into(),
+        };
+        assert_eq!(c.to_json(), r#"{"event":"clear","streamSid":"MZ1"}"#);
+    }
+}
