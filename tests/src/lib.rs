@@ -1,4 +1,5 @@
 //! test support
 
+pub mod controlplane;
 pub mod emulators;
 pub mod speech;
