@@ -54,10 +54,10 @@ pub fn render_mulaw(text: &str) -> Result<Vec<u8>, SpeechError> {
     let key = format!("{CACHE_VERSION}|{VOICE}|{WORDS_PER_MINUTE}|{text}");
     let dir = cache_dir();
     let path = dir.join(format!("{:016x}.ulaw", fnv1a(key.as_bytes())));
-    if let Ok(bytes) = std::fs::read(&path) {
-        if !bytes.is_empty() {
-            return Ok(bytes);
-        }
+    if let Ok(bytes) = std::fs::read(&path)
+        && !bytes.is_empty()
+    {
+        return Ok(bytes);
     }
     std::fs::create_dir_all(&dir)?;
     let wav_path = dir.join(format!(
