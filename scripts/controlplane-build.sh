@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the Kubernetes control plane the tests run against (etcd,
-# kube-apiserver, kube-controller-manager) from the Go module in
-# tests/controlplane/, into a cache directory outside the repository keyed by
-# the pinned versions. A warm cache makes this a no-op; a cold one takes a
+# kube-apiserver, kube-controller-manager, kube-scheduler) from the Go module
+# in tests/controlplane/, and kwok (fake nodes whose pods report Running and
+# Ready) from tests/controlplane/kwok/, into a cache directory outside the
+# repository keyed by the pinned versions. A warm cache makes this a no-op; a cold one takes a
 # while (see README, "Testing").
 #
 # Prints the binary directory on stdout (all progress goes to stderr), so
@@ -23,14 +24,15 @@ command -v go >/dev/null || { log "go is not installed (needed to build Kubernet
 # Versions come from go.mod alone, so the cache key needs no network.
 k8s_version="$(awk '$1 == "k8s.io/kubernetes" && $2 ~ /^v/ { print $2; exit }' "$mod/go.mod")"
 etcd_version="$(awk '$1 == "go.etcd.io/etcd/server/v3" && $2 ~ /^v/ { print $2; exit }' "$mod/go.mod")"
-[[ -n "$k8s_version" && -n "$etcd_version" ]] || { log "cannot read versions from $mod/go.mod"; exit 1; }
+kwok_version="$(awk '$1 == "sigs.k8s.io/kwok" && $2 ~ /^v/ { print $2; exit }' "$mod/kwok/go.mod")"
+[[ -n "$k8s_version" && -n "$etcd_version" && -n "$kwok_version" ]] || { log "cannot read versions from $mod/go.mod and $mod/kwok/go.mod"; exit 1; }
 
-bin="${CALLMEBACK_CONTROLPLANE_BIN:-${XDG_CACHE_HOME:-$HOME/.cache}/callmeback/k8s-${k8s_version}-etcd-${etcd_version}/bin}"
-binaries=(etcd kube-apiserver kube-controller-manager)
+bin="${CALLMEBACK_CONTROLPLANE_BIN:-${XDG_CACHE_HOME:-$HOME/.cache}/callmeback/k8s-${k8s_version}-etcd-${etcd_version}-kwok-${kwok_version}/bin}"
+binaries=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok)
 
 # The stamp records exactly what was built; a changed go.mod/go.sum or build
 # recipe (this script) rebuilds even when the version key stayed the same.
-stamp_value="$(cat "$mod/go.mod" "$mod/go.sum" "$0" | sha256sum | cut -d' ' -f1)"
+stamp_value="$(cat "$mod/go.mod" "$mod/go.sum" "$mod/kwok/go.mod" "$mod/kwok/go.sum" "$0" | sha256sum | cut -d' ' -f1)"
 
 up_to_date() {
   [[ -f "$bin/.stamp" && "$(cat "$bin/.stamp")" == "$stamp_value" ]] || return 1
@@ -53,7 +55,7 @@ if up_to_date; then
   exit 0
 fi
 
-log "building Kubernetes $k8s_version and etcd $etcd_version into $bin (cold builds take tens of minutes)"
+log "building Kubernetes $k8s_version, etcd $etcd_version and kwok $kwok_version into $bin (a cold build takes about 20 minutes on 2 cores)"
 start=$SECONDS
 
 # Version stamps, as Kubernetes' hack/lib/version.sh sets them: the apiserver
@@ -79,11 +81,27 @@ trap 'rm -rf "$staging"' EXIT
   CGO_ENABLED=0 GOFLAGS="${GOFLAGS:-} -mod=readonly" go build -trimpath -ldflags "$ldflags" -o "$staging/" \
     go.etcd.io/etcd/server/v3 \
     k8s.io/kubernetes/cmd/kube-apiserver \
-    k8s.io/kubernetes/cmd/kube-controller-manager
+    k8s.io/kubernetes/cmd/kube-controller-manager \
+    k8s.io/kubernetes/cmd/kube-scheduler
 )
 # etcd's main package is the server module's root: go drops the /v3 suffix
 # and names the binary "server".
 mv "$staging/server" "$staging/etcd"
+
+(
+  cd "$mod/kwok"
+  CGO_ENABLED=0 GOFLAGS="${GOFLAGS:-} -mod=readonly" go build -trimpath -ldflags "-s -w" -o "$staging/" \
+    sigs.k8s.io/kwok/cmd/kwok
+  # kwok acts only through Stage objects. Take the upstream "fast" node and
+  # pod stages (plus node heartbeats, so the node lifecycle controller never
+  # marks the node NotReady) from the module itself rather than copying them.
+  kwok_dir="$(go mod download -json sigs.k8s.io/kwok | awk -F'"' '$2 == "Dir" { print $4 }')"
+  for stage in node/fast/node-initialize.yaml node/heartbeat/node-heartbeat.yaml \
+    pod/fast/pod-ready.yaml pod/fast/pod-complete.yaml pod/fast/pod-delete.yaml; do
+    echo "---"
+    cat "$kwok_dir/kustomize/stage/$stage"
+  done >"$staging/kwok-stages.yaml"
+)
 
 rm -rf "$bin"
 mv "$staging" "$bin"

@@ -1,5 +1,5 @@
 // Builds a real Kubernetes control plane (etcd, kube-apiserver,
-// kube-controller-manager) for callmeback's tests, from Go modules only.
+// kube-controller-manager, kube-scheduler) for callmeback's tests, from Go modules only.
 // scripts/controlplane-build.sh drives the build; nothing here is product code.
 module callmeback.dev/tests/controlplane
 
@@ -11,6 +11,7 @@ tool (
 	go.etcd.io/etcd/server/v3
 	k8s.io/kubernetes/cmd/kube-apiserver
 	k8s.io/kubernetes/cmd/kube-controller-manager
+	k8s.io/kubernetes/cmd/kube-scheduler
 )
 
 require (

@@ -22,7 +22,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Node, ServiceAccount};
 use kube::api::{Api, ObjectMeta, PostParams};
 use kube::config::{AuthInfo, KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
@@ -47,6 +47,13 @@ pub const TEST_NAMESPACE_LABEL: &str = "callmeback.dev/test-namespace";
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 const START_ATTEMPTS: usize = 3;
 const SERVICE_ACCOUNT_TOKEN_SECONDS: i64 = 3600;
+const SERVICE_CIDR: &str = "10.96.0.0/16";
+/// The first address of [`SERVICE_CIDR`], which the apiserver gives its own Service.
+const KUBERNETES_SERVICE_IP: &str = "10.96.0.1";
+/// Pod IPs kwok hands out; disjoint from [`SERVICE_CIDR`].
+const POD_CIDR: &str = "10.244.0.0/16";
+/// The one fake node kwok manages.
+pub const FAKE_NODE_NAME: &str = "kwok-node-0";
 
 /// Why the control plane could not be started or reached.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +101,7 @@ pub struct ControlPlane {
     config: Config,
     kubeconfig_path: PathBuf,
     server_url: String,
+    pods_run: bool,
     /// `None` when wrapping an existing cluster.
     processes: Option<Processes>,
 }
@@ -149,6 +157,7 @@ impl ControlPlane {
                 .to_owned(),
             config,
             kubeconfig_path,
+            pods_run: true,
             processes: None,
         })
     }
@@ -227,7 +236,7 @@ impl ControlPlane {
                 "--service-account-signing-key-file={}",
                 files.sa_private_key.display()
             ),
-            "--service-cluster-ip-range=10.0.0.0/24".to_owned(),
+            format!("--service-cluster-ip-range={SERVICE_CIDR}"),
             "--authorization-mode=RBAC".to_owned(),
             "--allow-privileged=true".to_owned(),
             "--profiling=false".to_owned(),
@@ -258,6 +267,36 @@ impl ControlPlane {
             format!("--root-ca-file={}", files.ca_cert.display()),
         ]);
         processes.spawn("kube-controller-manager", controller_manager)?;
+
+        // Optional: a scheduler and kwok with one fake node make Deployments
+        // get Running, Ready pods (no containers run). Skipped when the
+        // binaries directory has no kwok.
+        let kwok_stages = bin.join("kwok-stages.yaml");
+        let pods_run = bin.join("kube-scheduler").is_file()
+            && bin.join("kwok").is_file()
+            && kwok_stages.is_file();
+        if pods_run {
+            let mut scheduler = Command::new(bin.join("kube-scheduler"));
+            scheduler.args([
+                format!("--kubeconfig={}", files.kubeconfig.display()),
+                "--secure-port=0".to_owned(),
+                "--leader-elect=false".to_owned(),
+            ]);
+            processes.spawn("kube-scheduler", scheduler)?;
+
+            let mut kwok = Command::new(bin.join("kwok"));
+            kwok.args([
+                format!("--kubeconfig={}", files.kubeconfig.display()),
+                // Only these stages; never the user's ~/.kwok/kwok.yaml.
+                format!("--config={}", kwok_stages.display()),
+                "--manage-all-nodes=true".to_owned(),
+                format!("--cidr={POD_CIDR}"),
+                "--node-ip=127.0.0.1".to_owned(),
+                format!("--server-address=127.0.0.1:{}", free_port()?),
+            ]);
+            processes.spawn("kwok", kwok)?;
+            create_fake_node(&client).await?;
+        }
         // The serviceaccount controller creating `default/default` proves the
         // controller-manager is up and its informers synced.
         processes
@@ -273,6 +312,7 @@ impl ControlPlane {
             config,
             kubeconfig_path: files.kubeconfig,
             server_url,
+            pods_run,
             processes: Some(processes),
         })
     }
@@ -358,10 +398,41 @@ impl ControlPlane {
         &self.server_url
     }
 
+    /// Whether scheduled pods become Running and Ready: true with kwok's fake
+    /// node ([`FAKE_NODE_NAME`]) and on an existing cluster; false when the
+    /// binaries directory lacks kube-scheduler or kwok (pods then stay Pending).
+    pub fn pods_run(&self) -> bool {
+        self.pods_run
+    }
+
     /// The directory holding the servers' logs, when this control plane owns them.
     pub fn log_dir(&self) -> Option<&Path> {
         self.processes.as_ref().map(|p| p.dir.as_path())
     }
+}
+
+/// Registers the node kwok plays the kubelet for. No taints, so any pod
+/// (the operator's included) schedules onto it without tolerations.
+async fn create_fake_node(client: &Client) -> Result<(), ControlPlaneError> {
+    let node: Node = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": FAKE_NODE_NAME,
+            "labels": {
+                "type": "kwok",
+                "kubernetes.io/hostname": FAKE_NODE_NAME,
+                "kubernetes.io/os": "linux",
+                "kubernetes.io/arch": "amd64",
+            },
+            "annotations": { "kwok.x-k8s.io/node": "fake" },
+        },
+    }))
+    .expect("static node definition");
+    Api::<Node>::all(client.clone())
+        .create(&PostParams::default(), &node)
+        .await?;
+    Ok(())
 }
 
 /// Lowercase DNS-label-safe prefix, leaving room for the generated suffix.
@@ -548,10 +619,12 @@ impl Processes {
         Ok(())
     }
 
+    /// `what` is named after the process whose log explains the failure.
     fn not_ready(&self, what: &'static str, after: Duration) -> ControlPlaneError {
         let log = self
             .children
-            .last()
+            .iter()
+            .find(|(name, _, _)| what.starts_with(name))
             .map(|(_, _, log)| log.clone())
             .unwrap_or_else(|| self.dir.clone());
         ControlPlaneError::NotReady {
@@ -696,7 +769,7 @@ impl Pki {
             "127.0.0.1".to_owned(),
             "localhost".to_owned(),
             // The in-cluster names and the `kubernetes` Service IP.
-            "10.0.0.1".to_owned(),
+            KUBERNETES_SERVICE_IP.to_owned(),
             "kubernetes".to_owned(),
             "kubernetes.default".to_owned(),
             "kubernetes.default.svc".to_owned(),

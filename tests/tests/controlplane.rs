@@ -282,7 +282,7 @@ async fn deployment_gets_a_replicaset_and_deleting_the_deployment_garbage_collec
             "selector": { "matchLabels": { "app": "web" } },
             "template": {
                 "metadata": { "labels": { "app": "web" } },
-                // Never scheduled (no scheduler, no nodes): only the API objects matter.
+                // Only the API objects matter here; the image need not exist.
                 "spec": { "containers": [{ "name": "web", "image": "registry.invalid/web:1" }] }
             }
         }
@@ -359,8 +359,8 @@ async fn deployment_gets_a_replicaset_and_deleting_the_deployment_garbage_collec
                     .await
                     .ok()?
                     .is_none();
-                // A pod being deleted may linger with a deletionTimestamp only while a
-                // kubelet would confirm it; without nodes it is removed at once.
+                // A scheduled pod is gone only once its kubelet (here kwok)
+                // confirms the deletion; an unscheduled one goes at once.
                 let pods_gone = pods
                     .list(&ListParams::default())
                     .await
@@ -372,6 +372,85 @@ async fn deployment_gets_a_replicaset_and_deleting_the_deployment_garbage_collec
         },
     )
     .await;
+}
+
+#[tokio::test]
+async fn deployment_becomes_available_with_running_ready_pods_on_the_fake_node() {
+    // Proves scheduler + kwok complete the pod lifecycle, so the operator can observe Available.
+    let cp = controlplane::shared().await;
+    assert!(
+        cp.pods_run(),
+        "this control plane runs no pods: build it with scripts/controlplane-build.sh (kube-scheduler + kwok)"
+    );
+    let ns = cp.new_namespace("available").await;
+    let client = cp.client();
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let deployment: Deployment = serde_json::from_value(json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": { "name": "echo" },
+        "spec": {
+            "replicas": 2,
+            "selector": { "matchLabels": { "app": "echo" } },
+            "template": {
+                "metadata": { "labels": { "app": "echo" } },
+                "spec": {
+                    // A real, tiny image, so the test also holds on a real cluster.
+                    "containers": [{
+                        "name": "echo",
+                        "image": "registry.k8s.io/pause:3.10"
+                    }]
+                }
+            }
+        }
+    }))
+    .expect("valid deployment");
+    deployments
+        .create(&PostParams::default(), &deployment)
+        .await
+        .expect("create deployment");
+
+    let status = eventually(
+        "the Deployment to report 2 available replicas",
+        CONTROLLER_DEADLINE,
+        || {
+            let deployments = deployments.clone();
+            async move {
+                let status = deployments.get("echo").await.ok()?.status?;
+                (status.available_replicas == Some(2)).then_some(status)
+            }
+        },
+    )
+    .await;
+    let available = status
+        .conditions
+        .unwrap_or_default()
+        .into_iter()
+        .find(|c| c.type_ == "Available")
+        .expect("Available condition");
+    assert_eq!(available.status, "True", "{available:?}");
+
+    let pods = Api::<Pod>::namespaced(client, &ns)
+        .list(&ListParams::default().labels("app=echo"))
+        .await
+        .expect("list pods");
+    assert_eq!(pods.items.len(), 2);
+    for pod in pods.items {
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let status = pod.status.expect("pod status");
+        assert_eq!(status.phase.as_deref(), Some("Running"), "{name}");
+        assert!(
+            status.pod_ip.is_some_and(|ip| !ip.is_empty()),
+            "{name} has a pod IP"
+        );
+        if std::env::var_os(controlplane::E2E_KUBECONFIG_ENV).is_none() {
+            assert_eq!(
+                pod.spec.and_then(|s| s.node_name).as_deref(),
+                Some(controlplane::FAKE_NODE_NAME),
+                "{name} is scheduled onto the fake node"
+            );
+        }
+    }
 }
 
 #[tokio::test]
