@@ -480,3 +480,45 @@ async fn wrong_key_is_refused_before_any_audio() {
         1
     );
 }
+
+#[tokio::test]
+async fn silent_dead_connection_is_detected_and_replaced_without_losing_words() {
+    // Proves a socket that stops answering while audio flows is replaced, with the unanswered audio replayed.
+    let emu = emulator(&[LINE_1]).await;
+    let metrics = Arc::new(Metrics::new());
+    let dg = client(&emu, metrics.clone(), |c| {
+        c.response_timeout = Duration::from_millis(1000)
+    });
+    let mut s = dg
+        .connect(session_cfg(300), CancellationToken::new())
+        .await
+        .unwrap();
+    emu.stall_connections();
+    let (audio, _) = call_audio(
+        &[LINE_1],
+        Duration::from_secs(6),
+        Duration::from_millis(1500),
+    );
+    let streamer = spawn_streamer(s.audio.clone(), audio, 2);
+    let events = collect(&mut s.events, Duration::from_secs(20), |ev| {
+        count_speech_finals(ev) >= 1
+    })
+    .await;
+    let _ = streamer.await;
+
+    assert_eq!(finals(&events), vec![LINE_1.to_string()]);
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, SttEvent::Reconnected { replayed_ms } if *replayed_ms >= 5000)),
+        "{events:?}"
+    );
+    assert_eq!(emu.connections().len(), 2);
+    assert_eq!(
+        metrics
+            .socket_errors
+            .with_label_values(&["deepgram", "timeout"])
+            .get(),
+        1
+    );
+}

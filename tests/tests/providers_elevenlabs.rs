@@ -381,3 +381,31 @@ async fn close_sends_close_socket_and_ends_the_session() {
     assert!(c.messages.iter().any(|m| m["close_socket"] == true));
     assert_eq!(c.ended.as_deref(), Some("close_socket"));
 }
+
+#[tokio::test]
+async fn silent_dead_connection_is_replaced_and_the_text_resent() {
+    // Proves a socket that stops answering after text was sent is replaced and the utterance still plays in full.
+    let emu = emulator(|_| {}).await;
+    let metrics = Arc::new(Metrics::new());
+    let mut s = connect(&emu, metrics.clone(), |c| {
+        c.response_timeout = Duration::from_millis(600)
+    })
+    .await;
+    emu.stall_connections();
+    let text = "Sorry, I did not catch that. ";
+    s.control.speak("t1", text).await.unwrap();
+    s.control.end("t1").await.unwrap();
+    let events = collect(&mut s.events, Duration::from_secs(10), |e| done(e, "t1")).await;
+
+    assert!(done(&events, "t1"), "{events:?}");
+    assert_eq!(audio_of(&events, "t1"), expected_bytes(text));
+    assert_eq!(emu.connections().len(), 2);
+    assert_eq!(emu.connections()[1].text_of("t1"), text);
+    assert_eq!(
+        metrics
+            .socket_errors
+            .with_label_values(&["elevenlabs", "timeout"])
+            .get(),
+        1
+    );
+}

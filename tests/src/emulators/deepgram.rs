@@ -147,6 +147,7 @@ struct Shared {
     cfg: DeepgramEmulatorConfig,
     state: Mutex<State>,
     drop_epoch: watch::Sender<u64>,
+    stall_epoch: watch::Sender<u64>,
 }
 
 impl Shared {
@@ -169,6 +170,7 @@ impl DeepgramEmulator {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (drop_epoch, _) = watch::channel(0u64);
+        let (stall_epoch, _) = watch::channel(0u64);
         let state = State {
             extra_latency: cfg.extra_latency,
             ..State::default()
@@ -177,6 +179,7 @@ impl DeepgramEmulator {
             cfg,
             state: Mutex::new(state),
             drop_epoch,
+            stall_epoch,
         });
         let cancel = CancellationToken::new();
         let (s, c) = (shared.clone(), cancel.clone());
@@ -237,6 +240,12 @@ impl DeepgramEmulator {
     /// Fault: drops every live socket now, without a close frame.
     pub fn drop_connections(&self) {
         self.shared.drop_epoch.send_modify(|e| *e += 1);
+    }
+
+    /// Fault: every live socket goes silent (keeps reading, never answers), like a
+    /// connection that died without TCP noticing. New connections answer normally.
+    pub fn stall_connections(&self) {
+        self.shared.stall_epoch.send_modify(|e| *e += 1);
     }
 
     /// Fault (one-shot): the first connection to have received `audio` of audio is
@@ -428,14 +437,17 @@ async fn handle_connection(tcp: TcpStream, shared: Arc<Shared>, cancel: Cancella
         candidate_onset: 0.0,
         utt: None,
         pending_ue: None,
+        stalled: false,
     };
     let idle = shared.cfg.idle_timeout;
     let mut idle_deadline = Instant::now() + idle;
     let mut drops = shared.drop_epoch.subscribe();
+    let mut stalls = shared.stall_epoch.subscribe();
     let ended: &str = loop {
         tokio::select! {
             _ = cancel.cancelled() => break "shutdown",
             _ = drops.changed() => break "fault",
+            _ = stalls.changed() => rec.stalled = true,
             _ = sleep_until(idle_deadline) => {
                 let due = rec.due();
                 let _ = out_tx.send(Out::Close(due, CloseCode::Error,
@@ -545,6 +557,8 @@ struct Recognizer {
     utt: Option<Utterance>,
     /// Last word end awaiting an `UtteranceEnd`.
     pending_ue: Option<f64>,
+    /// A stall fault: nothing is sent any more.
+    stalled: bool,
 }
 
 impl Recognizer {
@@ -557,6 +571,9 @@ impl Recognizer {
     }
 
     async fn send(&self, v: serde_json::Value) {
+        if self.stalled {
+            return;
+        }
         let due = self.due();
         let _ = self.out.send(Out::Text(due, v.to_string())).await;
     }
@@ -573,6 +590,10 @@ impl Recognizer {
     }
 
     fn advance_line(&self, scripted: bool) {
+        if self.stalled {
+            // Nothing reached the client: the line is still owed.
+            return;
+        }
         let mut st = self.shared.lock();
         if scripted {
             *st.cursors.entry(self.tag.clone()).or_insert(0) += 1;
@@ -723,6 +744,9 @@ impl Recognizer {
     }
 
     fn record_final(&self, words: &[String], speech_final: bool, from_finalize: bool) {
+        if self.stalled {
+            return;
+        }
         let transcript = self.transcript(words);
         self.shared.lock().finals.push(SentFinal {
             connection: self.connection,

@@ -131,6 +131,7 @@ struct Shared {
     cfg: ElevenLabsEmulatorConfig,
     state: Mutex<State>,
     drop_epoch: watch::Sender<u64>,
+    stall_epoch: watch::Sender<u64>,
 }
 
 impl Shared {
@@ -152,10 +153,12 @@ impl ElevenLabsEmulator {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (drop_epoch, _) = watch::channel(0u64);
+        let (stall_epoch, _) = watch::channel(0u64);
         let shared = Arc::new(Shared {
             cfg,
             state: Mutex::new(State::default()),
             drop_epoch,
+            stall_epoch,
         });
         let cancel = CancellationToken::new();
         let (s, c) = (shared.clone(), cancel.clone());
@@ -197,6 +200,12 @@ impl ElevenLabsEmulator {
     /// Fault: drops every live socket now, without a close frame.
     pub fn drop_connections(&self) {
         self.shared.drop_epoch.send_modify(|e| *e += 1);
+    }
+
+    /// Fault: every live socket goes silent (reads, never answers, never times out),
+    /// like a connection that died without TCP noticing. New connections work.
+    pub fn stall_connections(&self) {
+        self.shared.stall_epoch.send_modify(|e| *e += 1);
     }
 
     /// Fault (one-shot): the first connection to send `chunks` audio chunks drops right
@@ -356,18 +365,21 @@ async fn handle_connection(tcp: TcpStream, shared: Arc<Shared>, cancel: Cancella
         chunks_sent: 0,
     };
     let mut drops = shared.drop_epoch.subscribe();
+    let mut stalls = shared.stall_epoch.subscribe();
+    let mut stalled = false;
     let mut deadline = Instant::now() + inactivity;
     let ended = loop {
         let next_synth = conn.next_due();
         tokio::select! {
             _ = cancel.cancelled() => break "shutdown",
             _ = drops.changed() => break "fault",
-            _ = sleep_until(deadline) => {
+            _ = stalls.changed() => stalled = true,
+            _ = sleep_until(deadline), if !stalled => {
                 let msg = format!("Have not received a new text input within the timeout of {} seconds. Streaming input connections are closed after {} seconds of no new input text.", inactivity.as_secs(), inactivity.as_secs());
                 conn.error_close("input_timeout_exceeded", &msg).await;
                 break "inactivity";
             }
-            _ = sleep_until(next_synth.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))), if next_synth.is_some() => {
+            _ = sleep_until(next_synth.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))), if next_synth.is_some() && !stalled => {
                 match conn.synthesize().await {
                     Ok(true) => {}
                     Ok(false) => break "fault",
@@ -375,6 +387,11 @@ async fn handle_connection(tcp: TcpStream, shared: Arc<Shared>, cancel: Cancella
                 }
             }
             msg = conn.ws.next() => match msg {
+                Some(Ok(Message::Text(t))) if stalled => {
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&t) {
+                        conn.with_record(|r| r.messages.push(v));
+                    }
+                }
                 Some(Ok(Message::Text(t))) => {
                     deadline = Instant::now() + inactivity;
                     match conn.handle(&t).await {

@@ -45,6 +45,9 @@ const REPLAY_FRAME_BYTES: usize = 8000;
 const AUDIO_QUEUE: usize = 256;
 /// Event queue depth.
 const EVENT_QUEUE: usize = 128;
+/// Audio sent without any answer before the response timeout applies (5 s): Deepgram
+/// needs some audio before it says anything.
+const RESPONSE_CHECK_AUDIO_BYTES: u64 = 5 * BYTES_PER_SEC;
 /// Largest text message accepted from Deepgram.
 const MAX_MESSAGE_BYTES: usize = 1 << 20;
 
@@ -65,6 +68,10 @@ pub struct DeepgramConfig {
     pub send_timeout: Duration,
     /// How long `close` waits for the final results after `CloseStream`.
     pub close_timeout: Duration,
+    /// While audio flows, Deepgram answers at least every few seconds (interims, empty
+    /// finals); this long without a message means a dead connection that TCP has not
+    /// noticed yet, and the client reconnects.
+    pub response_timeout: Duration,
     /// Reconnect policy.
     pub backoff: Backoff,
     /// Most audio kept for replay (older audio is dropped if no final result came).
@@ -83,6 +90,7 @@ impl DeepgramConfig {
             keepalive_interval: Duration::from_secs(4),
             send_timeout: Duration::from_secs(5),
             close_timeout: Duration::from_secs(3),
+            response_timeout: Duration::from_secs(15),
             backoff: Backoff::default(),
             replay_max: Duration::from_secs(30),
             smart_format: true,
@@ -477,6 +485,8 @@ impl SessionTask {
         let mut tick = tokio::time::interval(keepalive.min(Duration::from_secs(1)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut closing: Option<Instant> = None;
+        let mut last_recv = Instant::now();
+        let mut audio_since_recv: u64 = 0;
         if std::mem::take(&mut self.pending_finalize)
             && !self.send(&mut ws, control_msg("Finalize")).await
         {
@@ -517,6 +527,7 @@ impl SessionTask {
                             continue;
                         }
                         self.replay.push(b.clone());
+                        audio_since_recv += b.len() as u64;
                         if !self.send(&mut ws, Message::Binary(b)).await {
                             return Phase::Dropped(SttError::Timeout("send audio"));
                         }
@@ -531,6 +542,11 @@ impl SessionTask {
                     }
                 },
                 _ = tick.tick(), if closing.is_none() => {
+                    if audio_since_recv >= RESPONSE_CHECK_AUDIO_BYTES
+                        && last_recv.elapsed() >= self.client.cfg.response_timeout
+                    {
+                        return Phase::Dropped(SttError::Timeout("no results while audio flowed"));
+                    }
                     if last_sent.elapsed() >= keepalive {
                         if !self.send(&mut ws, control_msg("KeepAlive")).await {
                             return Phase::Dropped(SttError::Timeout("send keepalive"));
@@ -540,6 +556,8 @@ impl SessionTask {
                 }
                 msg = ws.next() => match msg {
                     Some(Ok(Message::Text(t))) => {
+                        last_recv = Instant::now();
+                        audio_since_recv = 0;
                         if let Err(phase) = self.handle_text(&t).await {
                             return phase;
                         }

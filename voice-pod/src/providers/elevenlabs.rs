@@ -74,6 +74,9 @@ pub struct ElevenLabsConfig {
     pub backoff: Backoff,
     /// `auto_mode`: generate each message at once (we send whole clauses).
     pub auto_mode: bool,
+    /// Text was sent and nothing came back for this long: a dead connection TCP has not
+    /// noticed; the client reconnects and resends.
+    pub response_timeout: Duration,
 }
 
 impl ElevenLabsConfig {
@@ -88,6 +91,7 @@ impl ElevenLabsConfig {
             keepalive_interval: Duration::from_secs(60),
             backoff: Backoff::default(),
             auto_mode: true,
+            response_timeout: Duration::from_secs(8),
         }
     }
 }
@@ -539,6 +543,13 @@ impl SessionTask {
         }
         let keepalive = self.client.cfg.keepalive_interval;
         let mut last_sent = Instant::now();
+        // When text went out that has had no answer yet (a resume right after a
+        // reconnect counts).
+        let mut awaiting: Option<Instant> = self
+            .contexts
+            .iter()
+            .any(|c| c.initialized)
+            .then(Instant::now);
         let mut tick = tokio::time::interval(keepalive.min(Duration::from_secs(1)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -552,8 +563,19 @@ impl SessionTask {
                         let _ = self.close_socket(ws).await;
                         return Phase::Finished;
                     };
+                    // Text, a flush or an end must bring audio or a final back.
+                    let expects_answer = match &cmd {
+                        TtsCommand::Speak { .. } => self.client.cfg.auto_mode,
+                        TtsCommand::Flush { .. } | TtsCommand::End { .. } => true,
+                        TtsCommand::Cancel { .. } | TtsCommand::Close => false,
+                    };
                     match self.apply(cmd, Some(ws)).await {
-                        Ok(true) => last_sent = Instant::now(),
+                        Ok(true) => {
+                            last_sent = Instant::now();
+                            if expects_answer && awaiting.is_none() && !self.contexts.is_empty() {
+                                awaiting = Some(last_sent);
+                            }
+                        }
                         Ok(false) => {
                             let _ = self.close_socket(ws).await;
                             return Phase::Finished;
@@ -562,6 +584,9 @@ impl SessionTask {
                     }
                 }
                 _ = tick.tick() => {
+                    if awaiting.is_some_and(|t| t.elapsed() >= self.client.cfg.response_timeout) {
+                        return Phase::Dropped(TtsError::Timeout("no answer to text"));
+                    }
                     if last_sent.elapsed() >= keepalive {
                         // Keep the newest open context (or the connection) alive.
                         let msg = match self.contexts.iter().rev().find(|c| c.initialized && !c.ended) {
@@ -576,6 +601,7 @@ impl SessionTask {
                 }
                 msg = ws.next() => match msg {
                     Some(Ok(Message::Text(t))) => {
+                        awaiting = None;
                         match self.handle_text(&t).await {
                             Ok(true) => {}
                             Ok(false) => return Phase::Finished,
