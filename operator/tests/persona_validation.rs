@@ -45,10 +45,7 @@ fn long_greetings_and_oversized_prompts_are_reported() {
         p.iter().any(|m| m.starts_with("greeting has 120 words")),
         "{p:?}"
     );
-    assert!(
-        p.iter().any(|m| m.contains("exceeds 16000 tokens")),
-        "{p:?}"
-    );
+    assert!(p.iter().any(|m| m.contains("exceeds 8192 tokens")), "{p:?}");
 }
 
 #[test]

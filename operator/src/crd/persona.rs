@@ -352,7 +352,7 @@ impl Default for MemorySpec {
 pub const MAX_GREETING_WORDS: usize = 80;
 /// Rough upper bound on prompt tokens (4 characters per token) plus `maxTokens`, so a
 /// persona never exhausts a small model's context before the conversation starts.
-pub const MAX_PROMPT_BUDGET_TOKENS: u32 = 16_000;
+pub const MAX_PROMPT_BUDGET_TOKENS: u32 = 8_192;
 
 impl PersonaSpec {
     /// Checks beyond the CRD schema (which already enforces ranges and lengths): text
