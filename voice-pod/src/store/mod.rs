@@ -71,7 +71,10 @@ pub trait CallRecords: Send + Sync + 'static {
     /// Twilio reported a status.
     fn call_status(&self, change: CallStatusChange) -> BoxFuture<'static, Result<(), RecordError>>;
     /// The stored call (record, transcript) as JSON; `Ok(None)` when unknown.
-    fn get_call(&self, call_sid: &str) -> BoxFuture<'static, Result<Option<serde_json::Value>, RecordError>>;
+    fn get_call(
+        &self,
+        call_sid: &str,
+    ) -> BoxFuture<'static, Result<Option<serde_json::Value>, RecordError>>;
 }
 
 /// What runs without a database: keeps nothing.
@@ -85,10 +88,16 @@ impl CallRecords for NoPersistence {
     fn call_created(&self, _call: CallCreated) -> BoxFuture<'static, Result<(), RecordError>> {
         Box::pin(async { Ok(()) })
     }
-    fn call_status(&self, _change: CallStatusChange) -> BoxFuture<'static, Result<(), RecordError>> {
+    fn call_status(
+        &self,
+        _change: CallStatusChange,
+    ) -> BoxFuture<'static, Result<(), RecordError>> {
         Box::pin(async { Ok(()) })
     }
-    fn get_call(&self, _call_sid: &str) -> BoxFuture<'static, Result<Option<serde_json::Value>, RecordError>> {
+    fn get_call(
+        &self,
+        _call_sid: &str,
+    ) -> BoxFuture<'static, Result<Option<serde_json::Value>, RecordError>> {
         Box::pin(async { Err(RecordError::Disabled) })
     }
 }
