@@ -16,4 +16,7 @@ export CALLMEBACK_CONTROLPLANE_BIN="$(bash scripts/controlplane-build.sh)"
 # PostgreSQL for the store tests: a running server is reused; on a bare machine
 # Debian's package is installed and a throwaway cluster started (tests/src/postgres.rs).
 export CALLMEBACK_TEST_DATABASE_URL="$(bash scripts/postgres.sh)"
+# Twilio's official helper library in a test-only virtualenv, cached outside the
+# repo (signature cross-checks in tests/tests/twilio_signature.rs).
+bash scripts/twilio-venv.sh >/dev/null
 cargo test --workspace --all-targets

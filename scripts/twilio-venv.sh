@@ -21,6 +21,11 @@ exec 9>"$venv.lock"
 flock 9
 if ! { [ -x "$python" ] && "$python" -c 'import twilio.request_validator' 2>/dev/null; }; then
     echo "twilio-venv: creating $venv" >&2
+    # A bare Debian machine has no python3 or lacks its venv module (python3-venv).
+    if ! command -v python3 >/dev/null || ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+        echo "twilio-venv: installing python3 and python3-venv" >&2
+        (apt-get update -qq && apt-get install -y -qq python3 python3-venv) >&2
+    fi
     rm -rf "$venv"
     python3 -m venv "$venv" >&2
     "$python" -m pip install --quiet --disable-pip-version-check 'twilio>=9,<10' >&2
