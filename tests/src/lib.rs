@@ -3,3 +3,4 @@
 pub mod controlplane;
 pub mod emulators;
 pub mod speech;
+pub mod postgres;

@@ -8,6 +8,22 @@
 //!
 //! Writes are never on the audio path: the edge spawns them and logs failures.
 
+// PostgreSQL persistence (issue 7): the writer, the schema's records, the call-history API.
+pub mod api;
+mod batch;
+mod call_records;
+pub mod error;
+pub mod memory;
+pub mod metrics;
+pub mod postgres;
+pub mod pricing;
+pub mod queries;
+pub mod records;
+pub mod relationships;
+pub mod writer;
+
+pub use postgres::{PgStore, StoreConfig, StoreHealth};
+
 use futures::future::BoxFuture;
 
 use crate::twilio::context::Direction;
