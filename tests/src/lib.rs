@@ -2,5 +2,5 @@
 
 pub mod controlplane;
 pub mod emulators;
-pub mod speech;
 pub mod postgres;
+pub mod speech;
