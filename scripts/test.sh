@@ -10,7 +10,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/cal
 command -v espeak-ng >/dev/null || (apt-get update -qq && apt-get install -y -qq espeak-ng)
 # Real helm and kubectl for the chart tests (cached outside the repo).
 export CALLMEBACK_TOOLS_DIR="$(bash scripts/helm-tools.sh)"
-# A real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager)
+# A real Kubernetes control plane (etcd, kube-apiserver, -controller-manager, -scheduler, kwok)
 # built from Go modules into a versioned cache outside the repo; a no-op when warm.
 export CALLMEBACK_CONTROLPLANE_BIN="$(bash scripts/controlplane-build.sh)"
 # PostgreSQL for the store tests: a running server is reused; on a bare machine
