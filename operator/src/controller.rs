@@ -298,3 +298,15 @@ pub async fn run(client: Client, config: Config, metrics: Metrics, shutdown: Can
     futures::join!(personas, vds);
     tracing::info!("controllers stopped");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `run` is spawned by tests and by the leader loop: it must stay `Send`.
+    #[allow(dead_code)]
+    fn run_future_is_send(client: Client) {
+        fn is_send<T: Send>(_: T) {}
+        is_send(run(client, Config::default(), Metrics::new(), CancellationToken::new()));
+    }
+}

@@ -5,7 +5,9 @@
 //!   against a script.
 //! - [`cerebras`]: Cerebras chat completions (SSE) and `/v1/models`.
 //! - [`elevenlabs`]: ElevenLabs multi-context TTS (`multi-stream-input`), mu-law audio.
+//! - [`twilio_numbers`]: Twilio IncomingPhoneNumbers REST (the operator's number wiring).
 
 pub mod cerebras;
 pub mod deepgram;
 pub mod elevenlabs;
+pub mod twilio_numbers;

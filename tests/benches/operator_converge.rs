@@ -1,0 +1,216 @@
+//! Operator reconcile throughput and latency against the real control plane:
+//! 1,000 Personas and 100 VoiceDeployments (10 personas each) created at once, then
+//! the time until every Persona is Ready and every VoiceDeployment's status
+//! resolved its personas, and per-reconcile p50/p99 from the operator's own
+//! `operator_reconcile_duration_seconds` histogram (interpolated within buckets).
+//!
+//! `cargo bench -p callmeback-tests --bench operator_converge` (sizes via
+//! `OPERATOR_BENCH_PERSONAS`, `OPERATOR_BENCH_DEPLOYMENTS`). Results go in
+//! docs/benchmarks.md.
+
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
+use tokio_util::sync::CancellationToken;
+use voice_operator::controller::{self, Config};
+use voice_operator::crd::{Persona, VoiceDeployment, find_condition};
+use voice_operator::metrics::Metrics;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Quantile of `operator_reconcile_duration_seconds{kind}` from the operator's own
+/// exposition, linear within the bucket.
+fn quantile(metrics: &Metrics, kind: &str, q: f64) -> f64 {
+    let text = metrics.render();
+    let prefix = format!("operator_reconcile_duration_seconds_bucket{{kind=\"{kind}\",le=\"");
+    let mut buckets: Vec<(f64, f64)> = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(&prefix) else { continue };
+        let Some((le, count)) = rest.split_once("\"} ") else { continue };
+        let bound = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(f64::NAN) };
+        buckets.push((bound, count.trim().parse().unwrap_or(0.0)));
+    }
+    let total = buckets.last().map(|b| b.1).unwrap_or(0.0);
+    let rank = q * total;
+    let (mut prev_bound, mut prev_count) = (0.0, 0.0);
+    for (bound, count) in buckets {
+        if count >= rank {
+            if bound.is_infinite() {
+                return prev_bound;
+            }
+            let span = count - prev_count;
+            let frac = if span > 0.0 { (rank - prev_count) / span } else { 0.0 };
+            return prev_bound + frac * (bound - prev_bound);
+        }
+        prev_bound = bound;
+        prev_count = count;
+    }
+    prev_bound
+}
+
+#[tokio::main]
+async fn main() {
+    let personas_n = env_usize("OPERATOR_BENCH_PERSONAS", 1000);
+    let vds_n = env_usize("OPERATOR_BENCH_DEPLOYMENTS", 100);
+    let per_vd = (personas_n / vds_n.max(1)).max(1);
+    let cp = callmeback_tests::controlplane::shared().await;
+    let client = cp.client();
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for file in ["crds/persona.yaml", "crds/voicedeployment.yaml"] {
+        let text = std::fs::read_to_string(root.join(file)).expect("crd file");
+        let crd: CustomResourceDefinition = serde_saphyr::from_str(&text).expect("crd yaml");
+        crds.patch(
+            &crd.name_any(),
+            &PatchParams::apply("bench").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .expect("install crd");
+    }
+    let personas_api: Api<Persona> = Api::all(client.clone());
+    while personas_api
+        .list(&ListParams::default().limit(1))
+        .await
+        .is_err()
+    {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let ns = cp.new_namespace("op-bench").await;
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "keys" },
+        "stringData": {
+            "TWILIO_ACCOUNT_SID": "AC1", "TWILIO_AUTH_TOKEN": "t", "DEEPGRAM_API_KEY": "d",
+            "CEREBRAS_API_KEY": "c", "ELEVENLABS_API_KEY": "e"
+        }
+    }))
+    .expect("secret");
+    Api::<Secret>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("secret");
+
+    // Start the operator first so creation and reconciling overlap, as in real life.
+    let metrics = Metrics::new();
+    let stop = CancellationToken::new();
+    let config = Config {
+        namespace: Some(ns.clone()),
+        ..Config::default()
+    };
+    let operator = tokio::spawn(controller::run(
+        client.clone(),
+        config,
+        metrics.clone(),
+        stop.clone(),
+    ));
+
+    let started = Instant::now();
+    let papi: Api<Persona> = Api::namespaced(client.clone(), &ns);
+    futures::stream::iter(0..personas_n)
+        .map(|i| {
+            let papi = papi.clone();
+            async move {
+                let p: Persona = serde_json::from_value(serde_json::json!({
+                    "apiVersion": "callmeback.dev/v1alpha1", "kind": "Persona",
+                    "metadata": { "name": format!("p{i}") },
+                    "spec": { "displayName": "Sam", "systemPrompt": format!("You are persona {i}."),
+                              "greeting": "Hi!", "voice": { "voiceId": "v1" } }
+                }))
+                .expect("persona");
+                papi.create(&PostParams::default(), &p).await.map(|_| ())
+            }
+        })
+        .buffer_unordered(16)
+        .try_collect::<Vec<_>>()
+        .await
+        .expect("create personas");
+    let vapi: Api<VoiceDeployment> = Api::namespaced(client.clone(), &ns);
+    futures::stream::iter(0..vds_n)
+        .map(|i| {
+            let vapi = vapi.clone();
+            let names: Vec<String> = (i * per_vd..(i + 1) * per_vd)
+                .map(|j| format!("p{}", j % personas_n))
+                .collect();
+            async move {
+                let vd: VoiceDeployment = serde_json::from_value(serde_json::json!({
+                    "apiVersion": "callmeback.dev/v1alpha1", "kind": "VoiceDeployment",
+                    "metadata": { "name": format!("vd{i}") },
+                    "spec": { "personas": names, "secretRef": { "name": "keys" },
+                              "publicUrl": "https://voice.example.com", "replicas": 1 }
+                }))
+                .expect("vd");
+                vapi.create(&PostParams::default(), &vd).await.map(|_| ())
+            }
+        })
+        .buffer_unordered(16)
+        .try_collect::<Vec<_>>()
+        .await
+        .expect("create voice deployments");
+    let created = started.elapsed();
+
+    loop {
+        let ready = papi
+            .list(&ListParams::default())
+            .await
+            .expect("list")
+            .items
+            .iter()
+            .filter(|p| {
+                p.status
+                    .as_ref()
+                    .and_then(|s| find_condition(&s.conditions, "Ready"))
+                    .is_some_and(|c| c.is_true())
+            })
+            .count();
+        let resolved = vapi
+            .list(&ListParams::default())
+            .await
+            .expect("list")
+            .items
+            .iter()
+            .filter(|v| {
+                v.status
+                    .as_ref()
+                    .is_some_and(|s| s.resolved_personas.len() == per_vd)
+            })
+            .count();
+        if ready == personas_n && resolved == vds_n {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(900),
+            "did not converge: {ready} personas, {resolved} deployments"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let converged = started.elapsed();
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(30), operator).await;
+
+    let count = |kind: &str| metrics.reconciles.with_label_values(&[kind]).get();
+    println!(
+        "operator_converge: {personas_n} personas, {vds_n} voice deployments ({per_vd} personas each)"
+    );
+    println!("  objects created in      {:>8.2} s", created.as_secs_f64());
+    println!(
+        "  converged after         {:>8.2} s",
+        converged.as_secs_f64()
+    );
+    for kind in ["Persona", "VoiceDeployment"] {
+        println!(
+            "  {kind:<16} reconciles {:>6}  p50 {:>7.1} ms  p99 {:>7.1} ms",
+            count(kind),
+            quantile(&metrics, kind, 0.50) * 1000.0,
+            quantile(&metrics, kind, 0.99) * 1000.0
+        );
+    }
+}

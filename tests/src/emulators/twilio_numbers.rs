@@ -1,0 +1,271 @@
+//! Twilio IncomingPhoneNumbers REST emulator (the part the operator calls):
+//!
+//! - `GET  /2010-04-01/Accounts/{AccountSid}/IncomingPhoneNumbers.json?PhoneNumber=+1...`
+//!   answers `{"incoming_phone_numbers": [...]}` (filtered by exact number).
+//! - `POST /2010-04-01/Accounts/{AccountSid}/IncomingPhoneNumbers/{PNsid}.json` with a
+//!   form (`VoiceUrl`, `VoiceMethod`, `StatusCallback`, `StatusCallbackMethod`) updates
+//!   the number and answers it.
+//!
+//! Like Twilio it checks HTTP Basic auth (account SID and auth token; 401 with code
+//! 20003 otherwise), scopes numbers to the account in the path (404 code 20404), and
+//! can be switched down (503 on every request) to test a Twilio outage.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{Form, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+/// One phone number as Twilio stores it.
+#[derive(Serialize, Clone, Debug, PartialEq, Eq)]
+pub struct NumberRecord {
+    /// `PN...`.
+    pub sid: String,
+    /// Owning account.
+    pub account_sid: String,
+    /// E.164.
+    pub phone_number: String,
+    /// Voice webhook.
+    pub voice_url: String,
+    /// Its method.
+    pub voice_method: String,
+    /// Status callback.
+    pub status_callback: String,
+    /// Its method.
+    pub status_callback_method: String,
+}
+
+#[derive(Default)]
+struct Inner {
+    numbers: BTreeMap<String, NumberRecord>,
+}
+
+struct Shared {
+    account_sid: String,
+    auth_token: String,
+    inner: Mutex<Inner>,
+    down: AtomicBool,
+    lookups: AtomicU64,
+    updates: AtomicU64,
+    next_sid: AtomicU64,
+}
+
+/// A running emulator on 127.0.0.1:0; stops when dropped.
+pub struct TwilioNumbersEmulator {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+}
+
+impl Drop for TwilioNumbersEmulator {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn twilio_error(status: StatusCode, code: u32, message: &str) -> Response {
+    let body = serde_json::json!({
+        "code": code,
+        "message": message,
+        "more_info": format!("https://www.twilio.com/docs/errors/{code}"),
+        "status": status.as_u16(),
+    });
+    (status, Json(body)).into_response()
+}
+
+impl TwilioNumbersEmulator {
+    /// Starts an emulator for one account.
+    pub async fn start(account_sid: &str, auth_token: &str) -> std::io::Result<Self> {
+        let shared = Arc::new(Shared {
+            account_sid: account_sid.into(),
+            auth_token: auth_token.into(),
+            inner: Mutex::new(Inner::default()),
+            down: AtomicBool::new(false),
+            lookups: AtomicU64::new(0),
+            updates: AtomicU64::new(0),
+            next_sid: AtomicU64::new(1),
+        });
+        let app = Router::new()
+            .route(
+                "/2010-04-01/Accounts/{account}/IncomingPhoneNumbers.json",
+                get(list),
+            )
+            .route(
+                "/2010-04-01/Accounts/{account}/IncomingPhoneNumbers/{file}",
+                post(update),
+            )
+            .with_state(shared.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(stopped.cancelled_owned())
+                .await;
+        });
+        Ok(Self { addr, shared, stop })
+    }
+
+    /// The REST base (what `TWILIO_API_URL` holds).
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Adds a number to the account with its current wiring; returns its `PN` sid.
+    pub fn add_number(&self, phone_number: &str, voice_url: &str, status_callback: &str) -> String {
+        let n = self.shared.next_sid.fetch_add(1, Ordering::Relaxed);
+        let sid = format!("PN{n:032x}");
+        let record = NumberRecord {
+            sid: sid.clone(),
+            account_sid: self.shared.account_sid.clone(),
+            phone_number: phone_number.into(),
+            voice_url: voice_url.into(),
+            voice_method: "POST".into(),
+            status_callback: status_callback.into(),
+            status_callback_method: "POST".into(),
+        };
+        self.lock().numbers.insert(sid.clone(), record);
+        sid
+    }
+
+    /// The number's current record.
+    pub fn number(&self, phone_number: &str) -> Option<NumberRecord> {
+        self.lock()
+            .numbers
+            .values()
+            .find(|n| n.phone_number == phone_number)
+            .cloned()
+    }
+
+    /// Switches the emulator down (503 on everything) or back up.
+    pub fn set_down(&self, down: bool) {
+        self.shared.down.store(down, Ordering::Relaxed);
+    }
+
+    /// Successful `POST` updates so far.
+    pub fn updates(&self) -> u64 {
+        self.shared.updates.load(Ordering::Relaxed)
+    }
+
+    /// Successful `GET` lookups so far.
+    pub fn lookups(&self) -> u64 {
+        self.shared.lookups.load(Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.shared.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Checks availability, Basic auth and the account in the path.
+fn gate(shared: &Shared, headers: &HeaderMap, account: &str) -> Result<(), Response> {
+    if shared.down.load(Ordering::Relaxed) {
+        return Err(twilio_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            20503,
+            "Service Unavailable",
+        ));
+    }
+    let expected = base64::engine::general_purpose::STANDARD
+        .encode(format!("{}:{}", shared.account_sid, shared.auth_token));
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "));
+    if given != Some(expected.as_str()) {
+        return Err(twilio_error(
+            StatusCode::UNAUTHORIZED,
+            20003,
+            "Authenticate",
+        ));
+    }
+    if account != shared.account_sid {
+        return Err(twilio_error(
+            StatusCode::NOT_FOUND,
+            20404,
+            "The requested resource was not found",
+        ));
+    }
+    Ok(())
+}
+
+async fn list(
+    State(shared): State<Arc<Shared>>,
+    Path(account): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = gate(&shared, &headers, &account) {
+        return r;
+    }
+    shared.lookups.fetch_add(1, Ordering::Relaxed);
+    let inner = shared.inner.lock().unwrap_or_else(|p| p.into_inner());
+    let numbers: Vec<NumberRecord> = inner
+        .numbers
+        .values()
+        .filter(|n| {
+            query
+                .get("PhoneNumber")
+                .is_none_or(|p| *p == n.phone_number)
+        })
+        .cloned()
+        .collect();
+    Json(serde_json::json!({
+        "incoming_phone_numbers": numbers,
+        "page": 0,
+        "page_size": 50,
+    }))
+    .into_response()
+}
+
+async fn update(
+    State(shared): State<Arc<Shared>>,
+    Path((account, file)): Path<(String, String)>,
+    headers: HeaderMap,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    if let Err(r) = gate(&shared, &headers, &account) {
+        return r;
+    }
+    let Some(sid) = file.strip_suffix(".json") else {
+        return twilio_error(
+            StatusCode::NOT_FOUND,
+            20404,
+            "The requested resource was not found",
+        );
+    };
+    let mut inner = shared.inner.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(record) = inner.numbers.get_mut(sid) else {
+        return twilio_error(
+            StatusCode::NOT_FOUND,
+            20404,
+            "The requested resource was not found",
+        );
+    };
+    for (field, value) in &form {
+        let method_ok = |v: &str| v.is_empty() || v == "GET" || v == "POST";
+        match field.as_str() {
+            "VoiceUrl" => record.voice_url = value.clone(),
+            "StatusCallback" => record.status_callback = value.clone(),
+            "VoiceMethod" if method_ok(value) => record.voice_method = value.clone(),
+            "StatusCallbackMethod" if method_ok(value) => {
+                record.status_callback_method = value.clone()
+            }
+            "VoiceMethod" | "StatusCallbackMethod" => {
+                return twilio_error(StatusCode::BAD_REQUEST, 21200, "Invalid HTTP method");
+            }
+            _ => {}
+        }
+    }
+    shared.updates.fetch_add(1, Ordering::Relaxed);
+    Json(record.clone()).into_response()
+}

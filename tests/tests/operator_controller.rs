@@ -1,0 +1,1096 @@
+//! The operator's real `Controller` loop (`voice_operator::controller::run`, the code
+//! behind `voice-operator run`) against the real control plane, running under exactly
+//! the chart's ClusterRole rules (`charts/callmeback/files/operator-clusterrole-rules.yaml`)
+//! with a ServiceAccount token, never as admin. Each test has its own namespace and its
+//! own namespace-scoped operator, so tests run in parallel.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use callmeback_tests::controlplane::{self, ControlPlane};
+use callmeback_tests::emulators::twilio_numbers::TwilioNumbersEmulator;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+};
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::networking::v1::Ingress;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{
+    ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
+};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use tokio::sync::OnceCell;
+use tokio_util::sync::CancellationToken;
+use voice_operator::controller::{self, Config};
+use voice_operator::crd::{Persona, VoiceDeployment, find_condition};
+use voice_operator::metrics::Metrics;
+use voice_operator::reconcile::voice_deployment::{TWILIO_FINALIZER, TWILIO_PREVIOUS_ANNOTATION};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+const ACCOUNT_SID: &str = "AC00000000000000000000000000000001";
+const AUTH_TOKEN: &str = "test-auth-token";
+
+fn repo(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path)
+}
+
+fn yaml_docs(path: &str) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(repo(path)).unwrap_or_else(|e| panic!("{path}: {e}"));
+    serde_saphyr::from_str_multiple(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// Installs the generated CRDs once per test binary and waits until they serve.
+async fn install_crds(cp: &ControlPlane) {
+    static DONE: OnceCell<()> = OnceCell::const_new();
+    DONE.get_or_init(|| async {
+        let api: Api<CustomResourceDefinition> = Api::all(cp.client());
+        for file in ["crds/persona.yaml", "crds/voicedeployment.yaml"] {
+            for doc in yaml_docs(file) {
+                let crd: CustomResourceDefinition = serde_json::from_value(doc).unwrap();
+                api.patch(
+                    &crd.name_any(),
+                    &PatchParams::apply("callmeback-tests").force(),
+                    &Patch::Apply(&crd),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("apiserver rejected {file}: {e}"));
+                let name = crd.name_any();
+                eventually("CRD established", || async {
+                    let c = api.get(&name).await.ok()?;
+                    c.status?
+                        .conditions?
+                        .iter()
+                        .find(|c| c.type_ == "Established" && c.status == "True")
+                        .map(|_| ())
+                })
+                .await;
+            }
+        }
+        // Discovery can lag Established by a moment.
+        let personas: Api<Persona> = Api::all(cp.client());
+        eventually("personas served", || async {
+            personas.list(&ListParams::default().limit(1)).await.ok()
+        })
+        .await;
+    })
+    .await;
+}
+
+/// Polls `f` until it returns `Some` or the timeout passes.
+async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(start.elapsed() < TIMEOUT, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A running operator; cancelled (and awaited) on drop of the test.
+struct Operator {
+    stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+    metrics: Metrics,
+}
+
+impl Operator {
+    async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(20), t).await;
+        }
+    }
+
+    fn reconciles(&self, kind: &str) -> u64 {
+        self.metrics.reconciles.with_label_values(&[kind]).get()
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// A client holding exactly the chart's operator rules (ClusterRole + binding to a
+/// ServiceAccount in `ns`), like the chart installs.
+async fn operator_client(cp: &ControlPlane, ns: &str) -> Client {
+    let admin = cp.client();
+    let rules: Vec<PolicyRule> =
+        yaml_docs("charts/callmeback/files/operator-clusterrole-rules.yaml")
+            .into_iter()
+            .flat_map(|doc| serde_json::from_value::<Vec<PolicyRule>>(doc).unwrap())
+            .collect();
+    let sa = ServiceAccount {
+        metadata: ObjectMeta {
+            name: Some("operator".into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Api::<ServiceAccount>::namespaced(admin.clone(), ns)
+        .create(&PostParams::default(), &sa)
+        .await
+        .unwrap();
+    let name = format!("callmeback-operator-{ns}");
+    let role = ClusterRole {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            ..Default::default()
+        },
+        rules: Some(rules),
+        ..Default::default()
+    };
+    Api::<ClusterRole>::all(admin.clone())
+        .create(&PostParams::default(), &role)
+        .await
+        .unwrap();
+    let binding = ClusterRoleBinding {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            ..Default::default()
+        },
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "ClusterRole".into(),
+            name,
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: "operator".into(),
+            namespace: Some(ns.into()),
+            api_group: None,
+        }]),
+    };
+    Api::<ClusterRoleBinding>::all(admin)
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap();
+    cp.client_for_service_account(ns, "operator").await
+}
+
+async fn start_operator(cp: &ControlPlane, ns: &str) -> Operator {
+    let client = operator_client(cp, ns).await;
+    let metrics = Metrics::new();
+    let stop = CancellationToken::new();
+    let config = Config {
+        namespace: Some(ns.into()),
+        twilio_restore_deadline: Duration::from_secs(5),
+        twilio_api_url: "http://127.0.0.1:9".into(),
+        concurrency: 4,
+        instance: Some("test".into()),
+    };
+    let task = tokio::spawn(controller::run(
+        client,
+        config,
+        metrics.clone(),
+        stop.clone(),
+    ));
+    Operator {
+        stop,
+        task: Some(task),
+        metrics,
+    }
+}
+
+/// Namespace, admin client, CRDs and a running operator.
+async fn setup(prefix: &str) -> (&'static ControlPlane, String, Client, Operator) {
+    let cp = controlplane::shared().await;
+    install_crds(cp).await;
+    let ns = cp.new_namespace(prefix).await;
+    let op = start_operator(cp, &ns).await;
+    (cp, ns, cp.client(), op)
+}
+
+async fn apply_json(client: &Client, ns: &str, doc: serde_json::Value) {
+    let kind = doc["kind"].as_str().unwrap().to_string();
+    let name = doc["metadata"]["name"].as_str().unwrap().to_string();
+    let pp = PatchParams::apply("kubectl").force();
+    let result = match kind.as_str() {
+        "Persona" => Api::<Persona>::namespaced(client.clone(), ns)
+            .patch(&name, &pp, &Patch::Apply(&doc))
+            .await
+            .map(|_| ()),
+        "VoiceDeployment" => Api::<VoiceDeployment>::namespaced(client.clone(), ns)
+            .patch(&name, &pp, &Patch::Apply(&doc))
+            .await
+            .map(|_| ()),
+        "Secret" => Api::<Secret>::namespaced(client.clone(), ns)
+            .patch(&name, &pp, &Patch::Apply(&doc))
+            .await
+            .map(|_| ()),
+        other => panic!("unexpected kind {other}"),
+    };
+    result.unwrap_or_else(|e| panic!("applying {kind}/{name}: {e}"));
+}
+
+fn secret_doc(twilio_url: &str) -> serde_json::Value {
+    let mut doc = yaml_docs("examples/secret.yaml").remove(0);
+    doc["stringData"]["TWILIO_ACCOUNT_SID"] = ACCOUNT_SID.into();
+    doc["stringData"]["TWILIO_AUTH_TOKEN"] = AUTH_TOKEN.into();
+    doc["stringData"]["TWILIO_API_URL"] = twilio_url.into();
+    doc
+}
+
+fn example_personas() -> Vec<serde_json::Value> {
+    let mut docs = Vec::new();
+    for file in [
+        "examples/persona.yaml",
+        "examples/persona-night-librarian.yaml",
+    ] {
+        docs.extend(
+            yaml_docs(file)
+                .into_iter()
+                .filter(|d| d["kind"] == "Persona"),
+        );
+    }
+    docs
+}
+
+/// A minimal valid persona document.
+fn persona_doc(name: &str, greeting: &str) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "callmeback.dev/v1alpha1",
+        "kind": "Persona",
+        "metadata": { "name": name },
+        "spec": {
+            "displayName": "Sam",
+            "systemPrompt": "You are Sam, warm and brief.",
+            "greeting": greeting,
+            "voice": { "voiceId": "voice123" },
+            "maxCallDurationSeconds": 600,
+        }
+    })
+}
+
+fn vd_doc(name: &str, personas: &[&str], secret: &str) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "callmeback.dev/v1alpha1",
+        "kind": "VoiceDeployment",
+        "metadata": { "name": name },
+        "spec": {
+            "personas": personas,
+            "secretRef": { "name": secret },
+            "publicUrl": "https://voice.example.com",
+            "replicas": 1,
+        }
+    })
+}
+
+async fn get<K>(client: &Client, ns: &str, name: &str) -> Option<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    Api::<K>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await
+        .unwrap()
+}
+
+async fn vd_condition(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    type_: &str,
+) -> Option<(String, String, String)> {
+    let vd: VoiceDeployment = get(client, ns, name).await?;
+    let status = vd.status?;
+    if status.observed_generation != vd.metadata.generation {
+        return None;
+    }
+    find_condition(&status.conditions, type_)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+async fn events_for(client: &Client, ns: &str, name: &str) -> Vec<Event> {
+    Api::<Event>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .collect()
+}
+
+async fn wait_event(client: &Client, ns: &str, name: &str, reason: &str) -> Event {
+    eventually(&format!("Event {reason} on {name}"), || async {
+        events_for(client, ns, name)
+            .await
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some(reason))
+    })
+    .await
+}
+
+/// Resource versions of everything the operator manages for `vd` plus the CRs.
+async fn resource_versions(
+    client: &Client,
+    ns: &str,
+    vd: &str,
+    personas: &[&str],
+) -> BTreeMap<String, String> {
+    async fn rv<K>(client: &Client, ns: &str, name: &str, out: &mut BTreeMap<String, String>)
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + DeserializeOwned
+            + std::fmt::Debug,
+    {
+        let obj: Option<K> = get(client, ns, name).await;
+        out.insert(
+            format!("{}/{name}", K::kind(&())),
+            obj.and_then(|o| o.meta().resource_version.clone())
+                .unwrap_or_default(),
+        );
+    }
+    let mut out = BTreeMap::new();
+    let sa = format!("{vd}-voice-pod");
+    rv::<VoiceDeployment>(client, ns, vd, &mut out).await;
+    rv::<Deployment>(client, ns, vd, &mut out).await;
+    rv::<Service>(client, ns, vd, &mut out).await;
+    rv::<PodDisruptionBudget>(client, ns, vd, &mut out).await;
+    rv::<ServiceAccount>(client, ns, &sa, &mut out).await;
+    rv::<Role>(client, ns, &sa, &mut out).await;
+    rv::<RoleBinding>(client, ns, &sa, &mut out).await;
+    rv::<ConfigMap>(client, ns, &format!("{vd}-routes"), &mut out).await;
+    for p in personas {
+        rv::<Persona>(client, ns, p, &mut out).await;
+        rv::<ConfigMap>(client, ns, &format!("persona-{p}"), &mut out).await;
+    }
+    out
+}
+
+#[tokio::test]
+async fn examples_reconcile_into_owned_objects_and_wire_twilio() {
+    // Proves examples/ apply cleanly and the operator builds every object, status and the Twilio wiring from them.
+    let (_cp, ns, client, op) = setup("op-examples").await;
+    let twilio = TwilioNumbersEmulator::start(ACCOUNT_SID, AUTH_TOKEN)
+        .await
+        .unwrap();
+    twilio.add_number(
+        "+14155550100",
+        "https://old.example.com/voice",
+        "https://old.example.com/status",
+    );
+    twilio.add_number("+14155550101", "", "");
+    apply_json(&client, &ns, secret_doc(&twilio.base_url())).await;
+    let personas = example_personas();
+    let longest = personas
+        .iter()
+        .map(|p| p["spec"]["maxCallDurationSeconds"].as_i64().unwrap_or(900))
+        .max()
+        .unwrap();
+    let names: Vec<String> = personas
+        .iter()
+        .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    for p in personas {
+        apply_json(&client, &ns, p).await;
+    }
+    for doc in yaml_docs("examples/voicedeployment.yaml") {
+        apply_json(&client, &ns, doc).await;
+    }
+
+    let vd: VoiceDeployment = eventually("VoiceDeployment status", || async {
+        let vd: VoiceDeployment = get(&client, &ns, "front-desk").await?;
+        let s = vd.status.as_ref()?;
+        (s.resolved_personas.len() == names.len()
+            && s.observed_generation == vd.metadata.generation)
+            .then_some(vd)
+    })
+    .await;
+    let status = vd.status.clone().unwrap();
+    assert_eq!(
+        status.webhook_url.as_deref(),
+        Some("https://voice.example.com/twilio/voice")
+    );
+    assert_eq!(
+        status.selector.as_deref(),
+        Some("app.kubernetes.io/instance=front-desk,app.kubernetes.io/name=voice-pod")
+    );
+    let degraded = find_condition(&status.conditions, "Degraded").unwrap();
+    assert_eq!(
+        (degraded.status.as_str(), degraded.reason.as_str()),
+        ("False", "AsExpected"),
+        "{degraded:?}"
+    );
+
+    for name in &names {
+        let p: Persona = eventually("persona Ready", || async {
+            let p: Persona = get(&client, &ns, name).await?;
+            find_condition(&p.status.as_ref()?.conditions, "Ready").filter(|c| c.is_true())?;
+            Some(p)
+        })
+        .await;
+        let cm: ConfigMap = get(&client, &ns, &format!("persona-{name}"))
+            .await
+            .expect("persona ConfigMap");
+        let file = &cm.data.unwrap()[&format!("{name}.yaml")];
+        let spec: voice_operator::crd::PersonaSpec = serde_saphyr::from_str(file).unwrap();
+        assert_eq!(spec, p.spec, "the ConfigMap holds the persona's spec");
+        assert_eq!(
+            cm.metadata.owner_references.unwrap()[0].uid,
+            p.metadata.uid.unwrap()
+        );
+    }
+
+    let uid = vd.metadata.uid.clone().unwrap();
+    let owned = |meta: &ObjectMeta| {
+        meta.owner_references
+            .iter()
+            .flatten()
+            .any(|o| o.uid == uid && o.controller == Some(true))
+    };
+    let d: Deployment = eventually("Deployment", || get(&client, &ns, "front-desk")).await;
+    assert!(owned(&d.metadata));
+    let pod = d.spec.as_ref().unwrap().template.spec.clone().unwrap();
+    // Longest persona call + preStop sleep (5 s) + margin (30 s).
+    assert_eq!(pod.termination_grace_period_seconds, Some(longest + 35));
+    assert!(owned(
+        &get::<Service>(&client, &ns, "front-desk")
+            .await
+            .unwrap()
+            .metadata
+    ));
+    assert!(owned(
+        &get::<HorizontalPodAutoscaler>(&client, &ns, "front-desk")
+            .await
+            .unwrap()
+            .metadata
+    ));
+    assert!(owned(
+        &get::<PodDisruptionBudget>(&client, &ns, "front-desk")
+            .await
+            .unwrap()
+            .metadata
+    ));
+    assert!(owned(
+        &get::<Ingress>(&client, &ns, "front-desk")
+            .await
+            .unwrap()
+            .metadata
+    ));
+    assert!(owned(
+        &get::<ServiceAccount>(&client, &ns, "front-desk-voice-pod")
+            .await
+            .unwrap()
+            .metadata
+    ));
+    assert!(owned(
+        &get::<Role>(&client, &ns, "front-desk-voice-pod")
+            .await
+            .unwrap()
+            .metadata
+    ));
+    assert!(owned(
+        &get::<RoleBinding>(&client, &ns, "front-desk-voice-pod")
+            .await
+            .unwrap()
+            .metadata
+    ));
+    let routes: ConfigMap = get(&client, &ns, "front-desk-routes").await.unwrap();
+    assert!(routes.data.unwrap()["routes.yaml"].contains("+14155550101"));
+
+    // No kubelet in this control plane: pods never become Ready, and the status says so.
+    let (available, reason, _) = eventually("Available condition", || async {
+        vd_condition(&client, &ns, "front-desk", "Available")
+            .await
+            .filter(|c| c.1 != "DeploymentPending")
+    })
+    .await;
+    assert_eq!(available, "False");
+    assert_eq!(reason, "MinimumReplicasUnavailable");
+
+    for number in ["+14155550100", "+14155550101"] {
+        let n = eventually("number wired", || async {
+            twilio
+                .number(number)
+                .filter(|n| n.voice_url == "https://voice.example.com/twilio/voice")
+        })
+        .await;
+        assert_eq!(n.status_callback, "https://voice.example.com/twilio/status");
+    }
+    let vd: VoiceDeployment = get(&client, &ns, "front-desk").await.unwrap();
+    assert!(vd.finalizers().iter().any(|f| f == TWILIO_FINALIZER));
+    assert!(vd.annotations()[TWILIO_PREVIOUS_ANNOTATION].contains("https://old.example.com/voice"));
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn persona_edit_reaches_the_configmap_without_rolling_the_pods() {
+    // Proves a persona edit lands in its ConfigMap (hot reload) and leaves the Deployment's pod template alone.
+    let (_cp, ns, client, op) = setup("op-persona-edit").await;
+    apply_json(&client, &ns, secret_doc("http://127.0.0.1:9")).await;
+    apply_json(&client, &ns, persona_doc("sam", "Hi, it's Sam!")).await;
+    apply_json(&client, &ns, vd_doc("desk", &["sam"], "callmeback-keys")).await;
+    let before: Deployment = eventually("Deployment", || get(&client, &ns, "desk")).await;
+    let hash_before = eventually("configHash", || async {
+        get::<Persona>(&client, &ns, "sam")
+            .await?
+            .status?
+            .config_hash
+    })
+    .await;
+
+    apply_json(&client, &ns, persona_doc("sam", "Hello again, Sam here.")).await;
+    eventually("ConfigMap updated", || async {
+        let cm: ConfigMap = get(&client, &ns, "persona-sam").await?;
+        cm.data?["sam.yaml"]
+            .contains("Hello again, Sam here.")
+            .then_some(())
+    })
+    .await;
+    let hash_after = eventually("new configHash", || async {
+        get::<Persona>(&client, &ns, "sam")
+            .await?
+            .status?
+            .config_hash
+            .filter(|h| *h != hash_before)
+    })
+    .await;
+    assert_ne!(hash_before, hash_after);
+    let after: Deployment = get(&client, &ns, "desk").await.unwrap();
+    assert_eq!(
+        before.metadata.generation, after.metadata.generation,
+        "pod template must not change"
+    );
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn missing_secret_degrades_with_an_event_and_recovers_when_created() {
+    // Proves SecretMissing is reported in status and as an Event, no Deployment is made, and creating the Secret heals it.
+    let (_cp, ns, client, op) = setup("op-secret").await;
+    apply_json(&client, &ns, persona_doc("sam", "Hi!")).await;
+    apply_json(&client, &ns, vd_doc("desk", &["sam"], "callmeback-keys")).await;
+    let (status, reason, message) = eventually("Degraded", || async {
+        vd_condition(&client, &ns, "desk", "Degraded")
+            .await
+            .filter(|c| c.0 == "True")
+    })
+    .await;
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("True", "SecretMissing")
+    );
+    assert!(message.contains("callmeback-keys"), "{message}");
+    let event = wait_event(&client, &ns, "desk", "SecretMissing").await;
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    assert!(get::<Deployment>(&client, &ns, "desk").await.is_none());
+
+    // A Secret without the required keys: SecretKeyMissing names them.
+    let mut partial = secret_doc("http://127.0.0.1:9");
+    partial["stringData"]
+        .as_object_mut()
+        .unwrap()
+        .remove("DEEPGRAM_API_KEY");
+    apply_json(&client, &ns, partial).await;
+    let (_, reason, message) = eventually("SecretKeyMissing", || async {
+        vd_condition(&client, &ns, "desk", "Degraded")
+            .await
+            .filter(|c| c.1 == "SecretKeyMissing")
+    })
+    .await;
+    assert_eq!(reason, "SecretKeyMissing");
+    assert!(message.contains("DEEPGRAM_API_KEY"), "{message}");
+    wait_event(&client, &ns, "desk", "SecretKeyMissing").await;
+
+    apply_json(&client, &ns, secret_doc("http://127.0.0.1:9")).await;
+    eventually("healed", || async {
+        vd_condition(&client, &ns, "desk", "Degraded")
+            .await
+            .filter(|c| c.0 == "False")
+    })
+    .await;
+    eventually("Deployment", || get::<Deployment>(&client, &ns, "desk")).await;
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn missing_and_invalid_personas_are_reported() {
+    // Proves PersonaNotFound and PersonaInvalid (a blank prompt the schema allows) reach status and Events.
+    let (_cp, ns, client, op) = setup("op-personas").await;
+    apply_json(&client, &ns, secret_doc("http://127.0.0.1:9")).await;
+    apply_json(&client, &ns, vd_doc("desk", &["ghost"], "callmeback-keys")).await;
+    eventually("PersonaNotFound", || async {
+        vd_condition(&client, &ns, "desk", "Degraded")
+            .await
+            .filter(|c| c.1 == "PersonaNotFound")
+    })
+    .await;
+    wait_event(&client, &ns, "desk", "PersonaNotFound").await;
+
+    let mut blank = persona_doc("ghost", "Boo.");
+    blank["spec"]["systemPrompt"] = "   ".into();
+    apply_json(&client, &ns, blank).await;
+    let (_, _, message) = eventually("PersonaInvalid", || async {
+        vd_condition(&client, &ns, "desk", "Degraded")
+            .await
+            .filter(|c| c.1 == "PersonaInvalid")
+    })
+    .await;
+    assert!(message.contains("systemPrompt is blank"), "{message}");
+    let ready = eventually("persona Ready=False", || async {
+        let p: Persona = get(&client, &ns, "ghost").await?;
+        find_condition(&p.status?.conditions, "Ready")
+            .cloned()
+            .filter(|c| !c.is_true())
+    })
+    .await;
+    assert_eq!(ready.reason, "Invalid");
+    wait_event(&client, &ns, "ghost", "PersonaInvalid").await;
+
+    // Fixing the persona is picked up through the Persona watch.
+    apply_json(&client, &ns, persona_doc("ghost", "Boo.")).await;
+    eventually("healed", || async {
+        vd_condition(&client, &ns, "desk", "Degraded")
+            .await
+            .filter(|c| c.0 == "False")
+    })
+    .await;
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn a_second_reconcile_writes_nothing() {
+    // Proves idempotency: after convergence a triggered reconcile changes no resourceVersion anywhere.
+    let (_cp, ns, client, op) = setup("op-idempotent").await;
+    apply_json(&client, &ns, secret_doc("http://127.0.0.1:9")).await;
+    apply_json(&client, &ns, persona_doc("sam", "Hi!")).await;
+    apply_json(&client, &ns, vd_doc("desk", &["sam"], "callmeback-keys")).await;
+    eventually("converged", || async {
+        vd_condition(&client, &ns, "desk", "Progressing")
+            .await
+            .filter(|c| c.1 != "Creating")
+    })
+    .await;
+    // Let the Deployment controller's status updates settle, then compare.
+    let settled = eventually("stable resourceVersions", || async {
+        let a = resource_versions(&client, &ns, "desk", &["sam"]).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let b = resource_versions(&client, &ns, "desk", &["sam"]).await;
+        (a == b).then_some(b)
+    })
+    .await;
+    let before = op.reconciles("VoiceDeployment");
+    // Touch the Secret's labels: the Secret watch requeues the VoiceDeployment.
+    let patch = serde_json::json!({ "metadata": { "labels": { "touched": "yes" } } });
+    Api::<Secret>::namespaced(client.clone(), &ns)
+        .patch(
+            "callmeback-keys",
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+        .unwrap();
+    eventually("a new reconcile", || async {
+        (op.reconciles("VoiceDeployment") > before).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = resource_versions(&client, &ns, "desk", &["sam"]).await;
+    assert_eq!(
+        settled, after,
+        "a reconcile with nothing to do must write nothing"
+    );
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn drifted_objects_are_put_back() {
+    // Proves owned objects edited or deleted behind the operator's back are restored.
+    let (_cp, ns, client, op) = setup("op-drift").await;
+    apply_json(&client, &ns, secret_doc("http://127.0.0.1:9")).await;
+    apply_json(&client, &ns, persona_doc("sam", "Hi!")).await;
+    apply_json(&client, &ns, vd_doc("desk", &["sam"], "callmeback-keys")).await;
+    let d: Deployment = eventually("Deployment", || get(&client, &ns, "desk")).await;
+    let grace = d
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap()
+        .termination_grace_period_seconds;
+
+    let patch = serde_json::json!({ "spec": { "template": { "spec": { "terminationGracePeriodSeconds": 1 } } } });
+    Api::<Deployment>::namespaced(client.clone(), &ns)
+        .patch("desk", &PatchParams::default(), &Patch::Strategic(&patch))
+        .await
+        .unwrap();
+    eventually("grace period restored", || async {
+        let d: Deployment = get(&client, &ns, "desk").await?;
+        (d.spec?.template.spec?.termination_grace_period_seconds == grace).then_some(())
+    })
+    .await;
+
+    Api::<Service>::namespaced(client.clone(), &ns)
+        .delete("desk", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("Service recreated", || get::<Service>(&client, &ns, "desk")).await;
+    let patch = serde_json::json!({ "data": { "sam.yaml": "hacked: true" } });
+    Api::<ConfigMap>::namespaced(client.clone(), &ns)
+        .patch(
+            "persona-sam",
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+        .unwrap();
+    eventually("persona ConfigMap restored", || async {
+        let cm: ConfigMap = get(&client, &ns, "persona-sam").await?;
+        (!cm.data?["sam.yaml"].contains("hacked")).then_some(())
+    })
+    .await;
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn deleting_a_voice_deployment_garbage_collects_what_it_made() {
+    // Proves owner references let the garbage collector remove the Deployment, Service and the rest.
+    let (_cp, ns, client, op) = setup("op-gc").await;
+    apply_json(&client, &ns, secret_doc("http://127.0.0.1:9")).await;
+    apply_json(&client, &ns, persona_doc("sam", "Hi!")).await;
+    apply_json(&client, &ns, vd_doc("desk", &["sam"], "callmeback-keys")).await;
+    eventually("Deployment", || get::<Deployment>(&client, &ns, "desk")).await;
+    eventually("PDB", || get::<PodDisruptionBudget>(&client, &ns, "desk")).await;
+    Api::<VoiceDeployment>::namespaced(client.clone(), &ns)
+        .delete("desk", &DeleteParams::foreground())
+        .await
+        .unwrap();
+    eventually("all owned objects gone", || async {
+        let gone = get::<Deployment>(&client, &ns, "desk").await.is_none()
+            && get::<Service>(&client, &ns, "desk").await.is_none()
+            && get::<PodDisruptionBudget>(&client, &ns, "desk")
+                .await
+                .is_none()
+            && get::<ServiceAccount>(&client, &ns, "desk-voice-pod")
+                .await
+                .is_none()
+            && get::<RoleBinding>(&client, &ns, "desk-voice-pod")
+                .await
+                .is_none()
+            && get::<ConfigMap>(&client, &ns, "desk-routes")
+                .await
+                .is_none()
+            && get::<VoiceDeployment>(&client, &ns, "desk").await.is_none();
+        gone.then_some(())
+    })
+    .await;
+    // The persona's ConfigMap belongs to the Persona, which still exists.
+    assert!(
+        get::<ConfigMap>(&client, &ns, "persona-sam")
+            .await
+            .is_some()
+    );
+    op.stop().await;
+}
+
+fn twilio_vd(name: &str, number: &str) -> serde_json::Value {
+    let mut doc = vd_doc(name, &["sam"], "callmeback-keys");
+    doc["spec"]["twilio"] = serde_json::json!({ "phoneNumbers": [number] });
+    doc
+}
+
+#[tokio::test]
+async fn deletion_restores_twilio_numbers_then_releases_the_finalizer() {
+    // Proves the finalizer restores each number's previous webhook on delete, with an Event.
+    let (_cp, ns, client, op) = setup("op-twilio").await;
+    let twilio = TwilioNumbersEmulator::start(ACCOUNT_SID, AUTH_TOKEN)
+        .await
+        .unwrap();
+    twilio.add_number(
+        "+14155550123",
+        "https://old.example.com/voice",
+        "https://old.example.com/status",
+    );
+    apply_json(&client, &ns, secret_doc(&twilio.base_url())).await;
+    apply_json(&client, &ns, persona_doc("sam", "Hi!")).await;
+    apply_json(&client, &ns, twilio_vd("desk", "+14155550123")).await;
+    eventually("wired", || async {
+        twilio
+            .number("+14155550123")
+            .filter(|n| n.voice_url == "https://voice.example.com/twilio/voice")
+    })
+    .await;
+    Api::<VoiceDeployment>::namespaced(client.clone(), &ns)
+        .delete("desk", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("VoiceDeployment gone", || async {
+        get::<VoiceDeployment>(&client, &ns, "desk")
+            .await
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let n = twilio.number("+14155550123").unwrap();
+    assert_eq!(n.voice_url, "https://old.example.com/voice");
+    assert_eq!(n.status_callback, "https://old.example.com/status");
+    wait_event(&client, &ns, "desk", "TwilioNumbersRestored").await;
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn deletion_with_twilio_down_gives_up_after_the_deadline() {
+    // Proves an unreachable Twilio never wedges deletion: bounded retries, a Warning Event, then release.
+    let (_cp, ns, client, op) = setup("op-twilio-down").await;
+    let twilio = TwilioNumbersEmulator::start(ACCOUNT_SID, AUTH_TOKEN)
+        .await
+        .unwrap();
+    twilio.add_number("+14155550124", "https://old.example.com/voice", "");
+    apply_json(&client, &ns, secret_doc(&twilio.base_url())).await;
+    apply_json(&client, &ns, persona_doc("sam", "Hi!")).await;
+    apply_json(&client, &ns, twilio_vd("desk", "+14155550124")).await;
+    eventually("wired", || async {
+        twilio
+            .number("+14155550124")
+            .filter(|n| n.voice_url == "https://voice.example.com/twilio/voice")
+    })
+    .await;
+    twilio.set_down(true);
+    let started = Instant::now();
+    Api::<VoiceDeployment>::namespaced(client.clone(), &ns)
+        .delete("desk", &DeleteParams::default())
+        .await
+        .unwrap();
+    // Still held while the deadline (5 s in these tests) runs.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        get::<VoiceDeployment>(&client, &ns, "desk").await.is_some(),
+        "released before the deadline"
+    );
+    eventually("VoiceDeployment released", || async {
+        get::<VoiceDeployment>(&client, &ns, "desk")
+            .await
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    // deletionTimestamp has second precision, so allow up to a second less than the deadline.
+    assert!(started.elapsed() >= Duration::from_secs(4));
+    let event = wait_event(&client, &ns, "desk", "TwilioRestoreFailed").await;
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    assert!(event.note.unwrap_or_default().contains("+14155550124"));
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_custom_resources_are_rejected_with_readable_messages() {
+    // Proves the CRD schema and CEL rules reject bad personas and deployments before the operator sees them.
+    let cp = controlplane::shared().await;
+    install_crds(cp).await;
+    let ns = cp.new_namespace("op-schema").await;
+    let client = cp.client();
+    let personas: Api<Persona> = Api::namespaced(client.clone(), &ns);
+    let vds: Api<VoiceDeployment> = Api::namespaced(client.clone(), &ns);
+    let reject = |e: kube::Error| match e {
+        kube::Error::Api(s) => {
+            assert_eq!(s.code, 422, "{s:?}");
+            s.message
+        }
+        other => panic!("unexpected error {other}"),
+    };
+    let pp = PatchParams::apply("kubectl");
+
+    let mut idle = persona_doc("idle", "Hi!");
+    idle["spec"]["idleTimeoutSeconds"] = 900.into();
+    let msg = reject(
+        personas
+            .patch("idle", &pp, &Patch::Apply(&idle))
+            .await
+            .unwrap_err(),
+    );
+    assert!(
+        msg.contains("idleTimeoutSeconds must be shorter than maxCallDurationSeconds"),
+        "{msg}"
+    );
+
+    let mut hot = persona_doc("hot", "Hi!");
+    hot["spec"]["llm"] = serde_json::json!({ "temperature": 3.5 });
+    let msg = reject(
+        personas
+            .patch("hot", &pp, &Patch::Apply(&hot))
+            .await
+            .unwrap_err(),
+    );
+    assert!(msg.contains("spec.llm.temperature"), "{msg}");
+
+    let mut no_voice = persona_doc("mute", "Hi!");
+    no_voice["spec"].as_object_mut().unwrap().remove("voice");
+    let msg = reject(
+        personas
+            .patch("mute", &pp, &Patch::Apply(&no_voice))
+            .await
+            .unwrap_err(),
+    );
+    assert!(msg.contains("spec.voice: Required value"), "{msg}");
+
+    let mut bad_default = vd_doc("desk", &["sam"], "keys");
+    bad_default["spec"]["defaultPersona"] = "other".into();
+    let msg = reject(
+        vds.patch("desk", &pp, &Patch::Apply(&bad_default))
+            .await
+            .unwrap_err(),
+    );
+    assert!(
+        msg.contains("defaultPersona must be one of personas"),
+        "{msg}"
+    );
+
+    let mut bad_number = vd_doc("desk", &["sam"], "keys");
+    bad_number["spec"]["twilio"] = serde_json::json!({ "phoneNumbers": ["555-0100"] });
+    let msg = reject(
+        vds.patch("desk", &pp, &Patch::Apply(&bad_number))
+            .await
+            .unwrap_err(),
+    );
+    assert!(msg.contains("E.164"), "{msg}");
+
+    let mut bad_scale = vd_doc("desk", &["sam"], "keys");
+    bad_scale["spec"]["autoscaling"] = serde_json::json!({ "minReplicas": 5, "maxReplicas": 2 });
+    let msg = reject(
+        vds.patch("desk", &pp, &Patch::Apply(&bad_scale))
+            .await
+            .unwrap_err(),
+    );
+    assert!(msg.contains("minReplicas must not exceed"), "{msg}");
+
+    // And the examples pass the same checks.
+    for doc in example_personas() {
+        let name = doc["metadata"]["name"].as_str().unwrap().to_string();
+        personas
+            .patch(&name, &pp, &Patch::Apply(&doc))
+            .await
+            .unwrap();
+    }
+    let vd = yaml_docs("examples/voicedeployment.yaml").remove(0);
+    vds.patch("front-desk", &pp, &Patch::Apply(&vd))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn the_operator_identity_is_not_admin() {
+    // Proves the operator's ServiceAccount holds the chart's narrow rules: it can patch Deployments but not delete Secrets or touch nodes.
+    let cp = controlplane::shared().await;
+    let ns = cp.new_namespace("op-rbac").await;
+    let client = operator_client(cp, &ns).await;
+    let can = |verb: &str, group: &str, resource: &str| {
+        let client = client.clone();
+        let review = SelfSubjectAccessReview {
+            spec: SelfSubjectAccessReviewSpec {
+                resource_attributes: Some(ResourceAttributes {
+                    namespace: Some(ns.clone()),
+                    verb: Some(verb.into()),
+                    group: Some(group.into()),
+                    resource: Some(resource.into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        async move {
+            let api: Api<SelfSubjectAccessReview> = Api::all(client);
+            api.create(&PostParams::default(), &review)
+                .await
+                .unwrap()
+                .status
+                .unwrap()
+                .allowed
+        }
+    };
+    assert!(can("patch", "apps", "deployments").await);
+    assert!(can("get", "", "secrets").await);
+    assert!(!can("delete", "", "secrets").await);
+    assert!(!can("create", "", "pods").await);
+    assert!(!can("delete", "", "pods").await);
+    assert!(!can("escalate", "rbac.authorization.k8s.io", "roles").await);
+}
+
+#[tokio::test]
+async fn two_replicas_elect_one_leader_and_fail_over() {
+    // Proves Lease election under the chart's RBAC: one of two replicas runs the controllers, the other takes over when it stops.
+    use voice_operator::leader::{LeaderConfig, run_when_leader};
+    let cp = controlplane::shared().await;
+    install_crds(cp).await;
+    let ns = cp.new_namespace("op-leader").await;
+    let client = operator_client(cp, &ns).await;
+    let replica = |identity: &str| {
+        let metrics = Metrics::new();
+        let stop = CancellationToken::new();
+        let config = LeaderConfig {
+            lease_name: "callmeback-operator".into(),
+            namespace: ns.clone(),
+            identity: identity.into(),
+            duration_seconds: 3,
+            grace_seconds: 1,
+        };
+        let (c, m, n) = (client.clone(), metrics.clone(), ns.clone());
+        let task = tokio::spawn(run_when_leader(
+            client.clone(),
+            config,
+            metrics.clone(),
+            stop.clone(),
+            move |term| {
+                let config = Config {
+                    namespace: Some(n.clone()),
+                    ..Config::default()
+                };
+                controller::run(c.clone(), config, m.clone(), term)
+            },
+        ));
+        (metrics, stop, task)
+    };
+    let (m1, stop1, task1) = replica("replica-1");
+    let (m2, stop2, task2) = replica("replica-2");
+    let leader = eventually("a leader", || async {
+        match (m1.leader.get(), m2.leader.get()) {
+            (1, 0) => Some(1),
+            (0, 1) => Some(2),
+            _ => None,
+        }
+    })
+    .await;
+    // Never two at once, over a few renewals.
+    for _ in 0..10 {
+        assert!(m1.leader.get() + m2.leader.get() <= 1);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (stop_leader, follower, leader_task, other) = if leader == 1 {
+        (stop1, m2.clone(), task1, task2)
+    } else {
+        (stop2, m1.clone(), task2, task1)
+    };
+    stop_leader.cancel();
+    tokio::time::timeout(Duration::from_secs(20), leader_task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    eventually("failover", || async {
+        (follower.leader.get() == 1).then_some(())
+    })
+    .await;
+    other.abort();
+}
