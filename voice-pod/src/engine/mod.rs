@@ -1,1 +1,247 @@
-//! engine (in progress)
+//! The conversation engine: one call's dialogue between the caller and the persona.
+//!
+//! [`Engine`] is the pod's [`CallHandler`]: each call runs as one session task
+//! ([`call`]) that listens (STT + the pod's own voice-activity detector), decides when
+//! the caller is done ([`turn_taking`]), streams the model's reply through a chunker
+//! into TTS and paces the audio to Twilio ([`playout`]), and stops within a frame or
+//! two when the caller interrupts, keeping in the history only what was heard.
+//!
+//! ## Layout
+//! - [`call`]: the per-call session loop (replies, barge-in, preemption, timers).
+//! - [`turn_taking`]: when the caller has finished (endpoints, completeness, judge).
+//! - [`judge`]: the optional fast LLM judgement of an ambiguous end of turn.
+//! - [`vad`]: the pod's energy voice-activity detector on the caller audio.
+//! - [`chunker`]: LLM tokens -> speakable sentence and clause chunks for TTS.
+//! - [`playout`]: pacing reply audio to real time and knowing what the caller heard.
+//! - [`prompt`]: system prompt composition and the bounded dialogue history.
+//! - [`greeting_cache`]: each persona's static phrases, synthesized once per pod.
+
+pub mod call;
+pub mod chunker;
+pub mod greeting_cache;
+pub mod judge;
+pub mod playout;
+pub mod prompt;
+pub mod turn_taking;
+pub mod vad;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span, warn};
+use voice_operator::crd::PersonaSpec;
+
+pub use call::EngineSettings;
+use call::{Call, Shared};
+use greeting_cache::{GreetingCache, GreetingKey, Phrase};
+
+use crate::metrics::Metrics;
+use crate::providers::{
+    ProviderInitError, ProviderSettings, Providers, TtsError, TtsEvent, TtsSession,
+    TtsSessionConfig,
+};
+use crate::session::{CallContext, CallEnd, CallHandler, CallInput, CallOutput, PreparedCall};
+
+/// How long warming one persona's phrases may take.
+const WARM_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long one phrase's synthesis may take.
+const PHRASE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The conversation engine: the pod's call handler when providers are configured.
+#[derive(Clone)]
+pub struct Engine {
+    shared: Arc<Shared>,
+    warming: Arc<Mutex<HashSet<String>>>,
+}
+
+impl Engine {
+    /// An engine with default settings.
+    pub fn new(providers: Providers, metrics: Arc<Metrics>) -> Self {
+        Self::with_settings(providers, metrics, EngineSettings::default())
+    }
+
+    /// An engine with explicit settings (tests shorten timers).
+    pub fn with_settings(
+        providers: Providers,
+        metrics: Arc<Metrics>,
+        settings: EngineSettings,
+    ) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                providers,
+                metrics,
+                phrases: Arc::new(GreetingCache::new()),
+                settings,
+            }),
+            warming: Arc::new(Mutex::new(HashSet::new())),
+        }
+    }
+
+    /// The pod-wide cache of synthesized phrases.
+    pub fn phrases(&self) -> &Arc<GreetingCache> {
+        &self.shared.phrases
+    }
+
+    /// Synthesizes a persona's static phrases (greeting, fallback, goodbye, idle
+    /// prompt) that are not cached yet, over one TTS session. Returns how many.
+    pub async fn warm_phrases(&self, name: &str, spec: &PersonaSpec) -> Result<usize, TtsError> {
+        let cache = &self.shared.phrases;
+        let missing: Vec<Phrase> = Phrase::ALL
+            .into_iter()
+            .filter(|p| {
+                cache
+                    .get(&GreetingKey::for_phrase(name, spec, *p))
+                    .is_none()
+            })
+            .collect();
+        if missing.is_empty() {
+            return Ok(0);
+        }
+        let cancel = CancellationToken::new();
+        let _stop = cancel.clone().drop_guard();
+        let mut session = self
+            .shared
+            .providers
+            .tts
+            .connect(TtsSessionConfig::from_spec(&spec.voice, "warmup"), cancel)
+            .await?;
+        let mut n = 0;
+        for (i, p) in missing.iter().enumerate() {
+            let key = GreetingKey::for_phrase(name, spec, *p);
+            let ctx = format!("warm{i}");
+            let text = p.text(spec).to_string();
+            cache
+                .get_or_synthesize(&key, || synthesize(&mut session, ctx, text))
+                .await?;
+            n += 1;
+        }
+        session.control.close().await;
+        Ok(n)
+    }
+}
+
+/// Synthesizes one phrase on a session: all audio of one context.
+async fn synthesize(
+    session: &mut TtsSession,
+    ctx: String,
+    text: String,
+) -> Result<Vec<u8>, TtsError> {
+    session.control.speak(&ctx, &format!("{text} ")).await?;
+    session.control.end(&ctx).await?;
+    let mut audio = Vec::new();
+    let collect = async {
+        while let Some(ev) = session.events.recv().await {
+            match ev {
+                TtsEvent::Audio { context_id, mulaw } if context_id == ctx => {
+                    audio.extend_from_slice(&mulaw);
+                }
+                TtsEvent::ContextDone { context_id } if context_id == ctx => return Ok(()),
+                TtsEvent::Error(e) => return Err(e),
+                _ => {}
+            }
+        }
+        Err(TtsError::SessionClosed)
+    };
+    tokio::time::timeout(PHRASE_TIMEOUT, collect)
+        .await
+        .map_err(|_| TtsError::Timeout("phrase synthesis"))??;
+    Ok(audio)
+}
+
+impl CallHandler for Engine {
+    fn prepare(&self, call: &PreparedCall) {
+        let first = self
+            .warming
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(call.persona_name.clone());
+        if !first {
+            return; // another call is warming this persona already
+        }
+        let engine = self.clone();
+        let name = call.persona_name.clone();
+        let spec = call.persona.clone();
+        tokio::spawn(
+            async move {
+                match tokio::time::timeout(WARM_TIMEOUT, engine.warm_phrases(&name, &spec)).await {
+                    Ok(Ok(0)) => {}
+                    Ok(Ok(n)) => info!(phrases = n, "persona phrases synthesized"),
+                    Ok(Err(e)) => warn!(error = %e, "could not synthesize persona phrases"),
+                    Err(_) => warn!("synthesizing persona phrases timed out"),
+                }
+                engine
+                    .warming
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&name);
+            }
+            .instrument(info_span!("warm_phrases", persona = %call.persona_name)),
+        );
+    }
+
+    fn run(
+        &self,
+        ctx: CallContext,
+        input: mpsc::Receiver<CallInput>,
+        output: mpsc::Sender<CallOutput>,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'static, CallEnd> {
+        let call = Call::new(self.shared.clone(), ctx, output);
+        Box::pin(call.run(input, cancel))
+    }
+}
+
+/// The provider keys; with none set the pod runs without the engine.
+const PROVIDER_KEYS: [&str; 3] = ["DEEPGRAM_API_KEY", "CEREBRAS_API_KEY", "ELEVENLABS_API_KEY"];
+
+impl Engine {
+    /// The engine over the real providers configured through `lookup` (the
+    /// environment): `Ok(None)` when no provider key is set at all, an error naming the
+    /// setting when some are set but the configuration cannot work.
+    pub fn from_lookup(
+        lookup: impl Fn(&str) -> Option<String>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Option<Self>, ProviderInitError> {
+        if PROVIDER_KEYS
+            .iter()
+            .all(|k| lookup(k).is_none_or(|v| v.trim().is_empty()))
+        {
+            return Ok(None);
+        }
+        let settings = ProviderSettings::from_lookup(lookup)?;
+        let providers = Providers::real(&settings, metrics.clone())?;
+        Ok(Some(Self::new(providers, metrics)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn provider_settings_are_all_or_nothing() {
+        // Proves no keys means "no engine", and a half-configured engine fails naming the gap.
+        let metrics = Arc::new(Metrics::new());
+        assert!(matches!(
+            Engine::from_lookup(|_| None, metrics.clone()),
+            Ok(None)
+        ));
+        let err = Engine::from_lookup(
+            |k| (k == "CEREBRAS_API_KEY").then(|| "k".to_string()),
+            metrics.clone(),
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(err.contains("DEEPGRAM_API_KEY is not set"), "{err}");
+        let all = Engine::from_lookup(
+            |k| k.ends_with("_API_KEY").then(|| "k".to_string()),
+            metrics,
+        );
+        assert!(matches!(all, Ok(Some(_))));
+    }
+}
