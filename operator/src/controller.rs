@@ -307,6 +307,11 @@ mod tests {
     #[allow(dead_code)]
     fn run_future_is_send(client: Client) {
         fn is_send<T: Send>(_: T) {}
-        is_send(run(client, Config::default(), Metrics::new(), CancellationToken::new()));
+        is_send(run(
+            client,
+            Config::default(),
+            Metrics::new(),
+            CancellationToken::new(),
+        ));
     }
 }

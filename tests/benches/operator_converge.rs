@@ -34,9 +34,17 @@ fn quantile(metrics: &Metrics, kind: &str, q: f64) -> f64 {
     let prefix = format!("operator_reconcile_duration_seconds_bucket{{kind=\"{kind}\",le=\"");
     let mut buckets: Vec<(f64, f64)> = Vec::new();
     for line in text.lines() {
-        let Some(rest) = line.strip_prefix(&prefix) else { continue };
-        let Some((le, count)) = rest.split_once("\"} ") else { continue };
-        let bound = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(f64::NAN) };
+        let Some(rest) = line.strip_prefix(&prefix) else {
+            continue;
+        };
+        let Some((le, count)) = rest.split_once("\"} ") else {
+            continue;
+        };
+        let bound = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse().unwrap_or(f64::NAN)
+        };
         buckets.push((bound, count.trim().parse().unwrap_or(0.0)));
     }
     let total = buckets.last().map(|b| b.1).unwrap_or(0.0);
@@ -48,7 +56,11 @@ fn quantile(metrics: &Metrics, kind: &str, q: f64) -> f64 {
                 return prev_bound;
             }
             let span = count - prev_count;
-            let frac = if span > 0.0 { (rank - prev_count) / span } else { 0.0 };
+            let frac = if span > 0.0 {
+                (rank - prev_count) / span
+            } else {
+                0.0
+            };
             return prev_bound + frac * (bound - prev_bound);
         }
         prev_bound = bound;
