@@ -167,6 +167,8 @@ impl TwilioNumbersEmulator {
 }
 
 /// Checks availability, Basic auth and the account in the path.
+// `Err` is the ready response the handler returns at once.
+#[allow(clippy::result_large_err)]
 fn gate(shared: &Shared, headers: &HeaderMap, account: &str) -> Result<(), Response> {
     if shared.down.load(Ordering::Relaxed) {
         return Err(twilio_error(

@@ -8,10 +8,10 @@
 //! and the metrics port stays up until the very end.
 //!
 //! ## Layout
-//! - [`twilio`]: `/twilio/voice`, `/twilio/status`, `/twilio/stream`.
-//! - [`calls`]: `/v1/calls`.
-//! - [`probes`]: the metrics port.
-//! - [`error`]: JSON errors.
+//! - [`twilio`] - `/twilio/voice`, `/twilio/status`, `/twilio/stream`.
+//! - [`calls`] - `/v1/calls`.
+//! - [`probes`] - the metrics port.
+//! - [`error`] - JSON errors.
 
 pub mod calls;
 pub mod error;

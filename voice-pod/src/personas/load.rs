@@ -27,6 +27,9 @@ pub enum LoadError {
 }
 
 /// What a file in the persona directory turned out to be.
+// A persona spec is large and routes are small; these values are built once per
+// file load, never stored in bulk, so boxing would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum PersonaFile {
     /// A persona: its name and spec.

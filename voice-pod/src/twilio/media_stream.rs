@@ -114,7 +114,7 @@ impl Errors {
         let i = kind as usize;
         self.seen[i] += 1;
         let n = self.seen[i];
-        if n <= LOG_FIRST || n % LOG_EVERY == 0 {
+        if n <= LOG_FIRST || n.is_multiple_of(LOG_EVERY) {
             tracing::warn!(kind = kind.as_str(), occurrences = n, detail = %detail, "bad frame from twilio");
         }
     }
