@@ -1,6 +1,8 @@
 //! test support
 
 pub mod controlplane;
+pub mod dashboard;
 pub mod emulators;
+pub mod helm;
 pub mod postgres;
 pub mod speech;

@@ -1,0 +1,456 @@
+//! The Helm chart with real helm (4.1, from `scripts/helm-tools.sh`): lint and
+//! template for the default values and every toggle, the schema rejecting typos,
+//! and the properties the chart promises (restricted pods, leader election, RBAC
+//! from the operator's rules file, CRDs kept on uninstall, alert thresholds).
+
+use callmeback_tests::helm::{Helm, HelmError, all_of, chart_dir, find};
+use serde_json::{Value, json};
+
+/// Every values toggle, each alone, and all together.
+const TOGGLES: &[&[(&str, &str)]] = &[
+    &[],
+    &[("monitoring.serviceMonitor.enabled", "true")],
+    &[("monitoring.podMonitor.enabled", "true")],
+    &[("monitoring.prometheusRule.enabled", "true")],
+    &[("monitoring.dashboard.enabled", "true")],
+    &[
+        ("podDisruptionBudget.enabled", "true"),
+        ("replicaCount", "2"),
+    ],
+    &[("crds.install", "false")],
+    &[("crds.keep", "false")],
+    &[
+        ("rbac.create", "false"),
+        ("serviceAccount.create", "false"),
+        ("serviceAccount.name", "existing"),
+    ],
+    &[("leaderElection.enabled", "true")],
+    &[(
+        "image.digest",
+        "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+    )],
+    &[
+        ("operator.watchNamespace", "voice"),
+        ("operator.twilioApiUrl", "http://twilio.internal:8080"),
+    ],
+    &[
+        ("monitoring.serviceMonitor.enabled", "true"),
+        ("monitoring.podMonitor.enabled", "true"),
+        ("monitoring.prometheusRule.enabled", "true"),
+        ("monitoring.dashboard.enabled", "true"),
+        ("podDisruptionBudget.enabled", "true"),
+        ("replicaCount", "3"),
+    ],
+];
+
+fn helm() -> Helm {
+    Helm::new().expect("helm and kubectl from scripts/helm-tools.sh")
+}
+
+fn operator_env(objects: &[Value], name: &str) -> Option<String> {
+    let dep = all_of(objects, "Deployment").next()?;
+    dep["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()?
+        .iter()
+        .find(|e| e["name"] == name)
+        .and_then(|e| e["value"].as_str().map(str::to_string))
+}
+
+#[test]
+fn helm_lint_passes_for_default_values_and_every_toggle() {
+    // Proves `helm lint --strict` accepts the chart with each toggle on.
+    let helm = helm();
+    for sets in TOGGLES {
+        helm.lint(sets)
+            .unwrap_or_else(|e| panic!("helm lint with {sets:?} failed: {e}"));
+    }
+}
+
+#[test]
+fn helm_template_renders_exactly_the_objects_each_toggle_asks_for() {
+    // Proves each toggle adds its object and nothing renders that was not asked for.
+    let helm = helm();
+    let count = |objs: &[Value], kind: &str| all_of(objs, kind).count();
+    let crd_files = std::fs::read_dir(chart_dir().join("files/crds"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.path().extension().is_some_and(|x| x == "yaml"))
+                .count()
+        })
+        .unwrap_or(0);
+    assert!(crd_files > 0, "charts/callmeback/files/crds/ holds no CRDs");
+
+    let default = helm.template("cmb", "voice", &[]).unwrap();
+    for kind in [
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Deployment",
+        "Service",
+    ] {
+        assert_eq!(count(&default, kind), 1, "default values render one {kind}");
+    }
+    assert_eq!(count(&default, "CustomResourceDefinition"), crd_files);
+    for kind in [
+        "ServiceMonitor",
+        "PodMonitor",
+        "PrometheusRule",
+        "ConfigMap",
+        "PodDisruptionBudget",
+    ] {
+        assert_eq!(count(&default, kind), 0, "{kind} is off by default");
+    }
+
+    for (sets, kind) in [
+        (
+            &[("monitoring.serviceMonitor.enabled", "true")][..],
+            "ServiceMonitor",
+        ),
+        (&[("monitoring.podMonitor.enabled", "true")], "PodMonitor"),
+        (
+            &[("monitoring.prometheusRule.enabled", "true")],
+            "PrometheusRule",
+        ),
+        (&[("monitoring.dashboard.enabled", "true")], "ConfigMap"),
+        (
+            &[("podDisruptionBudget.enabled", "true")],
+            "PodDisruptionBudget",
+        ),
+    ] {
+        let objs = helm.template("cmb", "voice", sets).unwrap();
+        assert_eq!(count(&objs, kind), 1, "{sets:?} renders one {kind}");
+        assert_eq!(
+            objs.len(),
+            default.len() + 1,
+            "{sets:?} adds only the {kind}"
+        );
+    }
+
+    let no_crds = helm
+        .template("cmb", "voice", &[("crds.install", "false")])
+        .unwrap();
+    assert_eq!(count(&no_crds, "CustomResourceDefinition"), 0);
+
+    let no_rbac = helm
+        .template(
+            "cmb",
+            "voice",
+            &[
+                ("rbac.create", "false"),
+                ("serviceAccount.create", "false"),
+                ("serviceAccount.name", "existing"),
+            ],
+        )
+        .unwrap();
+    for kind in ["ServiceAccount", "ClusterRole", "ClusterRoleBinding"] {
+        assert_eq!(
+            count(&no_rbac, kind),
+            0,
+            "{kind} not created when turned off"
+        );
+    }
+    let dep = all_of(&no_rbac, "Deployment").next().unwrap();
+    assert_eq!(
+        dep["spec"]["template"]["spec"]["serviceAccountName"],
+        "existing"
+    );
+
+    // Every object a namespaced kind renders lands in the release namespace.
+    for o in &default {
+        let cluster_scoped = [
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "CustomResourceDefinition",
+        ]
+        .contains(&o["kind"].as_str().unwrap_or_default());
+        if !cluster_scoped {
+            assert_eq!(
+                o["metadata"]["namespace"], "voice",
+                "{} has the release namespace",
+                o["kind"]
+            );
+        }
+    }
+}
+
+#[test]
+fn values_typos_are_rejected_by_the_schema_naming_the_key() {
+    // Proves values.schema.json turns a misspelt or mistyped value into an error that
+    // names it, instead of a silently ignored setting.
+    let helm = helm();
+    for (key, value, expect) in [
+        ("monitoring.dashbord.enabled", "true", "dashbord"),
+        ("crds.instal", "false", "instal"),
+        ("replicaCount", "two", "replicaCount"),
+        ("image.pullPolicy", "Sometimes", "pullPolicy"),
+        (
+            "monitoring.prometheusRule.turnLatency.for",
+            "ten minutes",
+            "for",
+        ),
+        ("operator.logFormat", "xml", "logFormat"),
+        (
+            "monitoring.prometheusRule.turnLatency.p95Seconds",
+            "fast",
+            "p95Seconds",
+        ),
+        ("leaderElecton.enabled", "true", "leaderElecton"),
+    ] {
+        match helm.template("cmb", "voice", &[(key, value)]) {
+            Err(HelmError::Failed { stderr, .. }) => {
+                assert!(
+                    stderr.contains("schema"),
+                    "{key}: not a schema error: {stderr}"
+                );
+                assert!(
+                    stderr.contains(expect),
+                    "{key}: error does not name {expect:?}: {stderr}"
+                );
+            }
+            other => panic!("{key}={value} was accepted: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn leader_election_is_on_with_more_than_one_replica_unless_forced() {
+    // Proves the auto rule (null = on when replicaCount > 1) and both overrides reach
+    // the operator as OPERATOR_LEADER_ELECTION, with a per-release Lease name.
+    let helm = helm();
+    for (sets, expected) in [
+        (&[][..], "false"),
+        (&[("replicaCount", "2")], "true"),
+        (
+            &[("replicaCount", "2"), ("leaderElection.enabled", "false")],
+            "false",
+        ),
+        (
+            &[("replicaCount", "1"), ("leaderElection.enabled", "true")],
+            "true",
+        ),
+    ] {
+        let objs = helm.template("cmb", "voice", sets).unwrap();
+        assert_eq!(
+            operator_env(&objs, "OPERATOR_LEADER_ELECTION").as_deref(),
+            Some(expected),
+            "{sets:?}"
+        );
+    }
+    let objs = helm.template("cmb", "voice", &[]).unwrap();
+    assert_eq!(
+        operator_env(&objs, "OPERATOR_LEASE_NAME").as_deref(),
+        Some("cmb-callmeback-leader")
+    );
+    let dep = all_of(&objs, "Deployment").next().unwrap();
+    let env = dep["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap();
+    for (name, field) in [
+        ("POD_NAME", "metadata.name"),
+        ("POD_NAMESPACE", "metadata.namespace"),
+    ] {
+        let e = env.iter().find(|e| e["name"] == name).unwrap();
+        assert_eq!(e["valueFrom"]["fieldRef"]["fieldPath"], field);
+    }
+}
+
+#[test]
+fn operator_pod_meets_the_restricted_pod_security_standard_with_probes() {
+    // Proves every field the "restricted" Pod Security Standard checks, plus a
+    // read-only root filesystem, and the health probes on port 8080.
+    let objs = helm().template("cmb", "voice", &[]).unwrap();
+    let pod = &all_of(&objs, "Deployment").next().unwrap()["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    let c = &pod["containers"][0];
+    let sc = &c["securityContext"];
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["runAsNonRoot"], true);
+    assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
+    assert!(sc["capabilities"]["add"].is_null());
+    assert!(sc["privileged"].is_null() || sc["privileged"] == false);
+    assert_eq!(c["ports"][0]["containerPort"], 8080);
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(c["livenessProbe"]["httpGet"]["port"], c["ports"][0]["name"]);
+    assert_eq!(c["args"], json!(["run"]));
+    assert!(c["resources"]["requests"]["memory"].is_string());
+    assert!(c["resources"]["limits"]["memory"].is_string());
+    assert_eq!(
+        c["image"],
+        format!("ghcr.io/callmeback/voice-operator:{}", chart_app_version())
+    );
+
+    let svc = all_of(&objs, "Service").next().unwrap();
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], "http");
+    assert_eq!(
+        svc["spec"]["selector"],
+        all_of(&objs, "Deployment").next().unwrap()["spec"]["selector"]["matchLabels"]
+    );
+}
+
+fn chart_app_version() -> String {
+    let chart: Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(chart_dir().join("Chart.yaml")).unwrap())
+            .unwrap();
+    chart["appVersion"].as_str().unwrap().to_string()
+}
+
+fn rules_file() -> Value {
+    let text =
+        std::fs::read_to_string(chart_dir().join("files/operator-clusterrole-rules.yaml")).unwrap();
+    serde_saphyr::from_str(&text).unwrap()
+}
+
+#[test]
+fn cluster_role_grants_exactly_the_operator_rules_file() {
+    // Proves the ClusterRole is the operator's rules file verbatim (the rules its own
+    // tests run under), bound to the chart's ServiceAccount in the release namespace.
+    let objs = helm().template("cmb", "voice", &[]).unwrap();
+    let role = find(&objs, "ClusterRole", "cmb-callmeback").unwrap();
+    assert_eq!(role["rules"], rules_file());
+    let binding = find(&objs, "ClusterRoleBinding", "cmb-callmeback").unwrap();
+    assert_eq!(binding["roleRef"]["name"], "cmb-callmeback");
+    assert_eq!(
+        binding["subjects"],
+        json!([{"kind": "ServiceAccount", "name": "cmb-callmeback", "namespace": "voice"}])
+    );
+    // No wildcard anywhere: least privilege is spelled out.
+    for rule in rules_file().as_array().unwrap() {
+        for field in ["apiGroups", "resources", "verbs"] {
+            assert!(
+                !rule[field].as_array().unwrap().iter().any(|v| v == "*"),
+                "wildcard in {field}: {rule}"
+            );
+        }
+    }
+}
+
+#[test]
+fn chart_readme_lists_every_resource_the_operator_may_touch() {
+    // Proves the chart README's permission table names every resource in the rules file.
+    let readme = std::fs::read_to_string(chart_dir().join("README.md")).unwrap();
+    for rule in rules_file().as_array().unwrap() {
+        for res in rule["resources"].as_array().unwrap() {
+            let res = res.as_str().unwrap();
+            assert!(
+                readme.contains(&format!("`{res}`")),
+                "charts/callmeback/README.md does not list `{res}`"
+            );
+        }
+    }
+}
+
+#[test]
+fn crds_carry_keep_unless_told_otherwise() {
+    // Proves CRDs survive `helm uninstall` by default and the policy can be turned off.
+    let helm = helm();
+    let kept = helm.template("cmb", "voice", &[]).unwrap();
+    let crds: Vec<_> = all_of(&kept, "CustomResourceDefinition").collect();
+    assert!(!crds.is_empty());
+    for crd in &crds {
+        assert_eq!(
+            crd["metadata"]["annotations"]["helm.sh/resource-policy"],
+            "keep"
+        );
+        assert_eq!(
+            crd["metadata"]["labels"]["app.kubernetes.io/part-of"],
+            "callmeback"
+        );
+    }
+    let not_kept = helm
+        .template("cmb", "voice", &[("crds.keep", "false")])
+        .unwrap();
+    for crd in all_of(&not_kept, "CustomResourceDefinition") {
+        assert!(crd["metadata"]["annotations"]["helm.sh/resource-policy"].is_null());
+    }
+}
+
+#[test]
+fn alert_thresholds_and_labels_come_from_values() {
+    // Proves each alert's threshold and pending time follow values, and extra alert
+    // labels reach every rule.
+    let objs = helm()
+        .template(
+            "cmb",
+            "voice",
+            &[
+                ("monitoring.prometheusRule.enabled", "true"),
+                ("monitoring.prometheusRule.turnLatency.p95Seconds", "0.8"),
+                ("monitoring.prometheusRule.turnLatency.for", "3m"),
+                (
+                    "monitoring.prometheusRule.socketErrors.ratePerSecond",
+                    "0.5",
+                ),
+                ("monitoring.prometheusRule.callFailures.ratio", "0.2"),
+                (
+                    "monitoring.prometheusRule.podSaturation.targetActiveCallsPerPod",
+                    "10",
+                ),
+                ("monitoring.prometheusRule.podSaturation.ratio", "0.5"),
+                (
+                    "monitoring.prometheusRule.reconcileErrors.ratePerSecond",
+                    "0.01",
+                ),
+                ("monitoring.prometheusRule.alertLabels.team", "voice"),
+            ],
+        )
+        .unwrap();
+    let rule = all_of(&objs, "PrometheusRule").next().unwrap();
+    let rules: Vec<&Value> = rule["spec"]["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap())
+        .collect();
+    let by_name = |n: &str| *rules.iter().find(|r| r["alert"] == n).unwrap();
+    let expr = |n: &str| by_name(n)["expr"].as_str().unwrap().to_string();
+    assert!(expr("CallmebackTurnLatencyHigh").ends_with("> 0.8"));
+    assert_eq!(by_name("CallmebackTurnLatencyHigh")["for"], "3m");
+    assert!(expr("CallmebackSocketErrors").ends_with("> 0.5"));
+    assert!(expr("CallmebackCallsFailing").ends_with("> 0.2"));
+    assert!(expr("CallmebackPodsSaturated").ends_with("> 5"));
+    assert!(expr("CallmebackReconcileErrors").ends_with("> 0.01"));
+    assert_eq!(rules.len(), 5);
+    for r in &rules {
+        assert_eq!(r["labels"]["team"], "voice", "{}", r["alert"]);
+        assert!(
+            r["annotations"]["summary"].as_str().unwrap().contains("{{"),
+            "Prometheus templating survives Helm"
+        );
+    }
+}
+
+#[test]
+fn notes_tell_what_to_apply_next_and_where_the_webhook_url_is() {
+    // Proves NOTES.txt (rendered by a client-side dry-run install) points at the
+    // examples, the webhook URL and the uninstall order.
+    let out = helm()
+        .run([
+            "install",
+            "cmb",
+            chart_dir().to_str().unwrap(),
+            "--namespace",
+            "voice",
+            "--dry-run=client",
+            "--set",
+            "monitoring.dashboard.enabled=true",
+        ])
+        .unwrap();
+    let notes = out.split("NOTES:").nth(1).expect("install prints NOTES");
+    for needle in [
+        "examples/persona.yaml",
+        "examples/voicedeployment.yaml",
+        "examples/secret.yaml",
+        "kubectl get personas,vd -o wide",
+        "{.status.webhookUrl}",
+        "kubectl delete vd",
+        "cmb-callmeback-dashboard",
+    ] {
+        assert!(notes.contains(needle), "NOTES lack {needle:?}:\n{notes}");
+    }
+}
