@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use voice_pod::config::{Config, EXIT_BAD_CONFIG, ServeArgs};
 use voice_pod::drain::{self, DrainOutcome};
+use voice_pod::engine::Engine;
 use voice_pod::http::{self, Pod};
 
 #[derive(Parser)]
@@ -109,7 +110,25 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             std::process::exit(130);
         });
     };
-    let outcome = http::serve(Pod::new(config), app, metrics, shutdown).await?;
+    let mut pod = Pod::new(config);
+    // The conversation engine answers calls once provider keys are configured.
+    match Engine::from_lookup(|k| std::env::var(k).ok(), pod.metrics.clone())
+        .context("provider configuration")?
+    {
+        Some(engine) => {
+            // Each persona's greeting is synthesized before the first call rings.
+            let (dir, routes) = (
+                pod.config.persona_dir.clone(),
+                pod.config.routes_file.clone(),
+            );
+            tokio::spawn(engine.clone().warm_persona_dir(dir, routes));
+            pod = pod.with_handler(std::sync::Arc::new(engine));
+        }
+        None => tracing::warn!(
+            "no provider keys (DEEPGRAM_API_KEY, CEREBRAS_API_KEY, ELEVENLABS_API_KEY): calls are answered in silence"
+        ),
+    }
+    let outcome = http::serve(pod, app, metrics, shutdown).await?;
     match outcome {
         DrainOutcome::Finished => tracing::info!("all calls finished; exiting"),
         DrainOutcome::DeadlineCancelled => {

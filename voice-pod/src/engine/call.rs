@@ -1019,7 +1019,7 @@ impl Call {
                 r.llm_done = true;
                 if !r.got_content {
                     let _s = r.span.enter();
-                    warn!("the model returned no words; speaking the fallback phrase");
+                    warn!("the model returned no words");
                     drop(_s);
                     self.add_fallback(reply).await;
                 } else if !r.held && !r.in_history {
@@ -1057,6 +1057,10 @@ impl Call {
             // Not worth holding a fallback: if the turn is confirmed, it is asked again.
             self.discard_spec().await;
             return;
+        }
+        if let Some(r) = self.reply_ref(reply) {
+            let _s = r.span.enter();
+            info!("speaking the fallback phrase");
         }
         self.append_phrase(reply, Phrase::Fallback).await;
         if let Some(r) = self.reply_mut(reply)

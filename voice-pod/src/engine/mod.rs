@@ -26,13 +26,14 @@ pub mod turn_taking;
 pub mod vad;
 
 use std::collections::HashSet;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, error, info, info_span, warn};
 use voice_operator::crd::PersonaSpec;
 
 pub use call::EngineSettings;
@@ -40,8 +41,9 @@ use call::{Call, Shared};
 use greeting_cache::{GreetingCache, GreetingKey, Phrase};
 
 use crate::metrics::Metrics;
+use crate::personas::Personas;
 use crate::providers::{
-    ProviderInitError, ProviderSettings, Providers, TtsError, TtsEvent, TtsSession,
+    LlmError, ProviderInitError, ProviderSettings, Providers, TtsError, TtsEvent, TtsSession,
     TtsSessionConfig,
 };
 use crate::session::{CallContext, CallEnd, CallHandler, CallInput, CallOutput, PreparedCall};
@@ -50,12 +52,16 @@ use crate::session::{CallContext, CallEnd, CallHandler, CallInput, CallOutput, P
 const WARM_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long one phrase's synthesis may take.
 const PHRASE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the model check may take.
+const MODEL_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The conversation engine: the pod's call handler when providers are configured.
 #[derive(Clone)]
 pub struct Engine {
     shared: Arc<Shared>,
     warming: Arc<Mutex<HashSet<String>>>,
+    /// LLM models already checked against the provider's model list.
+    checked_models: Arc<Mutex<HashSet<String>>>,
 }
 
 impl Engine {
@@ -78,7 +84,46 @@ impl Engine {
                 settings,
             }),
             warming: Arc::new(Mutex::new(HashSet::new())),
+            checked_models: Arc::new(Mutex::new(HashSet::new())),
         }
+    }
+
+    /// Checks once per model that the provider serves it, and says so clearly in the
+    /// log if not (every reply of such a persona would be the fallback phrase).
+    fn check_model_once(&self, model: &str) {
+        let first = self
+            .checked_models
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(model.to_string());
+        if !first {
+            return;
+        }
+        let llm = self.shared.providers.llm.clone();
+        let checked = self.checked_models.clone();
+        let model = model.to_string();
+        tokio::spawn(async move {
+            match tokio::time::timeout(MODEL_CHECK_TIMEOUT, llm.check_model(&model)).await {
+                Ok(Ok(())) => info!(%model, "LLM model is available"),
+                Ok(Err(e @ LlmError::UnknownModel { .. })) => {
+                    error!(error = %e, "LLM model does not exist: this persona can only speak its fallback phrase")
+                }
+                Ok(Err(e)) => {
+                    warn!(%model, error = %e, "could not check the LLM model; will retry");
+                    checked
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&model);
+                }
+                Err(_) => {
+                    warn!(%model, "checking the LLM model timed out; will retry");
+                    checked
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&model);
+                }
+            }
+        });
     }
 
     /// The pod-wide cache of synthesized phrases.
@@ -124,6 +169,55 @@ impl Engine {
     }
 }
 
+impl Engine {
+    /// Synthesizes the phrases of every persona in `dir` (at pod start), so even the
+    /// first call of each persona hears its greeting without a TTS round trip.
+    /// Personas added later are warmed by their first call's `prepare`.
+    pub async fn warm_persona_dir(self, dir: PathBuf, routes_file: PathBuf) {
+        // A private registry: this load must not move the pod's persona gauges.
+        let loaded = tokio::task::spawn_blocking(move || {
+            Personas::load(dir, routes_file, Arc::new(Metrics::new())).snapshot()
+        })
+        .await;
+        let Ok(set) = loaded else {
+            return;
+        };
+        for name in set.names() {
+            let Some(spec) = set.get(name) else {
+                continue;
+            };
+            self.prepare_phrases(name.to_string(), spec).await;
+        }
+    }
+
+    /// Warms one persona unless another task is warming it already.
+    async fn prepare_phrases(&self, name: String, spec: Arc<PersonaSpec>) {
+        let first = self
+            .warming
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.clone());
+        if !first {
+            return;
+        }
+        let span = info_span!("warm_phrases", persona = %name);
+        async {
+            match tokio::time::timeout(WARM_TIMEOUT, self.warm_phrases(&name, &spec)).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => info!(phrases = n, "persona phrases synthesized"),
+                Ok(Err(e)) => warn!(error = %e, "could not synthesize persona phrases"),
+                Err(_) => warn!("synthesizing persona phrases timed out"),
+            }
+        }
+        .instrument(span)
+        .await;
+        self.warming
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&name);
+    }
+}
+
 /// Synthesizes one phrase on a session: all audio of one context.
 async fn synthesize(
     session: &mut TtsSession,
@@ -154,33 +248,10 @@ async fn synthesize(
 
 impl CallHandler for Engine {
     fn prepare(&self, call: &PreparedCall) {
-        let first = self
-            .warming
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(call.persona_name.clone());
-        if !first {
-            return; // another call is warming this persona already
-        }
+        self.check_model_once(&call.persona.llm.model);
         let engine = self.clone();
-        let name = call.persona_name.clone();
-        let spec = call.persona.clone();
-        tokio::spawn(
-            async move {
-                match tokio::time::timeout(WARM_TIMEOUT, engine.warm_phrases(&name, &spec)).await {
-                    Ok(Ok(0)) => {}
-                    Ok(Ok(n)) => info!(phrases = n, "persona phrases synthesized"),
-                    Ok(Err(e)) => warn!(error = %e, "could not synthesize persona phrases"),
-                    Err(_) => warn!("synthesizing persona phrases timed out"),
-                }
-                engine
-                    .warming
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&name);
-            }
-            .instrument(info_span!("warm_phrases", persona = %call.persona_name)),
-        );
+        let (name, spec) = (call.persona_name.clone(), call.persona.clone());
+        tokio::spawn(async move { engine.prepare_phrases(name, spec).await });
     }
 
     fn run(
@@ -190,6 +261,7 @@ impl CallHandler for Engine {
         output: mpsc::Sender<CallOutput>,
         cancel: CancellationToken,
     ) -> BoxFuture<'static, CallEnd> {
+        self.check_model_once(&ctx.persona.llm.model);
         let call = Call::new(self.shared.clone(), ctx, output);
         Box::pin(call.run(input, cancel))
     }
