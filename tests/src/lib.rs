@@ -6,3 +6,4 @@ pub mod emulators;
 pub mod helm;
 pub mod postgres;
 pub mod speech;
+pub mod twilio_sim;

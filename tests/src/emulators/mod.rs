@@ -6,8 +6,10 @@
 //! - [`cerebras`]: Cerebras chat completions (SSE) and `/v1/models`.
 //! - [`elevenlabs`]: ElevenLabs multi-context TTS (`multi-stream-input`), mu-law audio.
 //! - [`twilio_numbers`]: Twilio IncomingPhoneNumbers REST (the operator's number wiring).
+//! - [`twilio_rest`]: Twilio Calls REST (the pod's outbound calls and hangups).
 
 pub mod cerebras;
 pub mod deepgram;
 pub mod elevenlabs;
 pub mod twilio_numbers;
+pub mod twilio_rest;
