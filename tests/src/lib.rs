@@ -1,5 +1,6 @@
 //! test support
 
+pub mod call_harness;
 pub mod controlplane;
 pub mod dashboard;
 pub mod emulators;

@@ -588,7 +588,11 @@ impl Conn {
                 c.buffer.clear();
             }
             c.closing = Some(graceful);
-            c.next_due = c.next_due.min(Instant::now());
+            if !graceful {
+                // Stop now; a graceful close keeps the audio's schedule (and its
+                // first-audio latency).
+                c.next_due = c.next_due.min(Instant::now());
+            }
         }
         Flow::Continue
     }
