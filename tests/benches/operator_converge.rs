@@ -6,7 +6,8 @@
 //!
 //! `cargo bench -p callmeback-tests --bench operator_converge` (sizes via
 //! `OPERATOR_BENCH_PERSONAS`, `OPERATOR_BENCH_DEPLOYMENTS`). Results go in
-//! docs/benchmarks.md.
+//! docs/benchmarks.md. Under `cargo test` (no `--bench` argument) it runs a smoke
+//! version (20 Personas, 2 VoiceDeployments) so the test suite stays fast.
 
 use std::time::{Duration, Instant};
 
@@ -71,8 +72,10 @@ fn quantile(metrics: &Metrics, kind: &str, q: f64) -> f64 {
 
 #[tokio::main]
 async fn main() {
-    let personas_n = env_usize("OPERATOR_BENCH_PERSONAS", 1000);
-    let vds_n = env_usize("OPERATOR_BENCH_DEPLOYMENTS", 100);
+    let bench = std::env::args().any(|a| a == "--bench");
+    let (personas_default, vds_default) = if bench { (1000, 100) } else { (20, 2) };
+    let personas_n = env_usize("OPERATOR_BENCH_PERSONAS", personas_default);
+    let vds_n = env_usize("OPERATOR_BENCH_DEPLOYMENTS", vds_default);
     let per_vd = (personas_n / vds_n.max(1)).max(1);
     let cp = callmeback_tests::controlplane::shared().await;
     let client = cp.client();
