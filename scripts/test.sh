@@ -19,4 +19,9 @@ export CALLMEBACK_TEST_DATABASE_URL="$(bash scripts/postgres.sh)"
 # Twilio's official helper library in a test-only virtualenv, cached outside the
 # repo (signature cross-checks in tests/tests/twilio_signature.rs).
 bash scripts/twilio-venv.sh >/dev/null
-cargo test --workspace --all-targets
+# The end-to-end call tests run the voice-pod binary this same build produces (voice-pod's
+# own integration tests make cargo build it with the workspace's features), instead of
+# a nested `cargo build -p voice-pod` that would compile the dependencies a second time.
+export CALLMEBACK_POD_BIN="$CARGO_TARGET_DIR/debug/voice-pod"
+# --no-fail-fast: one failing test binary must not hide the others' results.
+cargo test --workspace --all-targets --no-fail-fast "$@"
