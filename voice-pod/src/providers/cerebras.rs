@@ -298,7 +298,7 @@ impl StreamState {
     fn interpret(&mut self, ev: SseEvent) {
         if ev.event.as_deref() == Some("error") {
             let msg = error_message_from(&ev.data).unwrap_or_else(|| ev.data.clone());
-            self.fail(LlmError::InStream(super::deepgram::truncate(&msg, 300)));
+            self.fail(LlmError::InStream(super::socket::truncate(&msg, 300)));
             return;
         }
         let data = ev.data.trim();
@@ -320,7 +320,7 @@ impl StreamState {
             }
         };
         if let Some(err) = chunk.error {
-            self.fail(LlmError::InStream(super::deepgram::truncate(
+            self.fail(LlmError::InStream(super::socket::truncate(
                 &err.message(),
                 300,
             )));
@@ -459,7 +459,7 @@ fn status_error(status: StatusCode, headers: HeaderMap, body: String) -> LlmErro
         },
         s => LlmError::Status {
             status: s,
-            message: super::deepgram::truncate(&message, 300),
+            message: super::socket::truncate(&message, 300),
         },
     }
 }

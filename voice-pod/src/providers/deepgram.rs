@@ -18,19 +18,17 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep, timeout};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{HeaderValue, header::AUTHORIZATION};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{self, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 use url::Url;
 
 use super::backoff::Backoff;
+use super::socket::{self, Ws, ws_base};
 use super::{
     ApiKey, Bytes, SpeechToText, SttCommand, SttControl, SttError, SttEvent, SttSession,
     SttSessionConfig, Word,
@@ -50,8 +48,6 @@ const EVENT_QUEUE: usize = 128;
 const RESPONSE_CHECK_AUDIO_BYTES: u64 = 5 * BYTES_PER_SEC;
 /// Largest text message accepted from Deepgram.
 const MAX_MESSAGE_BYTES: usize = 1 << 20;
-
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Deepgram client settings.
 #[derive(Clone, Debug)]
@@ -163,39 +159,15 @@ impl Deepgram {
     }
 
     async fn open(&self, url: &Url) -> Result<Ws, SttError> {
-        let mut req = url
-            .as_str()
-            .into_client_request()
-            .map_err(|e| SttError::Config(e.to_string()))?;
-        let auth = HeaderValue::from_str(&format!("Token {}", self.cfg.api_key.expose()))
-            .map_err(|_| SttError::Config("the API key is not a valid header value".into()))?;
-        req.headers_mut().insert(AUTHORIZATION, auth);
-        let ws_cfg = tungstenite::protocol::WebSocketConfig::default()
-            .max_message_size(Some(MAX_MESSAGE_BYTES))
-            .max_frame_size(Some(MAX_MESSAGE_BYTES));
-        match timeout(
+        let auth = format!("Token {}", self.cfg.api_key.expose());
+        socket::open(
+            url,
+            (AUTHORIZATION, &auth),
             self.cfg.connect_timeout,
-            tokio_tungstenite::connect_async_with_config(req, Some(ws_cfg), true),
+            MAX_MESSAGE_BYTES,
         )
         .await
-        {
-            Err(_) => Err(SttError::Timeout("connect")),
-            Ok(Ok((ws, _resp))) => Ok(ws),
-            Ok(Err(tungstenite::Error::Http(resp))) => {
-                let status = resp.status().as_u16();
-                if status == 401 || status == 403 {
-                    Err(SttError::Unauthorized(status))
-                } else {
-                    let body = resp
-                        .body()
-                        .as_deref()
-                        .map(|b| truncate(&String::from_utf8_lossy(b), 300))
-                        .unwrap_or_default();
-                    Err(SttError::Rejected { status, body })
-                }
-            }
-            Ok(Err(e)) => Err(SttError::Connect(e.to_string())),
-        }
+        .map_err(SttError::from)
     }
 }
 
@@ -741,34 +713,6 @@ struct UtteranceEndMsg {
 struct SpeechStartedMsg {
     #[serde(default)]
     timestamp: f64,
-}
-
-/// Parses a base URL and maps `http(s)` to `ws(s)`.
-pub(crate) fn ws_base(base: &str) -> Result<Url, String> {
-    let mut url = Url::parse(base).map_err(|e| format!("bad base URL `{base}`: {e}"))?;
-    let scheme = match url.scheme() {
-        "ws" | "http" => "ws",
-        "wss" | "https" => "wss",
-        other => return Err(format!("unsupported URL scheme `{other}` in `{base}`")),
-    };
-    url.set_scheme(scheme)
-        .map_err(|_| format!("cannot use scheme {scheme} for `{base}`"))?;
-    if url.query().is_some() || !url.username().is_empty() || url.password().is_some() {
-        // Credentials or parameters in the base URL would leak into logs.
-        return Err("the base URL must not carry credentials or a query".into());
-    }
-    Ok(url)
-}
-
-pub(crate) fn truncate(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_owned();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
 }
 
 #[cfg(test)]

@@ -21,19 +21,16 @@ use base64::Engine as _;
 use futures::future::BoxFuture;
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep, timeout};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
-use tokio_tungstenite::tungstenite::{self, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
+use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 use url::Url;
 
 use super::backoff::Backoff;
-use super::deepgram::{truncate, ws_base};
+use super::socket::{self, Ws, ws_base};
 use super::{
     ApiKey, Bytes, ContextId, TextToSpeech, TtsCommand, TtsControl, TtsError, TtsEvent, TtsSession,
     TtsSessionConfig,
@@ -52,8 +49,6 @@ const MAX_MESSAGE_BYTES: usize = 4 << 20;
 const CHARS_PER_SEC_ESTIMATE: f64 = 15.0;
 /// Cancelled context ids remembered so their in-flight audio is dropped.
 const CANCELLED_MEMORY: usize = 32;
-
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// ElevenLabs client settings.
 #[derive(Clone, Debug)]
@@ -151,40 +146,17 @@ impl ElevenLabs {
     }
 
     async fn open(&self, url: &Url) -> Result<Ws, TtsError> {
-        let mut req = url
-            .as_str()
-            .into_client_request()
-            .map_err(|e| TtsError::Config(e.to_string()))?;
-        let mut key = HeaderValue::from_str(self.cfg.api_key.expose())
-            .map_err(|_| TtsError::Config("the API key is not a valid header value".into()))?;
-        key.set_sensitive(true);
-        req.headers_mut().insert("xi-api-key", key);
-        let ws_cfg = tungstenite::protocol::WebSocketConfig::default()
-            .max_message_size(Some(MAX_MESSAGE_BYTES))
-            .max_frame_size(Some(MAX_MESSAGE_BYTES));
-        match timeout(
+        socket::open(
+            url,
+            (
+                HeaderName::from_static("xi-api-key"),
+                self.cfg.api_key.expose(),
+            ),
             self.cfg.connect_timeout,
-            tokio_tungstenite::connect_async_with_config(req, Some(ws_cfg), true),
+            MAX_MESSAGE_BYTES,
         )
         .await
-        {
-            Err(_) => Err(TtsError::Timeout("connect")),
-            Ok(Ok((ws, _))) => Ok(ws),
-            Ok(Err(tungstenite::Error::Http(resp))) => {
-                let status = resp.status().as_u16();
-                if status == 401 || status == 403 {
-                    Err(TtsError::Unauthorized(status))
-                } else {
-                    let body = resp
-                        .body()
-                        .as_deref()
-                        .map(|b| truncate(&String::from_utf8_lossy(b), 300))
-                        .unwrap_or_default();
-                    Err(TtsError::Rejected { status, body })
-                }
-            }
-            Ok(Err(e)) => Err(TtsError::Connect(e.to_string())),
-        }
+        .map_err(TtsError::from)
     }
 }
 

@@ -38,6 +38,7 @@ pub mod backoff;
 pub mod cerebras;
 pub mod deepgram;
 pub mod elevenlabs;
+mod socket;
 pub mod sse;
 
 /// A provider API key. Its `Debug` and `Display` never show the value.
@@ -846,6 +847,30 @@ impl Providers {
             llm: std::sync::Arc::new(llm),
             tts: std::sync::Arc::new(tts),
         })
+    }
+}
+
+impl From<socket::OpenError> for SttError {
+    fn from(e: socket::OpenError) -> Self {
+        match e {
+            socket::OpenError::Config(m) => SttError::Config(m),
+            socket::OpenError::Timeout => SttError::Timeout("connect"),
+            socket::OpenError::Unauthorized(s) => SttError::Unauthorized(s),
+            socket::OpenError::Rejected { status, body } => SttError::Rejected { status, body },
+            socket::OpenError::Connect(m) => SttError::Connect(m),
+        }
+    }
+}
+
+impl From<socket::OpenError> for TtsError {
+    fn from(e: socket::OpenError) -> Self {
+        match e {
+            socket::OpenError::Config(m) => TtsError::Config(m),
+            socket::OpenError::Timeout => TtsError::Timeout("connect"),
+            socket::OpenError::Unauthorized(s) => TtsError::Unauthorized(s),
+            socket::OpenError::Rejected { status, body } => TtsError::Rejected { status, body },
+            socket::OpenError::Connect(m) => TtsError::Connect(m),
+        }
     }
 }
 
