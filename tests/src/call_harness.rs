@@ -315,7 +315,12 @@ impl PodProcess {
         }
         let (app, metrics) = (free_port()?, free_port()?);
         let app_url = format!("http://127.0.0.1:{app}");
-        let metrics_url = format!("http://127.0.0.1:{metrics}");
+        // A fixed metrics address (for a scraper started beside a benchmark) wins.
+        let metrics_listen = extra_env
+            .iter()
+            .find(|(k, _)| *k == "CALLMEBACK_METRICS_LISTEN")
+            .map_or_else(|| format!("127.0.0.1:{metrics}"), |(_, v)| v.to_string());
+        let metrics_url = format!("http://{metrics_listen}");
         let log_path = dir.path().join("pod.log");
         let log = std::fs::File::create(&log_path)?;
         let mut cmd = Command::new(pod_binary()?);
@@ -323,7 +328,7 @@ impl PodProcess {
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("CALLMEBACK_LISTEN", format!("127.0.0.1:{app}"))
-            .env("CALLMEBACK_METRICS_LISTEN", format!("127.0.0.1:{metrics}"))
+            .env("CALLMEBACK_METRICS_LISTEN", &metrics_listen)
             .env("CALLMEBACK_PUBLIC_URL", &app_url)
             .env("CALLMEBACK_PERSONA_DIR", &persona_dir)
             .env("CALLMEBACK_ROUTES_FILE", dir.path().join("routes.yaml"))

@@ -27,6 +27,8 @@ struct Args {
     ramp: Duration,
     preemptive: bool,
     endpointing_ms: u32,
+    /// Fixed metrics address of the pod, for a scraper (render_dashboard) beside the run.
+    metrics_listen: Option<String>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -36,6 +38,7 @@ fn parse_args() -> anyhow::Result<Args> {
         ramp: Duration::from_millis(100),
         preemptive: true,
         endpointing_ms: 200,
+        metrics_listen: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -46,9 +49,10 @@ fn parse_args() -> anyhow::Result<Args> {
             "--ramp-ms" => a.ramp = Duration::from_millis(val()?.parse()?),
             "--no-preempt" => a.preemptive = false,
             "--endpointing-ms" => a.endpointing_ms = val()?.parse()?,
+            "--metrics-listen" => a.metrics_listen = Some(val()?),
             "-h" | "--help" => {
                 println!(
-                    "call-bench [--calls N] [--profile zero|realistic] [--ramp-ms MS] [--endpointing-ms MS] [--no-preempt]"
+                    "call-bench [--calls N] [--profile zero|realistic] [--ramp-ms MS] [--endpointing-ms MS] [--no-preempt] [--metrics-listen 127.0.0.1:PORT]"
                 );
                 std::process::exit(0);
             }
@@ -170,8 +174,11 @@ async fn main() -> anyhow::Result<()> {
         "maxCallDurationSeconds": 300,
         "idleTimeoutSeconds": 60,
     }));
-    let pod =
-        Arc::new(PodProcess::start(&emus, &[("ada", persona)], &[("RUST_LOG", "warn")]).await?);
+    let mut env = vec![("RUST_LOG", "warn")];
+    if let Some(addr) = &args.metrics_listen {
+        env.push(("CALLMEBACK_METRICS_LISTEN", addr.as_str()));
+    }
+    let pod = Arc::new(PodProcess::start(&emus, &[("ada", persona)], &env).await?);
     // Render every line once before the clock starts.
     for (l, _) in TURNS {
         callmeback_tests::speech::render_mulaw_async(l).await?;
