@@ -78,6 +78,9 @@ async fn a_broken_file_keeps_the_last_good_version_and_is_reported_once() {
     })
     .await
     .unwrap();
+    // The pod loads its personas in its own task: break the file only once the good
+    // version is in, or there would be no last good version to keep.
+    assert_eq!(greeting_of_new_call(&pod, &probe).await, "Good one.");
     std::fs::write(
         dir.join("ada.yaml"),
         "displayName: Ada\ngreeting: [unclosed\n",

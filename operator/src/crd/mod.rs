@@ -49,3 +49,44 @@ impl Condition {
 pub fn find_condition<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
     conditions.iter().find(|c| c.type_ == type_)
 }
+
+/// Whether `s` is an E.164 phone number (`+` then 7 to 15 digits, no leading zero):
+/// the form Twilio reports numbers in.
+pub fn is_e164(s: &str) -> bool {
+    let Some(digits) = s.strip_prefix('+') else {
+        return false;
+    };
+    (7..=15).contains(&digits.len())
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && !digits.starts_with('0')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_e164;
+
+    #[test]
+    fn e164_accepts_plus_and_7_to_15_digits_and_nothing_else() {
+        // Proves the operator's numberRoutes key check matches Twilio's number form.
+        for ok in [
+            "+14155550100",
+            "+4930123456",
+            "+1234567",
+            "+123456789012345",
+        ] {
+            assert!(is_e164(ok), "{ok}");
+        }
+        for bad in [
+            "14155550100",
+            "+04155550100",
+            "+1 415 555 0100",
+            "+123456",
+            "+1234567890123456",
+            "+1415555010a",
+            "",
+            "+",
+        ] {
+            assert!(!is_e164(bad), "{bad}");
+        }
+    }
+}

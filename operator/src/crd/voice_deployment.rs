@@ -38,18 +38,27 @@ use super::Condition;
 pub struct VoiceDeploymentSpec {
     /// Personas served, by name, in this namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    // Plain OpenAPI bounds instead of CEL: the apiserver refuses CRDs whose CEL
+    // rules' estimated cost (unbounded lists of unbounded strings) exceeds its budget.
     #[schemars(length(min = 1, max = 100))]
-    #[x_kube(validation = Rule::new("self.all(p, p.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$') && size(p) <= 63)").message("personas must be Persona names (lowercase DNS labels)"))]
+    #[schemars(inner(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    ))]
     pub personas: Option<Vec<String>>,
     /// Personas served, by label (in addition to `personas`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub persona_selector: Option<LabelSelector>,
     /// Persona answering inbound numbers without a route.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
     pub default_persona: Option<String>,
     /// Inbound phone number (E.164) -> persona name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self.all(n, n.matches('^\\\\+[1-9][0-9]{6,14}$'))").message("numberRoutes keys must be E.164 numbers such as +14155550100"))]
+    // Map keys cannot carry a maxLength, so a CEL check of them is over the cost
+    // budget; the operator checks them (`InvalidNumberRoute`).
+    #[schemars(extend("maxProperties" = 200))]
+    #[schemars(inner(length(min = 1, max = 63)))]
     pub number_routes: Option<BTreeMap<String, String>>,
     /// Voice pod image.
     #[serde(default = "default_image")]
@@ -88,6 +97,7 @@ pub struct VoiceDeploymentSpec {
     pub max_unavailable: Option<i32>,
     /// Provider prices for call cost records.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 50))]
     pub prices: Vec<Price>,
 }
 
@@ -166,7 +176,8 @@ pub struct IngressSpec {
 pub struct TwilioSpec {
     /// E.164 numbers owned by the Twilio account in the Secret.
     #[serde(default)]
-    #[x_kube(validation = Rule::new("self.all(n, n.matches('^\\\\+[1-9][0-9]{6,14}$'))").message("phoneNumbers must be E.164 numbers such as +14155550100"))]
+    #[schemars(length(max = 100))]
+    #[schemars(inner(regex(pattern = r"^\+[1-9][0-9]{6,14}$")))]
     pub phone_numbers: Vec<String>,
 }
 
@@ -175,13 +186,13 @@ pub struct TwilioSpec {
 #[serde(rename_all = "camelCase")]
 pub struct Price {
     /// `twilio`, `deepgram`, `cerebras` or `elevenlabs`.
-    #[x_kube(validation = Rule::new("self in ['twilio', 'deepgram', 'cerebras', 'elevenlabs']").message("provider must be one of twilio, deepgram, cerebras, elevenlabs"))]
+    #[schemars(extend("enum" = ["twilio", "deepgram", "cerebras", "elevenlabs"]))]
     pub provider: String,
     /// `stt_seconds`, `llm_input_tokens`, `llm_output_tokens`, `tts_characters`, `telephony_seconds`.
-    #[x_kube(validation = Rule::new("self in ['stt_seconds', 'llm_input_tokens', 'llm_output_tokens', 'tts_characters', 'telephony_seconds']").message("unit must be one of stt_seconds, llm_input_tokens, llm_output_tokens, tts_characters, telephony_seconds"))]
+    #[schemars(extend("enum" = ["stt_seconds", "llm_input_tokens", "llm_output_tokens", "tts_characters", "telephony_seconds"]))]
     pub unit: String,
     /// Price per unit in USD, as a decimal string (e.g. `"0.0000043"`).
-    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?$"))]
+    #[schemars(length(max = 32), regex(pattern = r"^[0-9]+(\.[0-9]+)?$"))]
     pub usd_per_unit: String,
 }
 

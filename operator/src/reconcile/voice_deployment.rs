@@ -199,6 +199,24 @@ pub async fn reconcile(vd: Arc<VoiceDeployment>, ctx: Arc<Context>) -> Result<Ac
             .join(", ");
         problems.push(("PersonaInvalid", format!("Persona invalid: {list}")));
     }
+    let bad_routes: Vec<&str> = vd
+        .spec
+        .number_routes
+        .iter()
+        .flat_map(|routes| routes.keys())
+        .filter(|n| !crate::crd::is_e164(n))
+        .map(String::as_str)
+        .collect();
+    if !bad_routes.is_empty() {
+        // The CRD schema cannot bound map keys cheaply enough for CEL, so this is checked here.
+        problems.push((
+            "InvalidNumberRoute",
+            format!(
+                "numberRoutes keys must be E.164 numbers such as +14155550100: {}",
+                bad_routes.join(", ")
+            ),
+        ));
+    }
     if personas.resolved.is_empty() && personas.missing.is_empty() && personas.invalid.is_empty() {
         problems.push((
             "NoPersonas",

@@ -306,6 +306,11 @@ impl Personas {
             if state.files.get(&path).is_some_and(|f| f.content == content) {
                 continue;
             }
+            if content.iter().all(u8::is_ascii_whitespace) {
+                // An editor's or `cp`'s write truncates first: an empty file is a write in
+                // progress, not a deleted persona. Keep the last version; rescan later.
+                continue;
+            }
             let previous = state.files.remove(&path).and_then(|f| f.last_good);
             let parsed = std::str::from_utf8(&content)
                 .map_err(|e| LoadError::Syntax(format!("not UTF-8: {e}")))
@@ -385,6 +390,23 @@ mod tests {
         p.rescan();
         assert_eq!(p.snapshot().default_persona(), None);
         assert!(p.snapshot().route("+14155550100").is_none());
+    }
+
+    #[test]
+    fn a_file_caught_empty_mid_write_keeps_the_persona_and_is_no_error() {
+        // Proves the truncate-then-write gap of an edit neither unloads the persona nor counts an error.
+        let d = tempfile::tempdir().unwrap();
+        let m = Arc::new(Metrics::new());
+        write(d.path(), "ada.yaml", "first");
+        let p = Personas::load(d.path(), d.path().join("routes.yaml"), Arc::clone(&m));
+        std::fs::write(d.path().join("ada.yaml"), "").unwrap();
+        let report = p.rescan();
+        assert_eq!(report.errors, 0);
+        assert_eq!(p.snapshot().get("ada").unwrap().greeting, "first");
+        assert_eq!(m.persona_reload_errors.get(), 0);
+        write(d.path(), "ada.yaml", "second");
+        assert!(p.rescan().changed);
+        assert_eq!(p.snapshot().get("ada").unwrap().greeting, "second");
     }
 
     #[test]
