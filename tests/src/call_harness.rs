@@ -307,6 +307,19 @@ impl PodProcess {
         personas: &[(&str, String)],
         extra_env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
+        let mut env = emulators.env();
+        env.extend(extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        Self::start_with_env(personas, &env).await
+    }
+
+    /// Starts `voice-pod serve` without provider keys (calls are answered in
+    /// silence): for tests of the API, the scheduler and persistence. `env` may set
+    /// `DATABASE_URL`, `TWILIO_API_URL` (a REST emulator), `CALLMEBACK_API_TOKEN`,
+    /// `TWILIO_FROM_NUMBER` and the scheduler's settings; later entries win.
+    pub async fn start_with_env(
+        personas: &[(&str, String)],
+        env: &[(String, String)],
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let persona_dir = dir.path().join("personas");
         std::fs::create_dir_all(&persona_dir)?;
@@ -339,12 +352,7 @@ impl PodProcess {
                 "RUST_LOG",
                 std::env::var("CALLMEBACK_POD_LOG").unwrap_or_else(|_| "info".into()),
             )
-            .envs(emulators.env())
-            .envs(
-                extra_env
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string())),
-            )
+            .envs(env.iter().cloned())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
@@ -445,6 +453,13 @@ impl PodProcess {
     /// The whole log.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// SIGKILL: the process dies at once, mid-work, like an OOM-killed pod.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
     }
 
     /// SIGTERM, then wait (bounded) for the exit.
