@@ -308,7 +308,11 @@ impl PodProcess {
         extra_env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
         let mut env = emulators.env();
-        env.extend(extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        env.extend(
+            extra_env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
         Self::start_with_env(personas, &env).await
     }
 

@@ -12,8 +12,7 @@ use callmeback_tests::call_harness::{PodProcess, persona_json};
 use callmeback_tests::emulators::twilio_rest::{CreatedCall, TwilioRestEmulator};
 use callmeback_tests::postgres::TestDb;
 use callmeback_tests::twilio_sim::{
-    TEST_ACCOUNT_SID, TEST_API_TOKEN, TEST_AUTH_TOKEN, TEST_FROM_NUMBER, eventually,
-    metric_value,
+    TEST_ACCOUNT_SID, TEST_API_TOKEN, TEST_AUTH_TOKEN, TEST_FROM_NUMBER, eventually, metric_value,
 };
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Value, json};
@@ -382,7 +381,10 @@ async fn a_callback_canceled_before_due_is_never_placed() {
 
     // Past the due time plus several polls.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert!(cluster.twilio.calls().is_empty(), "a canceled call was placed");
+    assert!(
+        cluster.twilio.calls().is_empty(),
+        "a canceled call was placed"
+    );
     let row = cluster.row(id).await;
     assert_eq!(row.status, "canceled");
     assert_eq!(row.attempt, 0, "never claimed: {row:?}");
@@ -506,7 +508,8 @@ async fn busy_callbacks_are_retried_only_when_asked() {
         assert_eq!(answer.status, 200);
     }
     let busy = eventually(Duration::from_secs(10), || async {
-        cluster.row(with_retry).await.status == "busy" && cluster.row(without).await.status == "busy"
+        cluster.row(with_retry).await.status == "busy"
+            && cluster.row(without).await.status == "busy"
     })
     .await;
     assert!(busy, "status callbacks did not reach the rows");

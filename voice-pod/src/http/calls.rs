@@ -177,6 +177,14 @@ fn timing(req: &CallRequest, now: DateTime<Utc>, problems: &mut Vec<Problem>) ->
         .as_deref()
         .and_then(|r| duration_field("retryDelay", r, problems))
         .map(seconds_i32);
+    if max_lateness_seconds.is_some_and(|s| i64::from(s) > MAX_SCHEDULE_AHEAD.as_secs() as i64)
+        || retry_delay_seconds.is_some_and(|s| i64::from(s) > MAX_SCHEDULE_AHEAD.as_secs() as i64)
+    {
+        problems.push(Problem {
+            field: "maxLateness",
+            problem: "maxLateness and retryDelay must be at most 90 days".into(),
+        });
+    }
     Timing {
         due,
         max_lateness_seconds,
@@ -506,7 +514,11 @@ fn store_failed(what: &str, err: &dyn std::fmt::Display) -> ApiError {
 }
 
 /// Stores a callback for the scheduler; durable when the 201 is sent.
-async fn schedule(state: &AppState, plan: OutboundPlan, timing: &Timing) -> Result<Response, ApiError> {
+async fn schedule(
+    state: &AppState,
+    plan: OutboundPlan,
+    timing: &Timing,
+) -> Result<Response, ApiError> {
     let store = store_of(state)?;
     let Ok(id) = uuid::Uuid::parse_str(&plan.call_id) else {
         return Err(store_failed("scheduling", &"call id is not a UUID"));
@@ -650,18 +662,22 @@ pub async fn cancel(
                 }
             }
         };
-        let outcome = match tokio::time::timeout(DB_TIMEOUT, schedule_sql::cancel(store.pool(), id)).await {
-            Ok(Ok(o)) => o,
-            Ok(Err(err)) => return Err(store_failed("cancelling a call", &err)),
-            Err(_) => return Err(store_failed("cancelling a call", &"timed out")),
-        };
+        let outcome =
+            match tokio::time::timeout(DB_TIMEOUT, schedule_sql::cancel(store.pool(), id)).await {
+                Ok(Ok(o)) => o,
+                Ok(Err(err)) => return Err(store_failed("cancelling a call", &err)),
+                Err(_) => return Err(store_failed("cancelling a call", &"timed out")),
+            };
         match outcome {
             CancelOutcome::Canceled | CancelOutcome::AlreadyCanceled => {
                 if outcome == CancelOutcome::Canceled {
                     count(&state, "canceled");
                     tracing::info!(call_id = %id, "scheduled callback canceled");
                 }
-                Ok(Json(json!({ "id": id, "status": CallStatus::Canceled.as_str() })).into_response())
+                Ok(
+                    Json(json!({ "id": id, "status": CallStatus::Canceled.as_str() }))
+                        .into_response(),
+                )
             }
             CancelOutcome::NotFound => Err(not_found()),
             CancelOutcome::AlreadyPlaced(status) => {
@@ -673,11 +689,97 @@ pub async fn cancel(
                          `scheduled` can be canceled"
                     )
                 };
-                Err(ApiError::new(StatusCode::CONFLICT, "already_placed", message)
-                    .with("status", json!(status)))
+                Err(
+                    ApiError::new(StatusCode::CONFLICT, "already_placed", message)
+                        .with("status", json!(status)),
+                )
             }
         }
     }
     .await;
     result.unwrap_or_else(IntoResponse::into_response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(extra: serde_json::Value) -> CallRequest {
+        let mut body = json!({"to": "+14155550100"});
+        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+            b.extend(e.clone());
+        }
+        serde_json::from_value(body).unwrap()
+    }
+
+    fn fields(problems: &[Problem]) -> Vec<&'static str> {
+        problems.iter().map(|p| p.field).collect()
+    }
+
+    // `in` and `at` both give a due time; neither means "now"; both at once is refused.
+    #[test]
+    fn at_and_in_give_the_due_time() {
+        let now = DateTime::parse_from_rfc3339("2030-04-15T08:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let mut problems = Vec::new();
+        let t = timing(&request(json!({"in": "10m"})), now, &mut problems);
+        assert_eq!(t.due, Some(now + chrono::Duration::minutes(10)));
+        let t = timing(
+            &request(json!({"at": "2030-05-01T18:30:00+02:00"})),
+            now,
+            &mut problems,
+        );
+        assert_eq!(
+            t.due.map(|d| d.to_rfc3339()),
+            Some("2030-05-01T16:30:00+00:00".to_string())
+        );
+        let t = timing(&request(json!({})), now, &mut problems);
+        assert_eq!(t.due, None);
+        assert!(problems.is_empty(), "{problems:?}");
+
+        let t = timing(
+            &request(json!({"in": "90s", "at": "2030-05-01T18:30:00Z"})),
+            now,
+            &mut problems,
+        );
+        assert_eq!(t.due, None);
+        assert_eq!(fields(&problems), ["at"]);
+    }
+
+    // Bad times, durations, and retry counts each name their field.
+    #[test]
+    fn bad_timing_fields_are_named() {
+        let now = Utc::now();
+        let mut problems = Vec::new();
+        timing(&request(json!({"at": "tomorrow"})), now, &mut problems);
+        timing(&request(json!({"in": "soonish"})), now, &mut problems);
+        timing(&request(json!({"in": "200d"})), now, &mut problems);
+        timing(
+            &request(json!({"maxLateness": "0s", "retries": 9, "retryDelay": "x"})),
+            now,
+            &mut problems,
+        );
+        assert_eq!(
+            fields(&problems),
+            ["at", "in", "in", "maxLateness", "retries", "retryDelay"]
+        );
+        let t = timing(
+            &request(json!({"in": "5m", "maxLateness": "30m", "retries": 2, "retryDelay": "2m"})),
+            now,
+            &mut Vec::new(),
+        );
+        assert_eq!(
+            (t.max_lateness_seconds, t.retries, t.retry_delay_seconds),
+            (Some(1800), 2, Some(120))
+        );
+    }
+
+    // Unknown fields are refused rather than ignored (a typo in `at` must not call now).
+    #[test]
+    fn unknown_request_fields_are_refused() {
+        let err =
+            serde_json::from_value::<CallRequest>(json!({"to": "+14155550100", "when": "5m"}));
+        assert!(err.is_err());
+    }
 }

@@ -31,8 +31,8 @@ use crate::config::Config;
 use crate::drain::{Drain, DrainOutcome};
 use crate::metrics::Metrics;
 use crate::personas::{Personas, watch};
-use crate::session::{CallHandler, RecordingHandler};
 use crate::scheduler::{self, SchedulerDeps};
+use crate::session::{CallHandler, RecordingHandler};
 use crate::store::{CallRecords, NoPersistence, PgStore};
 use crate::twilio::context::ContextSigner;
 use crate::twilio::media_stream::StreamDeps;
@@ -210,7 +210,13 @@ pub async fn serve(
         })
     });
     let stop_scheduler = CancellationToken::new();
-    let scheduler_task = match (&store, &signer, &config.public_url, &config.twilio.account_sid, &config.twilio.auth_token) {
+    let scheduler_task = match (
+        &store,
+        &signer,
+        &config.public_url,
+        &config.twilio.account_sid,
+        &config.twilio.auth_token,
+    ) {
         (Some(store), Some(signer), Some(public), Some(sid), Some(token)) => {
             // Its own client: the request timeout must fit well inside the claim's lease.
             let client = TwilioClient::new(
@@ -234,7 +240,9 @@ pub async fn serve(
             Some(tokio::spawn(scheduler::run(deps, stop_scheduler.clone())))
         }
         (Some(_), ..) => {
-            tracing::warn!("scheduled callbacks are not placed by this pod: Twilio is not configured");
+            tracing::warn!(
+                "scheduled callbacks are not placed by this pod: Twilio is not configured"
+            );
             None
         }
         (None, ..) => None,

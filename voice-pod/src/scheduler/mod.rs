@@ -73,6 +73,8 @@ const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 const DB_TIMEOUT: Duration = Duration::from_secs(5);
 /// Retries scheduled per round.
 const RETRY_BATCH: i64 = 50;
+/// Longest lateness limit honoured (keeps interval arithmetic in range).
+const MAX_LATENESS_SECS: i64 = 366 * 24 * 3600;
 
 /// Scheduler settings (`CALLMEBACK_SCHEDULER_*`, `CALLMEBACK_MAX_LATENESS`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -190,6 +192,9 @@ pub async fn run(deps: SchedulerDeps, stop: CancellationToken) {
     let deps = Arc::new(deps);
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let lease_ms = i64::try_from(deps.config.lease.as_millis()).unwrap_or(i64::MAX);
+    let late_limit = i64::try_from(deps.config.max_lateness.as_secs())
+        .unwrap_or(i64::MAX)
+        .min(MAX_LATENESS_SECS);
     let mut last_housekeeping: Option<Instant> = None;
     tracing::info!(
         pod = %deps.pod,
@@ -209,7 +214,14 @@ pub async fn run(deps: SchedulerDeps, stop: CancellationToken) {
         if limit > 0 {
             let claimed = tokio::time::timeout(
                 DB_TIMEOUT,
-                queries::claim(&deps.pool, &deps.pod, limit, lease_ms, MAX_ATTEMPTS),
+                queries::claim(
+                    &deps.pool,
+                    &deps.pod,
+                    limit,
+                    lease_ms,
+                    MAX_ATTEMPTS,
+                    late_limit,
+                ),
             )
             .await;
             match claimed {
@@ -267,7 +279,9 @@ pub async fn run(deps: SchedulerDeps, stop: CancellationToken) {
 async fn housekeeping(deps: &SchedulerDeps) {
     let m = &deps.metrics;
     let pool = &deps.pool;
-    let late_limit = i64::try_from(deps.config.max_lateness.as_secs()).unwrap_or(i64::MAX);
+    let late_limit = i64::try_from(deps.config.max_lateness.as_secs())
+        .unwrap_or(i64::MAX)
+        .min(MAX_LATENESS_SECS);
     match tokio::time::timeout(DB_TIMEOUT, queries::expire_late(pool, late_limit)).await {
         Ok(Ok(n)) => {
             if n > 0 {
@@ -294,7 +308,9 @@ async fn housekeeping(deps: &SchedulerDeps) {
         Ok(Err(err)) => tracing::warn!(error = %err, "giving up exhausted callbacks failed"),
         Err(_) => tracing::warn!("giving up exhausted callbacks timed out"),
     }
-    let delay = i64::try_from(deps.config.retry_delay.as_secs()).unwrap_or(i64::MAX);
+    let delay = i64::try_from(deps.config.retry_delay.as_secs())
+        .unwrap_or(i64::MAX)
+        .min(MAX_LATENESS_SECS);
     match tokio::time::timeout(
         DB_TIMEOUT,
         queries::schedule_retries(pool, delay, RETRY_BATCH),
@@ -322,7 +338,13 @@ async fn place(deps: &SchedulerDeps, row: queries::Claimed, claimed_at: Instant)
     let m = &deps.metrics;
     let id = row.id;
     let (Some(to), Some(from)) = (row.to_number.clone(), row.from_number.clone()) else {
-        record_failure(deps, id, FailureReason::BadRequest, "missing to/from number").await;
+        record_failure(
+            deps,
+            id,
+            FailureReason::BadRequest,
+            "missing to/from number",
+        )
+        .await;
         return;
     };
     let Some(persona) = deps.personas.snapshot().get(&row.persona) else {

@@ -122,7 +122,8 @@ pub struct Claimed {
 }
 
 /// Claims up to `limit` due callbacks for `pod`, with a lease of `lease_ms`: rows
-/// due and scheduled, and rows whose previous claim ran out while Twilio's answer
+/// due and scheduled (and not later than their lateness limit, `late_secs` by
+/// default: those are [`expire_late`]'s), and rows whose previous claim ran out while Twilio's answer
 /// is still unknown (no CallSid recorded, status still `placing`: neither the REST
 /// answer nor Twilio's `initiated` callback arrived) and that have attempts left.
 pub async fn claim(
@@ -131,11 +132,14 @@ pub async fn claim(
     limit: i64,
     lease_ms: i64,
     max_attempts: i32,
+    late_secs: i64,
 ) -> Result<Vec<Claimed>, sqlx::Error> {
     sqlx::query_as::<_, Claimed>(
         "WITH due AS ( \
              SELECT id FROM calls \
-             WHERE (status = 'scheduled' AND scheduled_for <= now()) \
+             WHERE (status = 'scheduled' AND scheduled_for <= now() \
+                    AND scheduled_for >= now() \
+                        - make_interval(secs => COALESCE(max_lateness_seconds, $5))) \
                 OR (status = 'placing' AND lease_until < now() AND call_sid IS NULL \
                     AND attempt < $4) \
              ORDER BY scheduled_for \
@@ -152,6 +156,7 @@ pub async fn claim(
     .bind(limit)
     .bind(lease_ms)
     .bind(max_attempts)
+    .bind(late_secs)
     .fetch_all(pool)
     .await
 }

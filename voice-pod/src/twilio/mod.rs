@@ -57,9 +57,18 @@ mod tests {
     // Numbers as people write them become E.164; national numbers and junk do not.
     #[test]
     fn numbers_normalise_to_e164() {
-        assert_eq!(super::normalize_e164("+1 (415) 555-0100").as_deref(), Some("+14155550100"));
-        assert_eq!(super::normalize_e164("0041 44 668 18 00").as_deref(), Some("+41446681800"));
-        assert_eq!(super::normalize_e164("+44.20.7946.0018").as_deref(), Some("+442079460018"));
+        assert_eq!(
+            super::normalize_e164("+1 (415) 555-0100").as_deref(),
+            Some("+14155550100")
+        );
+        assert_eq!(
+            super::normalize_e164("0041 44 668 18 00").as_deref(),
+            Some("+41446681800")
+        );
+        assert_eq!(
+            super::normalize_e164("+44.20.7946.0018").as_deref(),
+            Some("+442079460018")
+        );
         assert_eq!(super::normalize_e164("415 555 0100"), None);
         assert_eq!(super::normalize_e164("+1 415 CALL ME"), None);
         assert_eq!(super::normalize_e164(""), None);
