@@ -333,10 +333,11 @@ impl PodProcess {
         let (app, metrics) = (free_port()?, free_port()?);
         let app_url = format!("http://127.0.0.1:{app}");
         // A fixed metrics address (for a scraper started beside a benchmark) wins.
-        let metrics_listen = extra_env
+        let metrics_listen = env
             .iter()
-            .find(|(k, _)| *k == "CALLMEBACK_METRICS_LISTEN")
-            .map_or_else(|| format!("127.0.0.1:{metrics}"), |(_, v)| v.to_string());
+            .rev()
+            .find(|(k, _)| k == "CALLMEBACK_METRICS_LISTEN")
+            .map_or_else(|| format!("127.0.0.1:{metrics}"), |(_, v)| v.clone());
         let metrics_url = format!("http://{metrics_listen}");
         let log_path = dir.path().join("pod.log");
         let log = std::fs::File::create(&log_path)?;
