@@ -307,6 +307,23 @@ impl PodProcess {
         personas: &[(&str, String)],
         extra_env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
+        let mut env = emulators.env();
+        env.extend(
+            extra_env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
+        Self::start_with_env(personas, &env).await
+    }
+
+    /// Starts `voice-pod serve` without provider keys (calls are answered in
+    /// silence): for tests of the API, the scheduler and persistence. `env` may set
+    /// `DATABASE_URL`, `TWILIO_API_URL` (a REST emulator), `CALLMEBACK_API_TOKEN`,
+    /// `TWILIO_FROM_NUMBER` and the scheduler's settings; later entries win.
+    pub async fn start_with_env(
+        personas: &[(&str, String)],
+        env: &[(String, String)],
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let persona_dir = dir.path().join("personas");
         std::fs::create_dir_all(&persona_dir)?;
@@ -316,10 +333,11 @@ impl PodProcess {
         let (app, metrics) = (free_port()?, free_port()?);
         let app_url = format!("http://127.0.0.1:{app}");
         // A fixed metrics address (for a scraper started beside a benchmark) wins.
-        let metrics_listen = extra_env
+        let metrics_listen = env
             .iter()
-            .find(|(k, _)| *k == "CALLMEBACK_METRICS_LISTEN")
-            .map_or_else(|| format!("127.0.0.1:{metrics}"), |(_, v)| v.to_string());
+            .rev()
+            .find(|(k, _)| k == "CALLMEBACK_METRICS_LISTEN")
+            .map_or_else(|| format!("127.0.0.1:{metrics}"), |(_, v)| v.clone());
         let metrics_url = format!("http://{metrics_listen}");
         let log_path = dir.path().join("pod.log");
         let log = std::fs::File::create(&log_path)?;
@@ -339,12 +357,7 @@ impl PodProcess {
                 "RUST_LOG",
                 std::env::var("CALLMEBACK_POD_LOG").unwrap_or_else(|_| "info".into()),
             )
-            .envs(emulators.env())
-            .envs(
-                extra_env
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string())),
-            )
+            .envs(env.iter().cloned())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
@@ -445,6 +458,13 @@ impl PodProcess {
     /// The whole log.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// SIGKILL: the process dies at once, mid-work, like an OOM-killed pod.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
     }
 
     /// SIGTERM, then wait (bounded) for the exit.

@@ -904,6 +904,7 @@ impl TestPod {
                 .unwrap_or_else(|| "http://127.0.0.1:9".into()),
             twilio_from_number: opts.from_number,
             database_url: None,
+            ..Default::default()
         };
         let mut config = Config::from_args(args)?;
         config.limits = opts.limits;

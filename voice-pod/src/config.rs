@@ -69,6 +69,17 @@ pub struct ServeArgs {
     /// PostgreSQL URL; persistence is off when unset.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
+    /// How often the scheduler looks for due callbacks (default 200ms).
+    #[arg(long, env = "CALLMEBACK_SCHEDULER_POLL")]
+    pub scheduler_poll: Option<String>,
+    /// How long a pod's claim on a due callback holds before another pod may take
+    /// it over (default 30s).
+    #[arg(long, env = "CALLMEBACK_SCHEDULER_LEASE")]
+    pub scheduler_lease: Option<String>,
+    /// Callbacks due longer ago than this are not placed (default 15m; a request's
+    /// `maxLateness` overrides it).
+    #[arg(long, env = "CALLMEBACK_MAX_LATENESS")]
+    pub max_lateness: Option<String>,
 }
 
 /// A secret string: never printed by `Debug` or `Display`.
@@ -229,6 +240,8 @@ pub struct Config {
     pub database_url: Option<Secret>,
     /// Limits and timings.
     pub limits: Limits,
+    /// Scheduled callbacks.
+    pub scheduler: crate::scheduler::SchedulerConfig,
 }
 
 /// A setting that failed validation. The message names the variable and the flag.
@@ -318,6 +331,33 @@ impl Config {
                 "must be an E.164 number such as +14155550100",
             ));
         }
+        let mut scheduler = crate::scheduler::SchedulerConfig::default();
+        if let Some(p) = non_empty(args.scheduler_poll) {
+            scheduler.poll_interval = parse_duration(&p)
+                .and_then(|d| positive(d, "the poll interval"))
+                .map_err(|r| ConfigError::new("CALLMEBACK_SCHEDULER_POLL", "scheduler-poll", r))?;
+        }
+        if let Some(l) = non_empty(args.scheduler_lease) {
+            scheduler.lease = parse_duration(&l)
+                .and_then(|d| {
+                    if d < crate::scheduler::MIN_LEASE {
+                        Err(format!(
+                            "must be at least {:?} (a placement must fit well inside it)",
+                            crate::scheduler::MIN_LEASE
+                        ))
+                    } else {
+                        Ok(d)
+                    }
+                })
+                .map_err(|r| {
+                    ConfigError::new("CALLMEBACK_SCHEDULER_LEASE", "scheduler-lease", r)
+                })?;
+        }
+        if let Some(m) = non_empty(args.max_lateness) {
+            scheduler.max_lateness = parse_duration(&m)
+                .and_then(|d| positive(d, "the lateness limit"))
+                .map_err(|r| ConfigError::new("CALLMEBACK_MAX_LATENESS", "max-lateness", r))?;
+        }
         Ok(Self {
             listen,
             metrics_listen,
@@ -334,6 +374,7 @@ impl Config {
             },
             database_url: non_empty(args.database_url).map(Secret),
             limits: Limits::default(),
+            scheduler,
         })
     }
 
@@ -347,6 +388,14 @@ impl Config {
             missing.push("TWILIO_AUTH_TOKEN");
         }
         missing
+    }
+}
+
+fn positive(d: Duration, what: &str) -> Result<Duration, String> {
+    if d.is_zero() {
+        Err(format!("{what} must be longer than zero"))
+    } else {
+        Ok(d)
     }
 }
 

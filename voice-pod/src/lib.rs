@@ -14,6 +14,7 @@
 //! - [`audio`]: G.711 mu-law, 20 ms framing, resampling, MP3 decoding.
 //! - [`providers`]: Deepgram, Cerebras and ElevenLabs clients behind small traits.
 //! - [`engine`]: the conversation: turn-taking, streaming replies, barge-in.
+//! - [`scheduler`]: scheduled callbacks, claimed and placed exactly once across pods.
 //! - [`store`]: PostgreSQL persistence of calls, turns, costs and relationships.
 //! - [`metrics`]: the Prometheus metrics (names are the dashboard's contract).
 //! - [`drain`]: graceful shutdown: readiness off, refuse new calls, finish active ones.
@@ -27,6 +28,7 @@ pub mod http;
 pub mod metrics;
 pub mod personas;
 pub mod providers;
+pub mod scheduler;
 pub mod session;
 pub mod store;
 pub mod twilio;

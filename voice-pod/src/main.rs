@@ -27,6 +27,9 @@ enum Command {
     Serve(ServeArgs),
 }
 
+/// How long records still queued at exit get to reach the database.
+const STORE_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -97,9 +100,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 config.metrics_listen
             )
         })?;
-    if config.database_url.is_some() {
-        tracing::warn!("DATABASE_URL is set, but this build keeps no call records yet");
-    }
     let shutdown = async {
         let signal = drain::shutdown_signal().await;
         tracing::info!(?signal, "shutdown signal received");
@@ -110,7 +110,19 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             std::process::exit(130);
         });
     };
+    let database_url = config.database_url.clone();
     let mut pod = Pod::new(config);
+    // Call records, scheduled callbacks and the scheduler need PostgreSQL.
+    let store = voice_pod::store::postgres::open(
+        database_url.as_ref().map(|s| s.expose()),
+        |_| {},
+        &pod.metrics,
+    )
+    .await
+    .context("DATABASE_URL")?;
+    if let Some(store) = &store {
+        pod = pod.with_store(store.clone());
+    }
     // The conversation engine answers calls once provider keys are configured.
     match Engine::from_lookup(|k| std::env::var(k).ok(), pod.metrics.clone())
         .context("provider configuration")?
@@ -129,6 +141,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         ),
     }
     let outcome = http::serve(pod, app, metrics, shutdown).await?;
+    if let Some(store) = store {
+        store.shutdown(STORE_SHUTDOWN_GRACE).await;
+    }
     match outcome {
         DrainOutcome::Finished => tracing::info!("all calls finished; exiting"),
         DrainOutcome::DeadlineCancelled => {

@@ -16,6 +16,11 @@ const LATENCY_BUCKETS: &[f64] = &[
     1.5, 2.0, 3.0, 5.0, 10.0,
 ];
 
+/// Buckets for the placement delay of scheduled callbacks (the target is < 2 s).
+const PLACEMENT_BUCKETS: &[f64] = &[
+    0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
 /// Peers for `voice_socket_errors_total` and `voice_provider_reconnects_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Peer {
@@ -149,6 +154,18 @@ pub struct Metrics {
     /// `voice_inbound_frames_dropped_total`: caller audio frames dropped because the
     /// call handler fell behind (the Twilio reader never blocks on it).
     pub inbound_frames_dropped: IntCounter,
+    /// `voice_scheduled_backlog`: scheduled callbacks not yet placed, cluster-wide
+    /// (every pod reports the same count from the database; aggregate with `max`).
+    pub scheduled_backlog: IntGauge,
+    /// `voice_scheduled_overdue`: of those, the ones already due (should stay ~0).
+    pub scheduled_overdue: IntGauge,
+    /// `voice_scheduled_placement_delay_seconds`: due time -> Twilio accepted the call.
+    pub placement_delay: Histogram,
+    /// `voice_scheduled_placements_total`: scheduled callbacks this pod placed.
+    pub scheduled_placed: IntCounter,
+    /// `voice_scheduled_placement_failures_total{reason}`: see
+    /// [`crate::scheduler::FailureReason`].
+    pub placement_failures: IntCounterVec,
 }
 
 impl Metrics {
@@ -227,6 +244,37 @@ impl Metrics {
                 "Caller audio frames dropped because the call handler fell behind",
             )
             .expect("static metric definition"),
+            scheduled_backlog: IntGauge::new(
+                "voice_scheduled_backlog",
+                "Scheduled callbacks not yet placed (cluster-wide, from the database)",
+            )
+            .expect("static metric definition"),
+            scheduled_overdue: IntGauge::new(
+                "voice_scheduled_overdue",
+                "Scheduled callbacks past their due time and not yet claimed (cluster-wide)",
+            )
+            .expect("static metric definition"),
+            placement_delay: Histogram::with_opts(
+                HistogramOpts::new(
+                    "voice_scheduled_placement_delay_seconds",
+                    "Scheduled callbacks: due time to Twilio accepting the call",
+                )
+                .buckets(PLACEMENT_BUCKETS.to_vec()),
+            )
+            .expect("static metric definition"),
+            scheduled_placed: IntCounter::new(
+                "voice_scheduled_placements_total",
+                "Scheduled callbacks placed by this pod",
+            )
+            .expect("static metric definition"),
+            placement_failures: IntCounterVec::new(
+                Opts::new(
+                    "voice_scheduled_placement_failures_total",
+                    "Scheduled callbacks not placed (or not yet), by reason",
+                ),
+                &["reason"],
+            )
+            .expect("static metric definition"),
             registry,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -245,6 +293,11 @@ impl Metrics {
             Box::new(m.call_duration.clone()),
             Box::new(m.draining.clone()),
             Box::new(m.inbound_frames_dropped.clone()),
+            Box::new(m.scheduled_backlog.clone()),
+            Box::new(m.scheduled_overdue.clone()),
+            Box::new(m.placement_delay.clone()),
+            Box::new(m.scheduled_placed.clone()),
+            Box::new(m.placement_failures.clone()),
         ];
         for c in collectors {
             m.registry

@@ -1,11 +1,15 @@
-//! "Call me back": `POST /v1/calls` and `GET /v1/calls/{sid}`.
+//! "Call me back": `POST /v1/calls` (now, or scheduled with `at` / `in`),
+//! `GET /v1/calls` (`?status=scheduled`, ...), `GET /v1/calls/{sid}` and
+//! `DELETE /v1/calls/{id}` (cancel a callback that has not been placed).
 //!
-//! The new call gets its `<Connect><Stream>` TwiML **inline** (`Twiml` parameter):
-//! when the callee answers, Twilio opens the stream at once instead of first
-//! fetching TwiML from a webhook, which saves a round trip before the greeting.
-//! Inline TwiML is capped at 4000 characters (Twilio error 32018); a context that
-//! does not fit (a long pretext) falls back to `Url` = our answer webhook with the
-//! call context signed and expiring in its query string.
+//! A call without `at`/`in` is placed at once through Twilio (see
+//! [`crate::twilio::outbound`] for the request). With `at` (RFC 3339) or `in`
+//! (`"10m"`, `"90s"`) it becomes a `scheduled` row in PostgreSQL, durable when the
+//! answer is sent, and a pod's [`crate::scheduler`] places it when due.
+//!
+//! Numbers (`to`, `from`) are normalised to E.164 (`+1 (415) 555-0100` becomes
+//! `+14155550100`) and only ever logged masked. `user` owns the relationship: the
+//! call is recorded under it and the `to` number is remembered for them.
 //!
 //! While the phone rings, [`CallHandler::prepare`](crate::session::CallHandler::prepare)
 //! lets providers warm up so the persona speaks within a second of the answer.
@@ -14,9 +18,10 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -24,12 +29,19 @@ use subtle::ConstantTimeEq;
 
 use super::AppState;
 use super::error::{ApiError, Problem};
-use crate::config::is_e164;
+use crate::config::{is_e164, parse_duration};
+use crate::scheduler::queries::{self as schedule_sql, CancelOutcome, ScheduledCall};
 use crate::session::PreparedCall;
-use crate::store::{CallCreated, RecordError};
-use crate::twilio::context::{CallContextParams, Direction, Purpose, StatusContext, unix_now};
-use crate::twilio::rest::{Instructions, NewCall, RestError};
-use crate::twilio::{mask_number, twiml};
+use crate::store::queries::{CallFilter, MAX_LIST_LIMIT};
+use crate::store::records::{CallRef, CallStatus};
+use crate::store::{CallCreated, PgStore, RecordError, call_key};
+use crate::twilio::context::Direction;
+use crate::twilio::outbound::{self, OutboundPlan};
+use crate::twilio::rest::RestError;
+use crate::twilio::{mask_number, normalize_e164, twiml};
+
+/// Bound on the API's own database statements.
+const DB_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Longest pretext accepted, in characters.
 pub const MAX_PRETEXT_CHARS: usize = 1000;
@@ -54,6 +66,131 @@ pub struct CallRequest {
     /// Caller ID; `TWILIO_FROM_NUMBER` when omitted.
     #[serde(default)]
     pub from: Option<String>,
+    /// When to call (RFC 3339); at once when neither this nor `in` is given.
+    #[serde(default)]
+    pub at: Option<String>,
+    /// In how long to call (`"10m"`, `"90s"`, `"1h30m"`).
+    #[serde(default, rename = "in")]
+    pub in_: Option<String>,
+    /// Not placed when due longer ago than this (`"30m"`); the pod's default otherwise.
+    #[serde(default, rename = "maxLateness")]
+    pub max_lateness: Option<String>,
+    /// Calls again this many times on busy / no-answer (0..=5, default 0).
+    #[serde(default)]
+    pub retries: Option<u32>,
+    /// Wait before each retry (`"2m"`); the pod's default (60 s) otherwise.
+    #[serde(default, rename = "retryDelay")]
+    pub retry_delay: Option<String>,
+}
+
+/// Most retries a request may ask for.
+pub const MAX_RETRIES: u32 = 5;
+/// Furthest ahead a callback may be scheduled.
+pub const MAX_SCHEDULE_AHEAD: std::time::Duration = std::time::Duration::from_secs(90 * 24 * 3600);
+
+/// When and how a call is placed, from the request.
+#[derive(Clone, Debug, PartialEq)]
+struct Timing {
+    /// `None`: at once.
+    due: Option<DateTime<Utc>>,
+    max_lateness_seconds: Option<i32>,
+    retries: u32,
+    retry_delay_seconds: Option<i32>,
+}
+
+fn duration_field(
+    field: &'static str,
+    raw: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<std::time::Duration> {
+    match parse_duration(raw) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            problems.push(Problem { field, problem: e });
+            None
+        }
+    }
+}
+
+fn seconds_i32(d: std::time::Duration) -> i32 {
+    i32::try_from(d.as_secs()).unwrap_or(i32::MAX)
+}
+
+/// Reads `at` / `in` / `maxLateness` / `retries` / `retryDelay`.
+fn timing(req: &CallRequest, now: DateTime<Utc>, problems: &mut Vec<Problem>) -> Timing {
+    let due = match (&req.at, &req.in_) {
+        (Some(_), Some(_)) => {
+            problems.push(Problem {
+                field: "at",
+                problem: "give either `at` or `in`, not both".into(),
+            });
+            None
+        }
+        (Some(at), None) => match DateTime::parse_from_rfc3339(at) {
+            Ok(t) => Some(t.with_timezone(&Utc)),
+            Err(e) => {
+                problems.push(Problem {
+                    field: "at",
+                    problem: format!("not an RFC 3339 time such as 2026-05-01T18:30:00Z ({e})"),
+                });
+                None
+            }
+        },
+        (None, Some(after)) => duration_field("in", after, problems)
+            .and_then(|d| chrono::Duration::from_std(d).ok())
+            .map(|d| now + d),
+        (None, None) => None,
+    };
+    if let Some(d) = due
+        && let Ok(ahead) = chrono::Duration::from_std(MAX_SCHEDULE_AHEAD)
+        && d > now + ahead
+    {
+        problems.push(Problem {
+            field: if req.at.is_some() { "at" } else { "in" },
+            problem: "more than 90 days ahead".into(),
+        });
+    }
+    let max_lateness_seconds = req
+        .max_lateness
+        .as_deref()
+        .and_then(|m| duration_field("maxLateness", m, problems))
+        .and_then(|d| {
+            if d.as_secs() == 0 {
+                problems.push(Problem {
+                    field: "maxLateness",
+                    problem: "must be at least one second".into(),
+                });
+                None
+            } else {
+                Some(seconds_i32(d))
+            }
+        });
+    let retries = req.retries.unwrap_or(0);
+    if retries > MAX_RETRIES {
+        problems.push(Problem {
+            field: "retries",
+            problem: format!("at most {MAX_RETRIES}"),
+        });
+    }
+    let retry_delay_seconds = req
+        .retry_delay
+        .as_deref()
+        .and_then(|r| duration_field("retryDelay", r, problems))
+        .map(seconds_i32);
+    if max_lateness_seconds.is_some_and(|s| i64::from(s) > MAX_SCHEDULE_AHEAD.as_secs() as i64)
+        || retry_delay_seconds.is_some_and(|s| i64::from(s) > MAX_SCHEDULE_AHEAD.as_secs() as i64)
+    {
+        problems.push(Problem {
+            field: "maxLateness",
+            problem: "maxLateness and retryDelay must be at most 90 days".into(),
+        });
+    }
+    Timing {
+        due,
+        max_lateness_seconds,
+        retries,
+        retry_delay_seconds,
+    }
 }
 
 fn count(state: &AppState, result: &str) {
@@ -155,20 +292,21 @@ async fn create_inner(
     };
 
     let mut problems = Vec::new();
-    if !is_e164(&req.to) {
+    let to = normalize_e164(&req.to);
+    if to.is_none() {
         problems.push(Problem {
             field: "to",
-            problem: "must be an E.164 number such as +14155550100".into(),
+            problem: "must be an international number such as +14155550100 (E.164)".into(),
         });
     }
-    let from = req
-        .from
-        .clone()
-        .or_else(|| state.config.twilio.from_number.clone());
+    let from = match &req.from {
+        Some(f) => normalize_e164(f).or(Some(String::new())),
+        None => state.config.twilio.from_number.clone(),
+    };
     match &from {
         Some(f) if !is_e164(f) => problems.push(Problem {
             field: "from",
-            problem: "must be an E.164 number such as +14155550100".into(),
+            problem: "must be an international number such as +14155550100 (E.164)".into(),
         }),
         None => problems.push(Problem {
             field: "from",
@@ -207,47 +345,36 @@ async fn create_inner(
     if let Some(u) = &req.user {
         check_text("user", u, MAX_USER_CHARS, &mut problems);
     }
-    let (Some(persona), Some(persona_name), Some(from), true) =
-        (persona, persona_name, from, problems.is_empty())
+    let timing = timing(&req, Utc::now(), &mut problems);
+    let (Some(persona), Some(persona_name), Some(from), Some(to), true) =
+        (persona, persona_name, from, to, problems.is_empty())
     else {
         return Err(ApiError::invalid(problems));
     };
 
-    let call_id = uuid::Uuid::new_v4().to_string();
-    let limits = &state.config.limits;
-    let now = unix_now();
-    let ctx = CallContextParams {
+    let call_id = uuid::Uuid::new_v4();
+    let plan = OutboundPlan {
+        call_id: call_id.to_string(),
         persona: persona_name.clone(),
-        direction: Direction::Outbound,
-        from: Some(from.clone()),
-        to: Some(req.to.clone()),
+        from: from.clone(),
+        to: to.clone(),
         pretext: req.pretext.clone().filter(|p| !p.is_empty()),
         user: req.user.clone().filter(|u| !u.is_empty()),
-        call_id: call_id.clone(),
-        call_sid: None,
-        expires_at: now + limits.ring_timeout.as_secs() + limits.outbound_context_grace.as_secs(),
     };
-    let stream_params = signer.sign_call(Purpose::Stream, &ctx);
-    let inline = twiml::connect_stream(&public.stream_url(), &stream_params).map_err(|e| {
+    // Retries need the durable row the scheduler watches, so a call that asks for
+    // them goes through the scheduler even when it is due now (placed within one
+    // poll interval).
+    if timing.due.is_some() || timing.retries > 0 {
+        return schedule(state, plan, &timing).await;
+    }
+    let request = outbound::build(public, signer, &state.config.limits, &plan).map_err(|e| {
         ApiError::invalid(vec![Problem {
             field: "pretext",
             problem: e.to_string(),
         }])
     })?;
-    let instructions = if inline.chars().count() <= twiml::INLINE_TWIML_MAX_CHARS {
-        Instructions::Twiml(inline)
-    } else {
-        let query = url::form_urlencoded::Serializer::new(String::new())
-            .extend_pairs(signer.sign_call(Purpose::Answer, &ctx))
-            .finish();
-        Instructions::Url(public.join(&format!("/twilio/voice?{query}")))
-    };
-    let status_query = url::form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(signer.sign_status(&StatusContext {
-            persona: persona_name.clone(),
-            call_id: call_id.clone(),
-        }))
-        .finish();
+    let call_id = plan.call_id.clone();
+    let ctx = request.context.clone();
 
     // Warm up while Twilio places the call and the phone rings.
     state.handler.prepare(&PreparedCall {
@@ -258,16 +385,9 @@ async fn create_inner(
         pretext: ctx.pretext.clone(),
         user: ctx.user.clone(),
     });
-    let inline_twiml = matches!(instructions, Instructions::Twiml(_));
-    let new_call = NewCall {
-        to: req.to.clone(),
-        from: from.clone(),
-        instructions,
-        status_callback: public.join(&format!("/twilio/status?{status_query}")),
-        timeout: limits.ring_timeout,
-    };
+    let inline_twiml = request.inline_twiml;
     let created = client
-        .create_call(&new_call)
+        .create_call(&request.call)
         .await
         .map_err(|err| twilio_error(&err))?;
 
@@ -275,7 +395,7 @@ async fn create_inner(
         call_sid = %created.sid,
         call_id = %call_id,
         persona = %persona_name,
-        to = %mask_number(&req.to),
+        to = %mask_number(&to),
         inline_twiml,
         "outbound call created"
     );
@@ -287,7 +407,7 @@ async fn create_inner(
         persona: persona_name,
         direction: Direction::Outbound,
         from: Some(from),
-        to: Some(req.to),
+        to: Some(to),
         pretext: ctx.pretext,
         user: ctx.user,
         status: created.status.clone(),
@@ -371,5 +491,295 @@ pub async fn get(
             )
             .into_response()
         }
+    }
+}
+
+fn store_of(state: &AppState) -> Result<&PgStore, ApiError> {
+    state.store.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "persistence_disabled",
+            "scheduled calls and call lists need PostgreSQL (DATABASE_URL is unset on this pod)",
+        )
+    })
+}
+
+fn store_failed(what: &str, err: &dyn std::fmt::Display) -> ApiError {
+    tracing::error!(error = %err, "{what} failed");
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store_unavailable",
+        "the call store is unavailable; retry",
+    )
+}
+
+/// Stores a callback for the scheduler; durable when the 201 is sent.
+async fn schedule(
+    state: &AppState,
+    plan: OutboundPlan,
+    timing: &Timing,
+) -> Result<Response, ApiError> {
+    let store = store_of(state)?;
+    let Ok(id) = uuid::Uuid::parse_str(&plan.call_id) else {
+        return Err(store_failed("scheduling", &"call id is not a UUID"));
+    };
+    let due = timing.due.unwrap_or_else(Utc::now);
+    let row = ScheduledCall {
+        id,
+        persona: plan.persona.clone(),
+        user_id: plan.user.clone(),
+        from: plan.from.clone(),
+        to: plan.to.clone(),
+        pretext: plan.pretext.clone(),
+        due,
+        max_lateness_seconds: timing.max_lateness_seconds,
+        retries: i32::try_from(timing.retries).unwrap_or(0),
+        retry_delay_seconds: timing.retry_delay_seconds,
+    };
+    match tokio::time::timeout(DB_TIMEOUT, schedule_sql::insert(store.pool(), &row)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => return Err(store_failed("scheduling a callback", &err)),
+        Err(_) => return Err(store_failed("scheduling a callback", &"timed out")),
+    }
+    count(state, "scheduled");
+    tracing::info!(
+        call_id = %id,
+        persona = %plan.persona,
+        to = %mask_number(&plan.to),
+        due = %due.to_rfc3339(),
+        retries = timing.retries,
+        "callback scheduled"
+    );
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "id": plan.call_id,
+            "call_sid": null,
+            "status": CallStatus::Scheduled.as_str(),
+            "scheduled_for": due.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        })),
+    )
+        .into_response())
+}
+
+/// Query string of `GET /v1/calls`.
+#[derive(Debug, Default, Deserialize)]
+pub struct ListParams {
+    /// Only this user's calls.
+    pub user: Option<String>,
+    /// Only this persona's calls.
+    pub persona: Option<String>,
+    /// Only calls in this status (`scheduled`, `completed`, ...).
+    pub status: Option<String>,
+    /// Page size, 1..=500 (default 50).
+    pub limit: Option<i64>,
+}
+
+/// `GET /v1/calls?status=&user=&persona=&limit=`: newest first.
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let result = async {
+        authorize(&state, &headers)?;
+        let store = store_of(&state)?;
+        let Query(p) = params.map_err(|e| {
+            ApiError::invalid(vec![Problem {
+                field: "query",
+                problem: e.body_text(),
+            }])
+        })?;
+        let mut problems = Vec::new();
+        let status = match p.status.as_deref().map(str::parse::<CallStatus>) {
+            None => None,
+            Some(Ok(s)) => Some(s),
+            Some(Err(e)) => {
+                problems.push(Problem {
+                    field: "status",
+                    problem: e.to_string(),
+                });
+                None
+            }
+        };
+        if let Some(limit) = p.limit
+            && !(1..=MAX_LIST_LIMIT).contains(&limit)
+        {
+            problems.push(Problem {
+                field: "limit",
+                problem: format!("must be between 1 and {MAX_LIST_LIMIT}"),
+            });
+        }
+        if !problems.is_empty() {
+            return Err(ApiError::invalid(problems));
+        }
+        let filter = CallFilter {
+            user: p.user,
+            persona: p.persona,
+            status,
+            limit: p.limit,
+        };
+        match tokio::time::timeout(DB_TIMEOUT, store.list_calls(&filter)).await {
+            Ok(Ok(calls)) => Ok(Json(json!({ "calls": calls })).into_response()),
+            Ok(Err(err)) => Err(store_failed("listing calls", &err)),
+            Err(_) => Err(store_failed("listing calls", &"timed out")),
+        }
+    }
+    .await;
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// `DELETE /v1/calls/{id}`: cancels a scheduled callback that has not been placed
+/// (200); 409 once it is being placed or was placed; 404 when unknown.
+pub async fn cancel(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(sid): Path<String>,
+) -> Response {
+    let result = async {
+        authorize(&state, &headers)?;
+        let store = store_of(&state)?;
+        let not_found = || ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such call");
+        let id = match call_key(&sid) {
+            CallRef::Id(id) => id,
+            // A CallSid: the call was placed, so it cannot be canceled; say so if it is ours.
+            CallRef::Sid(s) => {
+                if s.is_empty() || s.len() > 64 {
+                    return Err(not_found());
+                }
+                let found: Result<Result<Option<uuid::Uuid>, _>, _> = tokio::time::timeout(
+                    DB_TIMEOUT,
+                    sqlx::query_scalar("SELECT id FROM calls WHERE call_sid = $1")
+                        .bind(&s)
+                        .fetch_optional(store.pool()),
+                )
+                .await;
+                match found {
+                    Ok(Ok(Some(id))) => id,
+                    Ok(Ok(None)) => return Err(not_found()),
+                    Ok(Err(err)) => return Err(store_failed("cancelling a call", &err)),
+                    Err(_) => return Err(store_failed("cancelling a call", &"timed out")),
+                }
+            }
+        };
+        let outcome =
+            match tokio::time::timeout(DB_TIMEOUT, schedule_sql::cancel(store.pool(), id)).await {
+                Ok(Ok(o)) => o,
+                Ok(Err(err)) => return Err(store_failed("cancelling a call", &err)),
+                Err(_) => return Err(store_failed("cancelling a call", &"timed out")),
+            };
+        match outcome {
+            CancelOutcome::Canceled | CancelOutcome::AlreadyCanceled => {
+                if outcome == CancelOutcome::Canceled {
+                    count(&state, "canceled");
+                    tracing::info!(call_id = %id, "scheduled callback canceled");
+                }
+                Ok(
+                    Json(json!({ "id": id, "status": CallStatus::Canceled.as_str() }))
+                        .into_response(),
+                )
+            }
+            CancelOutcome::NotFound => Err(not_found()),
+            CancelOutcome::AlreadyPlaced(status) => {
+                let message = if status == CallStatus::Placing.as_str() {
+                    "the call is being placed right now and can no longer be canceled".to_string()
+                } else {
+                    format!(
+                        "the call was already placed (status `{status}`); only calls still \
+                         `scheduled` can be canceled"
+                    )
+                };
+                Err(
+                    ApiError::new(StatusCode::CONFLICT, "already_placed", message)
+                        .with("status", json!(status)),
+                )
+            }
+        }
+    }
+    .await;
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(extra: serde_json::Value) -> CallRequest {
+        let mut body = json!({"to": "+14155550100"});
+        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+            b.extend(e.clone());
+        }
+        serde_json::from_value(body).unwrap()
+    }
+
+    fn fields(problems: &[Problem]) -> Vec<&'static str> {
+        problems.iter().map(|p| p.field).collect()
+    }
+
+    // `in` and `at` both give a due time; neither means "now"; both at once is refused.
+    #[test]
+    fn at_and_in_give_the_due_time() {
+        let now = DateTime::parse_from_rfc3339("2030-04-15T08:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let mut problems = Vec::new();
+        let t = timing(&request(json!({"in": "10m"})), now, &mut problems);
+        assert_eq!(t.due, Some(now + chrono::Duration::minutes(10)));
+        let t = timing(
+            &request(json!({"at": "2030-05-01T18:30:00+02:00"})),
+            now,
+            &mut problems,
+        );
+        assert_eq!(
+            t.due.map(|d| d.to_rfc3339()),
+            Some("2030-05-01T16:30:00+00:00".to_string())
+        );
+        let t = timing(&request(json!({})), now, &mut problems);
+        assert_eq!(t.due, None);
+        assert!(problems.is_empty(), "{problems:?}");
+
+        let t = timing(
+            &request(json!({"in": "90s", "at": "2030-05-01T18:30:00Z"})),
+            now,
+            &mut problems,
+        );
+        assert_eq!(t.due, None);
+        assert_eq!(fields(&problems), ["at"]);
+    }
+
+    // Bad times, durations, and retry counts each name their field.
+    #[test]
+    fn bad_timing_fields_are_named() {
+        let now = Utc::now();
+        let mut problems = Vec::new();
+        timing(&request(json!({"at": "tomorrow"})), now, &mut problems);
+        timing(&request(json!({"in": "soonish"})), now, &mut problems);
+        timing(&request(json!({"in": "200d"})), now, &mut problems);
+        timing(
+            &request(json!({"maxLateness": "0s", "retries": 9, "retryDelay": "x"})),
+            now,
+            &mut problems,
+        );
+        assert_eq!(
+            fields(&problems),
+            ["at", "in", "in", "maxLateness", "retries", "retryDelay"]
+        );
+        let t = timing(
+            &request(json!({"in": "5m", "maxLateness": "30m", "retries": 2, "retryDelay": "2m"})),
+            now,
+            &mut Vec::new(),
+        );
+        assert_eq!(
+            (t.max_lateness_seconds, t.retries, t.retry_delay_seconds),
+            (Some(1800), 2, Some(120))
+        );
+    }
+
+    // Unknown fields are refused rather than ignored (a typo in `at` must not call now).
+    #[test]
+    fn unknown_request_fields_are_refused() {
+        let err =
+            serde_json::from_value::<CallRequest>(json!({"to": "+14155550100", "when": "5m"}));
+        assert!(err.is_err());
     }
 }

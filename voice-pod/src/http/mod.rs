@@ -9,7 +9,7 @@
 //!
 //! ## Layout
 //! - [`twilio`] - `/twilio/voice`, `/twilio/status`, `/twilio/stream`.
-//! - [`calls`] - `/v1/calls`.
+//! - [`calls`] - `/v1/calls`: place now, schedule, list, cancel.
 //! - [`probes`] - the metrics port.
 //! - [`error`] - JSON errors.
 
@@ -31,8 +31,9 @@ use crate::config::Config;
 use crate::drain::{Drain, DrainOutcome};
 use crate::metrics::Metrics;
 use crate::personas::{Personas, watch};
+use crate::scheduler::{self, SchedulerDeps};
 use crate::session::{CallHandler, RecordingHandler};
-use crate::store::{CallRecords, NoPersistence};
+use crate::store::{CallRecords, NoPersistence, PgStore};
 use crate::twilio::context::ContextSigner;
 use crate::twilio::media_stream::StreamDeps;
 use crate::twilio::rest::{RestError, TwilioClient};
@@ -56,6 +57,8 @@ pub struct AppState {
     pub handler: Arc<dyn CallHandler>,
     /// Call records.
     pub records: Arc<dyn CallRecords>,
+    /// PostgreSQL, when `DATABASE_URL` is set (scheduling, listing, cancelling).
+    pub store: Option<PgStore>,
     /// Twilio REST (needs account SID and auth token).
     pub twilio: Option<TwilioClient>,
     /// Call context signer (needs the auth token).
@@ -72,8 +75,8 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/twilio/voice", post(twilio::voice))
         .route("/twilio/status", post(twilio::status))
         .route("/twilio/stream", get(twilio::stream))
-        .route("/v1/calls", post(calls::create))
-        .route("/v1/calls/{sid}", get(calls::get))
+        .route("/v1/calls", post(calls::create).get(calls::list))
+        .route("/v1/calls/{sid}", get(calls::get).delete(calls::cancel))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
@@ -88,6 +91,8 @@ pub struct Pod {
     pub handler: Arc<dyn CallHandler>,
     /// Call records ([`NoPersistence`] by default).
     pub records: Arc<dyn CallRecords>,
+    /// PostgreSQL; the scheduler runs when it is set.
+    pub store: Option<PgStore>,
 }
 
 impl Pod {
@@ -98,7 +103,15 @@ impl Pod {
             metrics: Arc::new(Metrics::new()),
             handler: Arc::new(RecordingHandler),
             records: Arc::new(NoPersistence),
+            store: None,
         }
+    }
+
+    /// Uses PostgreSQL: call records, scheduled callbacks and the scheduler.
+    pub fn with_store(mut self, store: PgStore) -> Self {
+        self.records = Arc::new(store.clone());
+        self.store = Some(store);
+        self
     }
 
     /// Replaces the call handler (the conversation engine, or a test double).
@@ -149,6 +162,7 @@ pub async fn serve(
         metrics,
         handler,
         records,
+        store,
     } = pod;
     let config = Arc::new(config);
     let personas = {
@@ -195,12 +209,51 @@ pub async fn serve(
             limits: config.limits.clone(),
         })
     });
+    let stop_scheduler = CancellationToken::new();
+    let scheduler_task = match (
+        &store,
+        &signer,
+        &config.public_url,
+        &config.twilio.account_sid,
+        &config.twilio.auth_token,
+    ) {
+        (Some(store), Some(signer), Some(public), Some(sid), Some(token)) => {
+            // Its own client: the request timeout must fit well inside the claim's lease.
+            let client = TwilioClient::new(
+                &config.twilio.api_url,
+                sid,
+                token.clone(),
+                config.scheduler.rest_timeout(&config.limits),
+            )?;
+            let deps = SchedulerDeps {
+                pool: store.pool().clone(),
+                twilio: client,
+                signer: signer.clone(),
+                public: public.clone(),
+                limits: config.limits.clone(),
+                personas: Arc::clone(&personas),
+                handler: Arc::clone(&handler),
+                metrics: Arc::clone(&metrics),
+                config: config.scheduler.clone(),
+                pod: scheduler::pod_identity(std::env::var("HOSTNAME").ok().as_deref()),
+            };
+            Some(tokio::spawn(scheduler::run(deps, stop_scheduler.clone())))
+        }
+        (Some(_), ..) => {
+            tracing::warn!(
+                "scheduled callbacks are not placed by this pod: Twilio is not configured"
+            );
+            None
+        }
+        (None, ..) => None,
+    };
     let state = Arc::new(AppState {
         config: Arc::clone(&config),
         metrics: Arc::clone(&metrics),
         personas: Arc::clone(&personas),
         handler,
         records,
+        store,
         twilio,
         signer,
         drain: drain.clone(),
@@ -240,6 +293,8 @@ pub async fn serve(
         res = &mut app_server => Some(("app", res)),
         res = &mut metrics_server => Some(("metrics", res)),
     };
+    // A draining pod claims nothing new; other pods take the due callbacks.
+    stop_scheduler.cancel();
     if let Some((server, res)) = failure {
         stop_watch.cancel();
         stop_app.cancel();
@@ -261,6 +316,12 @@ pub async fn serve(
         active_streams = drain.active_streams(),
         "shutdown requested; draining"
     );
+    if let Some(task) = scheduler_task {
+        let grace = config.scheduler.rest_timeout(&config.limits) + SERVER_STOP_TIMEOUT;
+        if tokio::time::timeout(grace, task).await.is_err() {
+            tracing::warn!("scheduler did not stop in time");
+        }
+    }
     let outcome = drain.wait_for_calls(deadline).await;
     tracing::info!(?outcome, "drain finished");
 

@@ -22,6 +22,7 @@ pub mod records;
 pub mod relationships;
 pub mod writer;
 
+pub use call_records::call_key;
 pub use postgres::{PgStore, StoreConfig, StoreHealth};
 
 use futures::future::BoxFuture;

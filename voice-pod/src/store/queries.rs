@@ -59,6 +59,16 @@ pub struct CallRow {
     pub duration_seconds: Option<i32>,
     /// The pod.
     pub pod: Option<String>,
+    /// Scheduled calls: when Twilio accepted the call.
+    pub placed_at: Option<DateTime<Utc>>,
+    /// Scheduled calls: placement claims so far.
+    pub attempt: i32,
+    /// Scheduled calls: why placement failed or was not tried (too late, ...).
+    pub placement_error: Option<String>,
+    /// Retries on busy / no-answer still allowed (moved to the retry when made).
+    pub retries_left: i32,
+    /// The call this one retries.
+    pub retry_of: Option<Uuid>,
 }
 
 /// A call in a list, with its total cost.
@@ -149,7 +159,8 @@ pub struct CallFilter {
 
 const CALL_COLUMNS: &str = "c.id, c.call_sid, c.direction, c.persona, c.user_id, c.from_number, \
     c.to_number, c.pretext, c.status, c.created_at, c.scheduled_for, c.started_at, \
-    c.answered_at, c.ended_at, c.outcome, c.twilio_status, c.duration_seconds, c.pod";
+    c.answered_at, c.ended_at, c.outcome, c.twilio_status, c.duration_seconds, c.pod, \
+    c.placed_at, c.attempt, c.placement_error, c.retries_left, c.retry_of";
 
 /// Loads one call with its transcript and costs.
 pub async fn call_detail(pool: &PgPool, key: &CallRef) -> Result<Option<CallDetail>, sqlx::Error> {

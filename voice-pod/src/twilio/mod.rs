@@ -10,13 +10,32 @@
 //! - [`media_stream`]: one media stream's life: the `start` handshake, the reader
 //!   and writer, and the bridge to the call handler ([`crate::session`]).
 //! - [`rest`]: the REST client (create a call, hang up).
+//! - [`outbound`]: the Calls API request for an outbound call (API and scheduler).
 
 pub mod context;
 pub mod media_stream;
+pub mod outbound;
 pub mod rest;
 pub mod signature;
 pub mod stream_messages;
 pub mod twiml;
+
+/// A phone number as written by people (`+1 (415) 555-0100`, `0041 44 668 18 00`)
+/// in E.164 (`+14155550100`): spaces, dots, dashes and parentheses go, a leading
+/// `00` becomes `+`. `None` when the result is not E.164 (a national number without
+/// its country code cannot be normalised without guessing the country).
+pub fn normalize_e164(raw: &str) -> Option<String> {
+    let compact: String = raw
+        .trim()
+        .chars()
+        .filter(|c| !matches!(c, ' ' | '-' | '.' | '(' | ')' | '\u{a0}'))
+        .collect();
+    let e164 = match compact.strip_prefix("00") {
+        Some(rest) if !compact.starts_with('+') => format!("+{rest}"),
+        _ => compact,
+    };
+    crate::config::is_e164(&e164).then_some(e164)
+}
 
 /// A phone number for logs: all but the last four digits masked (`*******0100`).
 /// Anything shorter than five characters is masked entirely.
@@ -35,6 +54,26 @@ pub fn mask_number(n: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    // Numbers as people write them become E.164; national numbers and junk do not.
+    #[test]
+    fn numbers_normalise_to_e164() {
+        assert_eq!(
+            super::normalize_e164("+1 (415) 555-0100").as_deref(),
+            Some("+14155550100")
+        );
+        assert_eq!(
+            super::normalize_e164("0041 44 668 18 00").as_deref(),
+            Some("+41446681800")
+        );
+        assert_eq!(
+            super::normalize_e164("+44.20.7946.0018").as_deref(),
+            Some("+442079460018")
+        );
+        assert_eq!(super::normalize_e164("415 555 0100"), None);
+        assert_eq!(super::normalize_e164("+1 415 CALL ME"), None);
+        assert_eq!(super::normalize_e164(""), None);
+    }
+
     #[test]
     fn numbers_are_masked_but_the_last_four() {
         // Proves log masking keeps only the last four digits.

@@ -1,0 +1,534 @@
+//! Scheduled callbacks end to end: real `voice-pod` processes sharing one real
+//! PostgreSQL database, placing calls through the Twilio Calls REST emulator (which
+//! counts every call it is asked to create).
+//!
+//! Run: `cargo test -p callmeback-tests --test scheduled_callbacks -- --nocapture`
+//! (the burst test prints the placement delays recorded in docs/benchmarks.md).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use callmeback_tests::call_harness::{PodProcess, persona_json};
+use callmeback_tests::emulators::twilio_rest::{CreatedCall, TwilioRestEmulator};
+use callmeback_tests::postgres::TestDb;
+use callmeback_tests::twilio_sim::{
+    TEST_ACCOUNT_SID, TEST_API_TOKEN, TEST_AUTH_TOKEN, TEST_FROM_NUMBER, eventually, metric_value,
+};
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// The placement target of the issue: within 2 s of the due time.
+const PLACEMENT_TARGET: Duration = Duration::from_secs(2);
+
+struct Cluster {
+    db: TestDb,
+    pool: PgPool,
+    twilio: TwilioRestEmulator,
+    http: reqwest::Client,
+}
+
+impl Cluster {
+    async fn new() -> Cluster {
+        let db = TestDb::create().await;
+        let pool = PgPool::connect(&db.url).await.expect("connect test db");
+        let twilio = TwilioRestEmulator::start(TEST_ACCOUNT_SID, TEST_AUTH_TOKEN)
+            .await
+            .expect("start Twilio REST emulator");
+        Cluster {
+            db,
+            pool,
+            twilio,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    fn env(&self, twilio_url: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> = [
+            ("DATABASE_URL", self.db.url.as_str()),
+            ("TWILIO_API_URL", twilio_url),
+            ("CALLMEBACK_API_TOKEN", TEST_API_TOKEN),
+            ("TWILIO_FROM_NUMBER", TEST_FROM_NUMBER),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        env
+    }
+
+    async fn pod(&self, extra: &[(&str, &str)]) -> PodProcess {
+        self.pod_with_twilio(&self.twilio.base_url(), extra).await
+    }
+
+    async fn pod_with_twilio(&self, twilio_url: &str, extra: &[(&str, &str)]) -> PodProcess {
+        PodProcess::start_with_env(
+            &[("ada", persona_json(json!({})))],
+            &self.env(twilio_url, extra),
+        )
+        .await
+        .expect("start voice-pod")
+    }
+
+    async fn post_call(&self, pod: &PodProcess, body: Value) -> (u16, Value) {
+        let resp = self
+            .http
+            .post(format!("{}/v1/calls", pod.app_url))
+            .bearer_auth(TEST_API_TOKEN)
+            .json(&body)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .expect("POST /v1/calls");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn schedule(&self, pod: &PodProcess, body: Value) -> Uuid {
+        let (status, answer) = self.post_call(pod, body).await;
+        assert_eq!(status, 201, "scheduling answered {status}: {answer}");
+        assert_eq!(answer["status"], "scheduled", "{answer}");
+        assert!(answer["call_sid"].is_null(), "{answer}");
+        answer["id"]
+            .as_str()
+            .and_then(|id| Uuid::parse_str(id).ok())
+            .expect("a call id")
+    }
+
+    async fn delete(&self, pod: &PodProcess, id: &str) -> (u16, Value) {
+        let resp = self
+            .http
+            .delete(format!("{}/v1/calls/{id}", pod.app_url))
+            .bearer_auth(TEST_API_TOKEN)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .expect("DELETE /v1/calls/{id}");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn list(&self, pod: &PodProcess, query: &str) -> Value {
+        self.http
+            .get(format!("{}/v1/calls?{query}", pod.app_url))
+            .bearer_auth(TEST_API_TOKEN)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .expect("GET /v1/calls")
+            .json()
+            .await
+            .expect("JSON list")
+    }
+
+    /// Emulator calls per call id (read from the signed status callback URL).
+    fn placed_by_id(&self) -> HashMap<Uuid, Vec<CreatedCall>> {
+        let mut by_id: HashMap<Uuid, Vec<CreatedCall>> = HashMap::new();
+        for call in self.twilio.calls() {
+            let id = call
+                .form
+                .get("StatusCallback")
+                .and_then(|u| url::Url::parse(u).ok())
+                .and_then(|u| {
+                    u.query_pairs()
+                        .find(|(k, _)| k == "call_id")
+                        .and_then(|(_, v)| Uuid::parse_str(&v).ok())
+                })
+                .expect("status callback carries our call id");
+            by_id.entry(id).or_default().push(call);
+        }
+        by_id
+    }
+
+    async fn row(&self, id: Uuid) -> Row {
+        sqlx::query_as::<_, Row>(
+            "SELECT status, call_sid, claimed_by, attempt, outcome, placement_error, \
+                    extract(epoch FROM (placed_at - scheduled_for))::double precision AS delay \
+             FROM calls WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_one(&self.pool)
+        .await
+        .expect("call row")
+    }
+}
+
+#[derive(Debug, sqlx::FromRow)]
+struct Row {
+    status: String,
+    call_sid: Option<String>,
+    claimed_by: Option<String>,
+    attempt: i32,
+    outcome: Option<String>,
+    placement_error: Option<String>,
+    delay: Option<f64>,
+}
+
+fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+// Three pods on one database and 200 callbacks due within the same three seconds:
+// every callback is placed exactly once (the emulator counts) and within 2 s of its due time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_pods_place_a_burst_of_200_callbacks_exactly_once_within_2s() {
+    let cluster = Cluster::new().await;
+    let mut pods = Vec::new();
+    for _ in 0..3 {
+        pods.push(cluster.pod(&[]).await);
+    }
+    // Due 5 to 7 s from now: time to accept all 200 requests, spread over the pods.
+    let base = Utc::now() + chrono::Duration::seconds(5);
+    let mut ids = Vec::new();
+    for i in 0..200u32 {
+        let due = base + chrono::Duration::milliseconds(i64::from(i % 3) * 1000);
+        let pod = &pods[i as usize % 3];
+        let id = cluster
+            .schedule(
+                pod,
+                json!({
+                    "to": format!("+1415555{:04}", i),
+                    "persona": "ada",
+                    "user": format!("user-{i}"),
+                    "pretext": "get me out of this date",
+                    "at": rfc3339(due),
+                }),
+            )
+            .await;
+        ids.push(id);
+    }
+    assert!(
+        Utc::now() < base,
+        "scheduling 200 callbacks took too long for the test's premise"
+    );
+    let scheduled = cluster.list(&pods[0], "status=scheduled&limit=500").await;
+    assert_eq!(scheduled["calls"].as_array().map(Vec::len), Some(200));
+
+    let all_placed = eventually(Duration::from_secs(30), || async {
+        cluster.twilio.calls().len() >= 200
+    })
+    .await;
+    // Let any duplicate that would come show up before counting.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let by_id = cluster.placed_by_id();
+    assert!(
+        all_placed,
+        "only {} of 200 callbacks placed",
+        cluster.twilio.calls().len()
+    );
+    assert_eq!(cluster.twilio.calls().len(), 200, "duplicate placements");
+    for id in &ids {
+        assert_eq!(
+            by_id.get(id).map(Vec::len),
+            Some(1),
+            "callback {id} placed {:?} times",
+            by_id.get(id).map(Vec::len)
+        );
+    }
+
+    let mut delays = Vec::new();
+    let mut per_pod: HashMap<String, usize> = HashMap::new();
+    for id in &ids {
+        let row = cluster.row(*id).await;
+        assert_eq!(row.status, "queued", "{id}: {row:?}");
+        assert_eq!(row.attempt, 1, "{id}: {row:?}");
+        let sid = row.call_sid.clone().expect("call sid recorded");
+        assert_eq!(by_id[id][0].sid, sid);
+        let delay = row.delay.expect("placed_at recorded");
+        assert!(
+            delay <= PLACEMENT_TARGET.as_secs_f64(),
+            "{id} placed {delay:.3} s after its due time"
+        );
+        delays.push(delay.max(0.0));
+        *per_pod
+            .entry(row.claimed_by.unwrap_or_default())
+            .or_default() += 1;
+    }
+    let mut placed_metric = 0.0;
+    for pod in &pods {
+        placed_metric += pod
+            .metric("voice_scheduled_placements_total", &[])
+            .await
+            .expect("scrape");
+    }
+    assert_eq!(placed_metric, 200.0, "pods' placement counters");
+    let text = pods[0].scrape().await.expect("scrape");
+    assert_eq!(metric_value(&text, "voice_scheduled_overdue", &[]), 0.0);
+
+    delays.sort_by(f64::total_cmp);
+    println!(
+        "scheduled burst: 200 callbacks, 3 pods, placement delay p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; per pod {:?}",
+        percentile(&delays, 50.0) * 1000.0,
+        percentile(&delays, 99.0) * 1000.0,
+        delays.last().copied().unwrap_or(0.0) * 1000.0,
+        per_pod.values().collect::<Vec<_>>()
+    );
+    for pod in pods {
+        pod.stop().await.expect("pod stops");
+    }
+}
+
+/// A TCP listener that accepts connections and never answers: a Twilio that
+/// swallows requests.
+async fn black_hole() -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        // Bounded: the test makes a handful of connections at most.
+        while held.len() < 64 {
+            match listener.accept().await {
+                Ok((sock, _)) => held.push(sock),
+                Err(_) => break,
+            }
+        }
+    });
+    (url, task)
+}
+
+// A pod SIGKILLed after claiming a due callback (its Twilio request never answered):
+// when the claim's lease runs out another pod places the call, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_callback_claimed_by_a_killed_pod_is_placed_once_by_another_pod() {
+    let cluster = Cluster::new().await;
+    let (hole, hole_task) = black_hole().await;
+    let lease = [("CALLMEBACK_SCHEDULER_LEASE", "3s")];
+    let mut doomed = cluster.pod_with_twilio(&hole, &lease).await;
+    let id = cluster
+        .schedule(
+            &doomed,
+            json!({"to": "+14155550100", "persona": "ada", "user": "kim", "in": "1s"}),
+        )
+        .await;
+    let claimed = eventually(Duration::from_secs(10), || async {
+        let row = cluster.row(id).await;
+        row.status == "placing" && row.claimed_by.is_some()
+    })
+    .await;
+    assert!(claimed, "the first pod never claimed the callback");
+    let first_claim = cluster.row(id).await;
+    doomed.kill().expect("SIGKILL");
+
+    let rescuer = cluster.pod(&lease).await;
+    let placed = eventually(Duration::from_secs(20), || async {
+        !cluster.twilio.calls().is_empty()
+    })
+    .await;
+    assert!(
+        placed,
+        "no pod placed the orphaned callback: {:?}",
+        cluster.row(id).await
+    );
+    // Longer than a lease and several polls: a duplicate would have shown by now.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let by_id = cluster.placed_by_id();
+    assert_eq!(cluster.twilio.calls().len(), 1, "duplicate placement");
+    assert_eq!(by_id.get(&id).map(Vec::len), Some(1));
+
+    let row = cluster.row(id).await;
+    assert_eq!(row.status, "queued", "{row:?}");
+    assert_eq!(row.attempt, 2, "{row:?}");
+    assert_eq!(row.call_sid.as_deref(), Some(by_id[&id][0].sid.as_str()));
+    assert_ne!(row.claimed_by, first_claim.claimed_by, "{row:?}");
+    assert_eq!(
+        rescuer
+            .metric(
+                "voice_scheduled_placement_failures_total",
+                &[("reason", "lease_expired")]
+            )
+            .await
+            .expect("scrape"),
+        1.0
+    );
+    rescuer.stop().await.expect("pod stops");
+    hole_task.abort();
+}
+
+// A callback canceled before it is due is never placed and leaves the scheduled list;
+// cancelling again is harmless, and an unknown id is 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_canceled_before_due_is_never_placed() {
+    let cluster = Cluster::new().await;
+    let pod = cluster.pod(&[]).await;
+    let id = cluster
+        .schedule(
+            &pod,
+            json!({"to": "+1 (415) 555-0101", "persona": "ada", "in": "2s"}),
+        )
+        .await;
+    let listed = cluster.list(&pod, "status=scheduled").await;
+    assert_eq!(listed["calls"][0]["id"], id.to_string());
+    assert_eq!(
+        listed["calls"][0]["to"], "+14155550101",
+        "number stored in E.164"
+    );
+
+    let (status, body) = cluster.delete(&pod, &id.to_string()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "canceled");
+    let (again, _) = cluster.delete(&pod, &id.to_string()).await;
+    assert_eq!(again, 200, "cancel is idempotent");
+    let (unknown, _) = cluster.delete(&pod, &Uuid::new_v4().to_string()).await;
+    assert_eq!(unknown, 404);
+
+    // Past the due time plus several polls.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        cluster.twilio.calls().is_empty(),
+        "a canceled call was placed"
+    );
+    let row = cluster.row(id).await;
+    assert_eq!(row.status, "canceled");
+    assert_eq!(row.attempt, 0, "never claimed: {row:?}");
+    let listed = cluster.list(&pod, "status=scheduled").await;
+    assert_eq!(listed["calls"].as_array().map(Vec::len), Some(0));
+    pod.stop().await.expect("pod stops");
+}
+
+// Cancelling a callback that was already placed answers 409 with a message that says
+// so, by our id and by Twilio's CallSid, and the call stays placed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_placed_callback_is_a_conflict() {
+    let cluster = Cluster::new().await;
+    let pod = cluster.pod(&[]).await;
+    let id = cluster
+        .schedule(
+            &pod,
+            json!({"to": "+14155550102", "persona": "ada", "in": "1s"}),
+        )
+        .await;
+    let placed = eventually(Duration::from_secs(10), || async {
+        cluster.row(id).await.call_sid.is_some()
+    })
+    .await;
+    assert!(placed, "not placed: {:?}", cluster.row(id).await);
+
+    let (status, body) = cluster.delete(&pod, &id.to_string()).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"], "already_placed");
+    assert_eq!(body["status"], "queued");
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(message.contains("already placed"), "{message}");
+
+    let sid = cluster.row(id).await.call_sid.expect("sid");
+    let (by_sid, _) = cluster.delete(&pod, &sid).await;
+    assert_eq!(by_sid, 409);
+    assert_eq!(cluster.row(id).await.status, "queued");
+    assert_eq!(cluster.twilio.calls().len(), 1);
+    pod.stop().await.expect("pod stops");
+}
+
+// A callback due longer ago than its maxLateness is not placed, and the record says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_later_than_its_lateness_limit_is_not_placed_and_says_why() {
+    let cluster = Cluster::new().await;
+    let pod = cluster.pod(&[]).await;
+    let long_ago = Utc::now() - chrono::Duration::minutes(10);
+    let late = cluster
+        .schedule(
+            &pod,
+            json!({"to": "+14155550103", "persona": "ada", "at": rfc3339(long_ago), "maxLateness": "1m"}),
+        )
+        .await;
+    // Due a little in the past but within its limit: placed at once.
+    let recent = Utc::now() - chrono::Duration::seconds(5);
+    let in_time = cluster
+        .schedule(
+            &pod,
+            json!({"to": "+14155550104", "persona": "ada", "at": rfc3339(recent), "maxLateness": "1m"}),
+        )
+        .await;
+    let settled = eventually(Duration::from_secs(10), || async {
+        cluster.row(late).await.status == "failed" && cluster.row(in_time).await.call_sid.is_some()
+    })
+    .await;
+    assert!(
+        settled,
+        "{:?} / {:?}",
+        cluster.row(late).await,
+        cluster.row(in_time).await
+    );
+    let row = cluster.row(late).await;
+    assert_eq!(row.outcome.as_deref(), Some("too_late"));
+    let why = row.placement_error.unwrap_or_default();
+    assert!(why.contains("more than 60 s ago"), "{why}");
+    let by_id = cluster.placed_by_id();
+    assert!(!by_id.contains_key(&late));
+    assert_eq!(by_id.get(&in_time).map(Vec::len), Some(1));
+    assert_eq!(
+        pod.metric(
+            "voice_scheduled_placement_failures_total",
+            &[("reason", "too_late")]
+        )
+        .await
+        .expect("scrape"),
+        1.0
+    );
+    pod.stop().await.expect("pod stops");
+}
+
+// A callback that asked for one retry is called again after Twilio reports busy,
+// exactly once; one that did not ask is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_callbacks_are_retried_only_when_asked() {
+    let cluster = Cluster::new().await;
+    let pod = cluster.pod(&[]).await;
+    let sim = pod.sim();
+    let with_retry = cluster
+        .schedule(
+            &pod,
+            json!({"to": "+14155550105", "persona": "ada", "in": "1s", "retries": 1, "retryDelay": "1s"}),
+        )
+        .await;
+    let without = cluster
+        .schedule(
+            &pod,
+            json!({"to": "+14155550106", "persona": "ada", "in": "1s"}),
+        )
+        .await;
+    let placed = eventually(Duration::from_secs(10), || async {
+        cluster.twilio.calls().len() >= 2
+    })
+    .await;
+    assert!(placed);
+    for call in cluster.twilio.calls() {
+        let url = call.form.get("StatusCallback").expect("callback url");
+        let answer = sim
+            .status_callback(url, &call.sid, "busy", &[])
+            .await
+            .expect("status callback");
+        assert_eq!(answer.status, 200);
+    }
+    let busy = eventually(Duration::from_secs(10), || async {
+        cluster.row(with_retry).await.status == "busy"
+            && cluster.row(without).await.status == "busy"
+    })
+    .await;
+    assert!(busy, "status callbacks did not reach the rows");
+    let retried = eventually(Duration::from_secs(10), || async {
+        cluster.twilio.calls().len() >= 3
+    })
+    .await;
+    assert!(retried, "no retry placed");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let calls = cluster.twilio.calls();
+    assert_eq!(calls.len(), 3, "exactly one retry");
+    assert_eq!(calls[2].form.get("To"), Some("+14155550105"));
+    let retry_rows: Vec<(Uuid, i32)> =
+        sqlx::query_as("SELECT id, retries_left FROM calls WHERE retry_of = $1")
+            .bind(with_retry)
+            .fetch_all(&cluster.pool)
+            .await
+            .expect("retry rows");
+    assert_eq!(retry_rows.len(), 1);
+    assert_eq!(retry_rows[0].1, 0, "the retry has no retries left");
+    pod.stop().await.expect("pod stops");
+}

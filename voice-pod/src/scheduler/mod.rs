@@ -1,0 +1,486 @@
+//! Scheduled callbacks: "call me back in ten minutes", placed exactly once by
+//! whichever pod gets there first, durable across restarts, rollouts and scale-down.
+//!
+//! Every pod runs [`run`]: every [`SchedulerConfig::poll_interval`] (200 ms) it
+//! claims due rows of `calls` in one statement (`FOR UPDATE SKIP LOCKED`, so pods
+//! never wait on each other and never claim the same row) that also sets
+//! `status = 'placing'`, `claimed_by` and `lease_until`, then asks Twilio to place
+//! each call.
+//!
+//! ## Exactly once, and what Twilio guarantees
+//! Twilio's Calls API has **no idempotency key**: two `POST .../Calls.json` make two
+//! phone calls, and a request that timed out may or may not have created one. So
+//! the scheduler never retries blindly:
+//! - A claim is a lease. Only when it has run out **and** the row still shows no
+//!   trace of a Twilio call (no `call_sid`, status still `placing`) may a pod claim it
+//!   again. Traces come from two independent paths: the REST answer (written by the
+//!   placing pod) and Twilio's `initiated` status callback, which Twilio sends to our
+//!   status URL (any pod behind the Service) with our call id signed in it, so a call
+//!   created by a pod that died right after still shows up on its row.
+//! - The Twilio request's own timeout is at most a third of the lease, and a pod does
+//!   not start a request once less than that is left on its claim: the REST call of a
+//!   slow pod has ended (or been abandoned) well before another pod may retry.
+//! - A definite refusal (Twilio 4xx other than 429) fails the call at once; anything
+//!   else (timeout, transport, 429, 5xx) leaves the row `placing` until the lease runs
+//!   out, and at most [`MAX_ATTEMPTS`] claims are made before the call is `failed`.
+//!
+//! The remaining window (Twilio created the call, the REST answer was lost **and**
+//! the `initiated` callback did not arrive within the lease) is the price of an API
+//! without idempotency keys; it is counted (`reason="lease_expired"`) and logged.
+//!
+//! ## Lateness, retries, status
+//! Callbacks due longer ago than their limit (request `maxLateness`, else
+//! `CALLMEBACK_MAX_LATENESS`, 15 min) are not placed: `failed`, outcome `too_late`,
+//! and `placement_error` says when it was due. Twilio's status callbacks move the row
+//! through `ringing`, `in-progress`, `completed`/`busy`/`no-answer`/`failed`; a
+//! `busy` or `no-answer` call that asked for `retries` gets a new row (`retry_of`)
+//! due after the retry delay.
+//!
+//! ## Layout
+//! - [`queries`]: the SQL, one atomic step each.
+//! - this module: the loop, placement, metrics.
+
+pub mod queries;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sqlx::PgPool;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Limits, PublicUrl};
+use crate::metrics::Metrics;
+use crate::personas::Personas;
+use crate::session::{CallHandler, PreparedCall};
+use crate::store::records::CallStatus;
+use crate::twilio::context::{ContextSigner, Direction};
+use crate::twilio::mask_number;
+use crate::twilio::outbound::{self, OutboundPlan};
+use crate::twilio::rest::{RestError, TwilioClient};
+
+/// Claims per callback before it is given up (a pod that died, Twilio unreachable).
+pub const MAX_ATTEMPTS: i32 = 3;
+/// Shortest lease accepted: the Twilio request must fit in a third of it.
+pub const MIN_LEASE: Duration = Duration::from_secs(3);
+/// Rows claimed per statement.
+const CLAIM_BATCH: i64 = 50;
+/// Placements in flight per pod (bounded: Twilio and the pool are shared).
+const MAX_IN_FLIGHT: usize = 32;
+/// Housekeeping (lateness, exhausted claims, retries, backlog gauge) runs this often.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
+/// Bound on every scheduler statement.
+const DB_TIMEOUT: Duration = Duration::from_secs(5);
+/// Retries scheduled per round.
+const RETRY_BATCH: i64 = 50;
+/// Longest lateness limit honoured (keeps interval arithmetic in range).
+const MAX_LATENESS_SECS: i64 = 366 * 24 * 3600;
+
+/// Scheduler settings (`CALLMEBACK_SCHEDULER_*`, `CALLMEBACK_MAX_LATENESS`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    /// How often due rows are looked for; well under the 2 s placement target.
+    pub poll_interval: Duration,
+    /// How long a claim holds before another pod may take the call over.
+    pub lease: Duration,
+    /// Default lateness limit.
+    pub max_lateness: Duration,
+    /// Default wait before a retry on busy / no-answer.
+    pub retry_delay: Duration,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            poll_interval: Duration::from_millis(200),
+            lease: Duration::from_secs(30),
+            max_lateness: Duration::from_secs(15 * 60),
+            retry_delay: Duration::from_secs(60),
+        }
+    }
+}
+
+impl SchedulerConfig {
+    /// The Twilio request timeout the scheduler uses: a third of the lease at most.
+    pub fn rest_timeout(&self, limits: &Limits) -> Duration {
+        limits.rest_timeout.min(self.lease / 3)
+    }
+}
+
+/// Why a scheduled callback was not placed (`reason` label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureReason {
+    /// Twilio refused it (4xx): final.
+    TwilioRejected,
+    /// Timeout, transport error, 429 or 5xx: retried when the lease runs out.
+    TwilioUnavailable,
+    /// A claim ran out without a Twilio answer (the pod died or stalled).
+    LeaseExpired,
+    /// Every attempt ran out: final.
+    AttemptsExhausted,
+    /// Due longer ago than its lateness limit: final.
+    TooLate,
+    /// Its persona is not loaded any more: final.
+    PersonaMissing,
+    /// The request could not be built (TwiML): final.
+    BadRequest,
+    /// The database failed while claiming or recording.
+    Database,
+}
+
+impl FailureReason {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureReason::TwilioRejected => "twilio_rejected",
+            FailureReason::TwilioUnavailable => "twilio_unavailable",
+            FailureReason::LeaseExpired => "lease_expired",
+            FailureReason::AttemptsExhausted => "attempts_exhausted",
+            FailureReason::TooLate => "too_late",
+            FailureReason::PersonaMissing => "persona_missing",
+            FailureReason::BadRequest => "bad_request",
+            FailureReason::Database => "database",
+        }
+    }
+}
+
+/// What the scheduler needs from the pod.
+pub struct SchedulerDeps {
+    /// The database.
+    pub pool: PgPool,
+    /// Twilio REST, with [`SchedulerConfig::rest_timeout`].
+    pub twilio: TwilioClient,
+    /// Signs call contexts.
+    pub signer: ContextSigner,
+    /// Public base URL.
+    pub public: PublicUrl,
+    /// Limits (ring timeout, context grace).
+    pub limits: Limits,
+    /// Personas.
+    pub personas: Arc<Personas>,
+    /// Warms up providers while the phone rings.
+    pub handler: Arc<dyn CallHandler>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Settings.
+    pub config: SchedulerConfig,
+    /// This pod's name in `claimed_by`.
+    pub pod: String,
+}
+
+/// A name for `claimed_by`: the host name (the pod name in Kubernetes) plus a
+/// random suffix, so a restarted container never mistakes an old claim for its own.
+pub fn pod_identity(hostname: Option<&str>) -> String {
+    let host = hostname.filter(|h| !h.is_empty()).unwrap_or("voice-pod");
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}-{}", &suffix[..8])
+}
+
+fn fail(metrics: &Metrics, reason: FailureReason, n: u64) {
+    if n > 0 {
+        metrics
+            .placement_failures
+            .with_label_values(&[reason.as_str()])
+            .inc_by(n);
+    }
+}
+
+/// Runs until `stop` is cancelled, then waits (bounded by the REST timeout) for the
+/// placements in flight. Claims it did not finish are picked up by other pods when
+/// their lease runs out.
+pub async fn run(deps: SchedulerDeps, stop: CancellationToken) {
+    let deps = Arc::new(deps);
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let lease_ms = i64::try_from(deps.config.lease.as_millis()).unwrap_or(i64::MAX);
+    let late_limit = i64::try_from(deps.config.max_lateness.as_secs())
+        .unwrap_or(i64::MAX)
+        .min(MAX_LATENESS_SECS);
+    let mut last_housekeeping: Option<Instant> = None;
+    tracing::info!(
+        pod = %deps.pod,
+        poll_ms = deps.config.poll_interval.as_millis() as u64,
+        lease_s = deps.config.lease.as_secs(),
+        "scheduler running"
+    );
+    loop {
+        if last_housekeeping.is_none_or(|t| t.elapsed() >= HOUSEKEEPING_INTERVAL) {
+            housekeeping(&deps).await;
+            last_housekeeping = Some(Instant::now());
+        }
+        // Claim only what can be placed now; the rest stays for other pods.
+        let free = i64::try_from(in_flight.available_permits()).unwrap_or(0);
+        let limit = free.min(CLAIM_BATCH);
+        let mut claimed_full_batch = false;
+        if limit > 0 {
+            let claimed = tokio::time::timeout(
+                DB_TIMEOUT,
+                queries::claim(
+                    &deps.pool,
+                    &deps.pod,
+                    limit,
+                    lease_ms,
+                    MAX_ATTEMPTS,
+                    late_limit,
+                ),
+            )
+            .await;
+            match claimed {
+                Ok(Ok(rows)) => {
+                    claimed_full_batch = rows.len() as i64 == limit;
+                    for row in rows {
+                        if row.attempt > 1 {
+                            fail(&deps.metrics, FailureReason::LeaseExpired, 1);
+                            tracing::warn!(call_id = %row.id, attempt = row.attempt, "taking over a callback whose claim ran out");
+                        }
+                        let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
+                            break;
+                        };
+                        let claimed_at = Instant::now();
+                        let deps = Arc::clone(&deps);
+                        tokio::spawn(async move {
+                            place(&deps, row, claimed_at).await;
+                            drop(permit);
+                        });
+                    }
+                }
+                Ok(Err(err)) => {
+                    fail(&deps.metrics, FailureReason::Database, 1);
+                    tracing::warn!(error = %err, "claiming due callbacks failed");
+                }
+                Err(_) => {
+                    fail(&deps.metrics, FailureReason::Database, 1);
+                    tracing::warn!("claiming due callbacks timed out");
+                }
+            }
+        }
+        // A full batch means more may be due: claim again at once.
+        let pause = if claimed_full_batch {
+            Duration::ZERO
+        } else {
+            deps.config.poll_interval
+        };
+        tokio::select! {
+            () = stop.cancelled() => break,
+            () = tokio::time::sleep(pause) => {}
+        }
+    }
+    // Let placements in flight finish: their REST requests are bounded.
+    let grace = deps.config.rest_timeout(&deps.limits) + Duration::from_secs(1);
+    let all = u32::try_from(MAX_IN_FLIGHT).unwrap_or(u32::MAX);
+    if tokio::time::timeout(grace, in_flight.acquire_many(all))
+        .await
+        .is_err()
+    {
+        tracing::warn!("scheduler stopped with placements in flight; their leases will run out");
+    }
+    tracing::info!("scheduler stopped");
+}
+
+async fn housekeeping(deps: &SchedulerDeps) {
+    let m = &deps.metrics;
+    let pool = &deps.pool;
+    let late_limit = i64::try_from(deps.config.max_lateness.as_secs())
+        .unwrap_or(i64::MAX)
+        .min(MAX_LATENESS_SECS);
+    match tokio::time::timeout(DB_TIMEOUT, queries::expire_late(pool, late_limit)).await {
+        Ok(Ok(n)) => {
+            if n > 0 {
+                tracing::warn!(
+                    count = n,
+                    "callbacks not placed: due longer ago than their lateness limit"
+                );
+            }
+            fail(m, FailureReason::TooLate, n);
+        }
+        Ok(Err(err)) => tracing::warn!(error = %err, "expiring late callbacks failed"),
+        Err(_) => tracing::warn!("expiring late callbacks timed out"),
+    }
+    match tokio::time::timeout(DB_TIMEOUT, queries::give_up_exhausted(pool, MAX_ATTEMPTS)).await {
+        Ok(Ok(n)) => {
+            if n > 0 {
+                tracing::warn!(
+                    count = n,
+                    "callbacks failed: every placement attempt ran out"
+                );
+            }
+            fail(m, FailureReason::AttemptsExhausted, n);
+        }
+        Ok(Err(err)) => tracing::warn!(error = %err, "giving up exhausted callbacks failed"),
+        Err(_) => tracing::warn!("giving up exhausted callbacks timed out"),
+    }
+    let delay = i64::try_from(deps.config.retry_delay.as_secs())
+        .unwrap_or(i64::MAX)
+        .min(MAX_LATENESS_SECS);
+    match tokio::time::timeout(
+        DB_TIMEOUT,
+        queries::schedule_retries(pool, delay, RETRY_BATCH),
+    )
+    .await
+    {
+        Ok(Ok(ids)) => {
+            for id in ids {
+                tracing::info!(call_id = %id, "retry scheduled after busy / no-answer");
+            }
+        }
+        Ok(Err(err)) => tracing::warn!(error = %err, "scheduling retries failed"),
+        Err(_) => tracing::warn!("scheduling retries timed out"),
+    }
+    if let Ok(Ok((backlog, overdue))) =
+        tokio::time::timeout(DB_TIMEOUT, queries::backlog(pool)).await
+    {
+        m.scheduled_backlog.set(backlog);
+        m.scheduled_overdue.set(overdue);
+    }
+}
+
+/// Places one claimed callback.
+async fn place(deps: &SchedulerDeps, row: queries::Claimed, claimed_at: Instant) {
+    let m = &deps.metrics;
+    let id = row.id;
+    let (Some(to), Some(from)) = (row.to_number.clone(), row.from_number.clone()) else {
+        record_failure(
+            deps,
+            id,
+            FailureReason::BadRequest,
+            "missing to/from number",
+        )
+        .await;
+        return;
+    };
+    let Some(persona) = deps.personas.snapshot().get(&row.persona) else {
+        let msg = format!("persona `{}` is not loaded", row.persona);
+        record_failure(deps, id, FailureReason::PersonaMissing, &msg).await;
+        return;
+    };
+    let plan = OutboundPlan {
+        call_id: id.to_string(),
+        persona: row.persona.clone(),
+        from,
+        to: to.clone(),
+        pretext: row.pretext.clone(),
+        user: row.user_id.clone(),
+    };
+    let request = match outbound::build(&deps.public, &deps.signer, &deps.limits, &plan) {
+        Ok(r) => r,
+        Err(err) => {
+            record_failure(deps, id, FailureReason::BadRequest, &err.to_string()).await;
+            return;
+        }
+    };
+    // Never start a Twilio request that could outlive the claim: another pod may
+    // take the call over once the lease runs out.
+    let rest_timeout = deps.config.rest_timeout(&deps.limits);
+    if claimed_at.elapsed() + rest_timeout >= deps.config.lease {
+        tracing::warn!(call_id = %id, "claim too old to place safely; leaving it to the lease");
+        return;
+    }
+    deps.handler.prepare(&PreparedCall {
+        call_id: plan.call_id.clone(),
+        persona_name: plan.persona.clone(),
+        persona,
+        direction: Direction::Outbound,
+        pretext: request.context.pretext.clone(),
+        user: request.context.user.clone(),
+    });
+    match deps.twilio.create_call(&request.call).await {
+        Ok(created) => {
+            let status = CallStatus::from_twilio(&created.status)
+                .filter(|s| *s != CallStatus::Scheduled && *s != CallStatus::Placing)
+                .unwrap_or(CallStatus::Queued);
+            let written = tokio::time::timeout(
+                DB_TIMEOUT,
+                queries::mark_placed(
+                    &deps.pool,
+                    id,
+                    &created.sid,
+                    status.as_str(),
+                    &created.status,
+                ),
+            )
+            .await;
+            m.scheduled_placed.inc();
+            match written {
+                Ok(Ok(delay)) => {
+                    if let Some(d) = delay {
+                        m.placement_delay.observe(d.max(0.0));
+                    }
+                    tracing::info!(
+                        call_id = %id,
+                        call_sid = %created.sid,
+                        persona = %plan.persona,
+                        to = %mask_number(&to),
+                        delay_ms = delay.map(|d| (d * 1000.0).round() as i64),
+                        attempt = row.attempt,
+                        inline_twiml = request.inline_twiml,
+                        "scheduled callback placed"
+                    );
+                }
+                // The call exists; Twilio's callbacks will bring the CallSid to the row.
+                Ok(Err(err)) => {
+                    fail(m, FailureReason::Database, 1);
+                    tracing::error!(call_id = %id, call_sid = %created.sid, error = %err, "callback placed but not recorded; status callbacks will record it");
+                }
+                Err(_) => {
+                    fail(m, FailureReason::Database, 1);
+                    tracing::error!(call_id = %id, call_sid = %created.sid, "callback placed but recording it timed out; status callbacks will record it");
+                }
+            }
+        }
+        Err(RestError::Api(e)) if (400..500).contains(&e.status) && e.status != 429 => {
+            let msg = format!("Twilio refused the call: {} (code {:?})", e.message, e.code);
+            record_failure(deps, id, FailureReason::TwilioRejected, &msg).await;
+        }
+        Err(err) => {
+            fail(m, FailureReason::TwilioUnavailable, 1);
+            tracing::warn!(call_id = %id, error = %err, attempt = row.attempt, "placing a callback failed; another attempt follows when the claim runs out");
+            let note = format!("attempt {}: {err}", row.attempt);
+            let _ =
+                tokio::time::timeout(DB_TIMEOUT, queries::note_transient(&deps.pool, id, &note))
+                    .await;
+        }
+    }
+}
+
+async fn record_failure(deps: &SchedulerDeps, id: uuid::Uuid, reason: FailureReason, msg: &str) {
+    fail(&deps.metrics, reason, 1);
+    tracing::warn!(call_id = %id, reason = reason.as_str(), error = %msg, "scheduled callback failed");
+    match tokio::time::timeout(
+        DB_TIMEOUT,
+        queries::mark_failed(&deps.pool, id, reason.as_str(), msg),
+    )
+    .await
+    {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => tracing::warn!(call_id = %id, error = %err, "recording the failure failed"),
+        Err(_) => tracing::warn!(call_id = %id, "recording the failure timed out"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The Twilio request always fits well inside the claim, however the lease is set.
+    #[test]
+    fn rest_timeout_is_a_third_of_the_lease_at_most() {
+        let limits = Limits::default();
+        let short = SchedulerConfig {
+            lease: Duration::from_secs(3),
+            ..SchedulerConfig::default()
+        };
+        assert_eq!(short.rest_timeout(&limits), Duration::from_secs(1));
+        assert_eq!(
+            SchedulerConfig::default().rest_timeout(&limits),
+            limits.rest_timeout
+        );
+    }
+
+    // Pod identities carry the host name and differ between restarts.
+    #[test]
+    fn pod_identities_are_unique_per_start() {
+        let a = pod_identity(Some("voice-7d9f"));
+        let b = pod_identity(Some("voice-7d9f"));
+        assert!(a.starts_with("voice-7d9f-") && a != b);
+        assert!(pod_identity(None).starts_with("voice-pod-"));
+    }
+}
