@@ -32,7 +32,8 @@ use crate::drain::{Drain, DrainOutcome};
 use crate::metrics::Metrics;
 use crate::personas::{Personas, watch};
 use crate::session::{CallHandler, RecordingHandler};
-use crate::store::{CallRecords, NoPersistence};
+use crate::store::api::{self as history, CallHistoryApi};
+use crate::store::{CallRecords, NoPersistence, PgStore};
 use crate::twilio::context::ContextSigner;
 use crate::twilio::media_stream::StreamDeps;
 use crate::twilio::rest::{RestError, TwilioClient};
@@ -62,6 +63,8 @@ pub struct AppState {
     pub signer: Option<ContextSigner>,
     /// Drain state.
     pub drain: Drain,
+    /// `GET /v1/calls` (503 without persistence).
+    pub history: CallHistoryApi,
     /// What media streams need (needs the auth token).
     pub stream: Option<Arc<StreamDeps>>,
 }
@@ -72,10 +75,23 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/twilio/voice", post(twilio::voice))
         .route("/twilio/status", post(twilio::status))
         .route("/twilio/stream", get(twilio::stream))
-        .route("/v1/calls", post(calls::create))
+        .route("/v1/calls", post(calls::create).get(list_calls))
         .route("/v1/calls/{sid}", get(calls::get))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
+}
+
+/// `GET /v1/calls?user=&persona=&status=&limit=`: the store's list handler, with the
+/// app's state.
+async fn list_calls(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+    headers: axum::http::HeaderMap,
+    params: Result<
+        axum::extract::Query<history::ListParams>,
+        axum::extract::rejection::QueryRejection,
+    >,
+) -> axum::response::Response {
+    history::list_calls(axum::extract::State(state.history.clone()), headers, params).await
 }
 
 /// A pod to run: configuration plus the pluggable parts.
@@ -88,6 +104,8 @@ pub struct Pod {
     pub handler: Arc<dyn CallHandler>,
     /// Call records ([`NoPersistence`] by default).
     pub records: Arc<dyn CallRecords>,
+    /// The PostgreSQL store behind the call history, when persistence is on.
+    pub store: Option<PgStore>,
 }
 
 impl Pod {
@@ -98,7 +116,16 @@ impl Pod {
             metrics: Arc::new(Metrics::new()),
             handler: Arc::new(RecordingHandler),
             records: Arc::new(NoPersistence),
+            store: None,
         }
+    }
+
+    /// Keeps call records, transcripts and costs in PostgreSQL and serves the call
+    /// history from it.
+    pub fn with_store(mut self, store: PgStore) -> Self {
+        self.records = Arc::new(store.clone());
+        self.store = Some(store);
+        self
     }
 
     /// Replaces the call handler (the conversation engine, or a test double).
@@ -149,6 +176,7 @@ pub async fn serve(
         metrics,
         handler,
         records,
+        store,
     } = pod;
     let config = Arc::new(config);
     let personas = {
@@ -195,15 +223,20 @@ pub async fn serve(
             limits: config.limits.clone(),
         })
     });
+    let history = CallHistoryApi::new(
+        store,
+        config.api_token.as_ref().map(|t| t.expose().to_owned()),
+    );
     let state = Arc::new(AppState {
         config: Arc::clone(&config),
         metrics: Arc::clone(&metrics),
         personas: Arc::clone(&personas),
         handler,
-        records,
+        records: Arc::clone(&records),
         twilio,
         signer,
         drain: drain.clone(),
+        history,
         stream,
     });
 
@@ -219,6 +252,7 @@ pub async fn serve(
         metrics: Arc::clone(&metrics),
         drain: drain.clone(),
         personas: Arc::clone(&personas),
+        records,
     });
     let metrics_addr = metrics_listener.local_addr().ok();
     let mut metrics_server = tokio::spawn(
