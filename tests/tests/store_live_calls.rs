@@ -7,7 +7,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use callmeback_tests::call_harness::{Caller, Emulators, PodProcess, ProviderProfile, persona_json};
+use callmeback_tests::call_harness::{
+    Caller, Emulators, PodProcess, ProviderProfile, persona_json,
+};
 use callmeback_tests::emulators::cerebras::{ChatCall, Reply, ReplyFn};
 use callmeback_tests::postgres::{CuttableProxy, TestDb};
 use callmeback_tests::twilio_sim::eventually;
@@ -243,7 +245,10 @@ async fn a_call_through_the_pod_leaves_its_record_transcript_and_costs() {
     .unwrap();
     assert_eq!(timed.len(), 2);
     for (total, llm, first_audio) in &timed {
-        assert!(total.is_some_and(|v| v >= 0) && llm.is_some() && *first_audio, "{timed:?}");
+        assert!(
+            total.is_some_and(|v| v >= 0) && llm.is_some() && *first_audio,
+            "{timed:?}"
+        );
     }
 
     // One usage row per unit, priced from the configured table: cost = quantity x price.
@@ -432,7 +437,9 @@ async fn a_relationship_override_changes_the_voice_and_prompt_of_the_next_call()
         .filter(|s| !s.starts_with("You keep memory notes"))
         .collect();
     assert!(
-        first.iter().any(|s| s.starts_with("You are Ada, a friendly assistant")),
+        first
+            .iter()
+            .any(|s| s.starts_with("You are Ada, a friendly assistant")),
         "{first:?}"
     );
     assert!(first.iter().all(|s| !s.contains("old friend")));
