@@ -29,6 +29,17 @@ const GREETING: &str = "Hi, this is Ada. How can I help?";
 /// writer needs milliseconds, a retry after an outage up to its 5 s backoff).
 const SETTLE: Duration = Duration::from_secs(30);
 
+/// `direction, persona, user_id, from_number, status, outcome, duration_seconds`.
+type CallRow = (
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    String,
+    Option<String>,
+    Option<i32>,
+);
+
 /// Whether a chat request is the after-call memory summary (not a caller turn).
 fn is_summary(call: &ChatCall) -> bool {
     call.messages
@@ -192,15 +203,7 @@ async fn a_call_through_the_pod_leaves_its_record_transcript_and_costs() {
         pod.log_tail(40)
     );
     let mut conn = db.connect().await;
-    let (direction, persona, user, from, status, outcome, duration): (
-        String,
-        String,
-        Option<String>,
-        Option<String>,
-        String,
-        Option<String>,
-        Option<i32>,
-    ) = sqlx::query_as(
+    let (direction, persona, user, from, status, outcome, duration): CallRow = sqlx::query_as(
         "SELECT direction, persona, user_id, from_number, status, outcome, duration_seconds \
          FROM calls WHERE call_sid = $1",
     )
