@@ -677,3 +677,47 @@ fn word(d: char) -> &'static str {
         _ => "something",
     }
 }
+
+// Without DATABASE_URL the pod still answers calls, says on /readyz that persistence is off, and the call history answers 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_database_the_pod_says_persistence_is_off_and_history_answers_503() {
+    let emus = Emulators::start(
+        vec!["Hello there.".to_string()],
+        replies(
+            &[("hello", "Hello!")],
+            Arc::new(Mutex::new("NOTHING".into())),
+        ),
+        ProviderProfile::ZERO,
+    )
+    .await
+    .unwrap();
+    let pod = PodProcess::start(
+        &emus,
+        &[("ada", persona_json(json!({})))],
+        &[("CALLMEBACK_API_TOKEN", TOKEN)],
+    )
+    .await
+    .unwrap();
+    let readyz = reqwest::get(format!("{}/readyz", pod.metrics_url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(readyz, "ready\npersistence: disabled\n");
+    let caller = converse(&pod, FROM, &["Hello there."]).await;
+    assert_eq!(api_get(&pod, "/v1/calls").await.0, 503);
+    assert_eq!(
+        api_get(&pod, &format!("/v1/calls/{}", caller.call_sid))
+            .await
+            .0,
+        503
+    );
+    let said_once = pod
+        .log()
+        .lines()
+        .filter(|l| l.contains("persistence disabled"))
+        .count();
+    assert_eq!(said_once, 1, "{}", pod.log_tail(20));
+    pod.stop().await.unwrap();
+}
