@@ -2,6 +2,8 @@
 //! the library.
 
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -9,6 +11,10 @@ use voice_pod::config::{Config, EXIT_BAD_CONFIG, ServeArgs};
 use voice_pod::drain::{self, DrainOutcome};
 use voice_pod::engine::Engine;
 use voice_pod::http::{self, Pod};
+use voice_pod::metrics::Metrics;
+use voice_pod::store::StoreHealth;
+use voice_pod::store::journal::StoreJournal;
+use voice_pod::store::pricing::{PRICES_FILE_ENV, PriceTable};
 
 #[derive(Parser)]
 #[command(
@@ -26,9 +32,6 @@ enum Command {
     /// Serve Twilio webhooks, media streams and the call-me-back API.
     Serve(ServeArgs),
 }
-
-/// How long records still queued at exit get to reach the database.
-const STORE_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -88,7 +91,59 @@ fn init_logging() {
         .init();
 }
 
+/// How long shutdown waits for memory summaries, then for the writer's last records.
+const STORE_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long start-up waits for PostgreSQL (migrations) before serving without it; the
+/// writer keeps buffering and migrates when the database answers.
+const STORE_STARTUP_WAIT: Duration = Duration::from_secs(3);
+
+/// The pod's name on call records (Kubernetes sets `HOSTNAME` to it).
+fn pod_name() -> Option<String> {
+    ["POD_NAME", "HOSTNAME"]
+        .iter()
+        .filter_map(|k| std::env::var(k).ok())
+        .map(|v| v.trim().to_owned())
+        .find(|v| !v.is_empty())
+}
+
+/// `DATABASE_URL` set: the PostgreSQL store (migrated, writer running; a database
+/// that is down only delays start-up by [`STORE_STARTUP_WAIT`]). Unset: `None`, and
+/// the store says once that persistence is off.
+async fn open_store(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Option<StoreJournal>> {
+    let prices = match std::env::var(PRICES_FILE_ENV)
+        .ok()
+        .filter(|p| !p.trim().is_empty())
+    {
+        Some(path) => PriceTable::load(std::path::Path::new(path.trim()))
+            .with_context(|| format!("bad price table ({PRICES_FILE_ENV})"))?,
+        None => PriceTable::default(),
+    };
+    let url = config.database_url.as_ref().map(|u| u.expose());
+    let store = voice_pod::store::postgres::open(
+        url,
+        |cfg| {
+            cfg.prices = prices;
+            cfg.startup_timeout = STORE_STARTUP_WAIT;
+        },
+        metrics,
+    )
+    .await
+    .context("DATABASE_URL")?;
+    if let Some(store) = &store
+        && store.health() != StoreHealth::Up
+    {
+        tracing::warn!(
+            "serving without PostgreSQL for now: call records are buffered until it answers"
+        );
+    }
+    Ok(store.map(StoreJournal::new))
+}
+
 async fn serve(config: Config) -> anyhow::Result<()> {
+    let metrics_registry = Arc::new(Metrics::new());
     let app = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {} (CALLMEBACK_LISTEN)", config.listen))?;
@@ -100,6 +155,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 config.metrics_listen
             )
         })?;
+    let journal = open_store(&config, &metrics_registry).await?;
     let shutdown = async {
         let signal = drain::shutdown_signal().await;
         tracing::info!(?signal, "shutdown signal received");
@@ -110,18 +166,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             std::process::exit(130);
         });
     };
-    let database_url = config.database_url.clone();
-    let mut pod = Pod::new(config);
-    // Call records, scheduled callbacks and the scheduler need PostgreSQL.
-    let store = voice_pod::store::postgres::open(
-        database_url.as_ref().map(|s| s.expose()),
-        |_| {},
-        &pod.metrics,
-    )
-    .await
-    .context("DATABASE_URL")?;
-    if let Some(store) = &store {
-        pod = pod.with_store(store.clone());
+    let mut pod = Pod::new(config).with_metrics(metrics_registry);
+    if let Some(journal) = &journal {
+        pod = pod.with_store(journal.store().clone());
     }
     // The conversation engine answers calls once provider keys are configured.
     match Engine::from_lookup(|k| std::env::var(k).ok(), pod.metrics.clone())
@@ -134,15 +181,20 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 pod.config.routes_file.clone(),
             );
             tokio::spawn(engine.clone().warm_persona_dir(dir, routes));
-            pod = pod.with_handler(std::sync::Arc::new(engine));
+            let engine = match &journal {
+                Some(j) => engine.with_journal(Arc::new(j.clone()), pod_name()),
+                None => engine,
+            };
+            pod = pod.with_handler(Arc::new(engine));
         }
         None => tracing::warn!(
             "no provider keys (DEEPGRAM_API_KEY, CEREBRAS_API_KEY, ELEVENLABS_API_KEY): calls are answered in silence"
         ),
     }
     let outcome = http::serve(pod, app, metrics, shutdown).await?;
-    if let Some(store) = store {
-        store.shutdown(STORE_SHUTDOWN_GRACE).await;
+    if let Some(journal) = journal {
+        // Calls are over: memory notes and buffered records get a last chance.
+        journal.close(STORE_SHUTDOWN_GRACE).await;
     }
     match outcome {
         DrainOutcome::Finished => tracing::info!("all calls finished; exiting"),

@@ -9,6 +9,10 @@
 //! -> first frame), reply underruns; from `/proc`: the pod's CPU seconds per call and
 //! its peak RSS growth per call.
 //!
+//! With `--database-url URL` the pod keeps call records, transcripts and costs in that
+//! PostgreSQL database (run it with and without to see what persistence adds to a
+//! turn); the store's written and dropped record counts are reported.
+//!
 //! `cargo run --release -p callmeback-tests --bin call-bench -- --calls 100 --profile realistic`
 
 use std::sync::{Arc, Mutex};
@@ -29,6 +33,8 @@ struct Args {
     endpointing_ms: u32,
     /// Fixed metrics address of the pod, for a scraper (render_dashboard) beside the run.
     metrics_listen: Option<String>,
+    /// `DATABASE_URL` for the pod; persistence off when `None`.
+    database_url: Option<String>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -39,6 +45,7 @@ fn parse_args() -> anyhow::Result<Args> {
         preemptive: true,
         endpointing_ms: 200,
         metrics_listen: None,
+        database_url: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -50,9 +57,10 @@ fn parse_args() -> anyhow::Result<Args> {
             "--no-preempt" => a.preemptive = false,
             "--endpointing-ms" => a.endpointing_ms = val()?.parse()?,
             "--metrics-listen" => a.metrics_listen = Some(val()?),
+            "--database-url" => a.database_url = Some(val()?),
             "-h" | "--help" => {
                 println!(
-                    "call-bench [--calls N] [--profile zero|realistic] [--ramp-ms MS] [--endpointing-ms MS] [--no-preempt] [--metrics-listen 127.0.0.1:PORT]"
+                    "call-bench [--calls N] [--profile zero|realistic] [--ramp-ms MS] [--endpointing-ms MS] [--no-preempt] [--metrics-listen 127.0.0.1:PORT] [--database-url URL]"
                 );
                 std::process::exit(0);
             }
@@ -178,6 +186,9 @@ async fn main() -> anyhow::Result<()> {
     if let Some(addr) = &args.metrics_listen {
         env.push(("CALLMEBACK_METRICS_LISTEN", addr.as_str()));
     }
+    if let Some(url) = &args.database_url {
+        env.push(("DATABASE_URL", url.as_str()));
+    }
     let pod = Arc::new(PodProcess::start(&emus, &[("ada", persona)], &env).await?);
     // Render every line once before the clock starts.
     for (l, _) in TURNS {
@@ -254,11 +265,16 @@ async fn main() -> anyhow::Result<()> {
     let added: Vec<Duration> = v2v.iter().map(|d| d.saturating_sub(floor)).collect();
 
     println!(
-        "\n== call-bench: {} calls, profile {}, endpointing {} ms, preemptive generation {}",
+        "\n== call-bench: {} calls, profile {}, endpointing {} ms, preemptive generation {}, persistence {}",
         args.calls,
         p.name,
         args.endpointing_ms,
-        if args.preemptive { "on" } else { "off" }
+        if args.preemptive { "on" } else { "off" },
+        if args.database_url.is_some() {
+            "on"
+        } else {
+            "off"
+        }
     );
     println!(
         "healthy calls (every turn answered, barge-in cleared, no protocol violation): {ok}/{}",
@@ -311,11 +327,23 @@ async fn main() -> anyhow::Result<()> {
         sum("voice_inbound_frames_dropped_total", &[]),
         sum("voice_socket_errors_total", &[]),
     );
+    if args.database_url.is_some() {
+        println!(
+            "store: records written {}, dropped {}, pending at the end {}, relationship lookups timed out {}",
+            sum("voice_store_written_records_total", &[]),
+            sum("voice_store_dropped_records_total", &[]),
+            sum("voice_store_pending_records", &[]),
+            sum(
+                "voice_store_relationship_lookups_total",
+                &[("result", "timeout")]
+            ),
+        );
+    }
     println!(
         "JSON {}",
         json!({
             "calls": args.calls, "profile": p.name, "endpointing_ms": args.endpointing_ms,
-            "preemptive": args.preemptive, "healthy": ok,
+            "preemptive": args.preemptive, "healthy": ok, "persistence": args.database_url.is_some(),
             "v2v_p50_ms": percentile_ms(&v2v, 50.0), "v2v_p95_ms": percentile_ms(&v2v, 95.0), "v2v_p99_ms": percentile_ms(&v2v, 99.0),
             "barge_p50_ms": percentile_ms(&barge, 50.0), "barge_p95_ms": percentile_ms(&barge, 95.0),
             "greeting_p50_ms": percentile_ms(&greeting, 50.0), "greeting_p95_ms": percentile_ms(&greeting, 95.0),

@@ -34,17 +34,20 @@ use voice_operator::crd::PersonaSpec;
 
 use super::chunker::{Chunker, ChunkerConfig};
 use super::greeting_cache::{GreetingCache, GreetingKey, Phrase};
+use super::journal::{CallJournal, Journal, TurnTimes};
 use super::judge::LlmJudge;
 use super::playout::{Playout, PlayoutConfig, PlayoutOut};
-use super::prompt::{self, History, Role as PromptRole};
+use super::prompt::{self, History, RelationshipContext, Role as PromptRole};
 use super::turn_taking::{SpeechEvent, TurnConfig, TurnEvent, TurnJudge, TurnTaker, same_words};
 use super::vad::{Vad, VadConfig, VadEdge};
 use crate::metrics::{Metrics, Peer, SocketErrorKind, Stage};
 use crate::providers::{
     ChatDelta, ChatMessage, ChatModel, ChatRequest, LlmError, Providers, Role, SttError, SttEvent,
     SttSession, SttSessionConfig, TtsControl, TtsError, TtsEvent, TtsSession, TtsSessionConfig,
+    Usage,
 };
 use crate::session::{CallContext, CallEnd, CallInput, CallOutput};
+use crate::store::records::TurnLatency;
 
 /// Engine knobs that are not persona settings.
 #[derive(Clone, Debug)]
@@ -93,6 +96,10 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) phrases: Arc<GreetingCache>,
     pub(crate) settings: EngineSettings,
+    /// Where calls are recorded; `None` without persistence.
+    pub(crate) journal: Option<Arc<dyn Journal>>,
+    /// This pod's name, for the call records.
+    pub(crate) pod_name: Option<Arc<str>>,
 }
 
 /// Messages into a call's loop from its helper tasks.
@@ -113,6 +120,8 @@ enum Internal {
 enum LlmOut {
     FirstToken(Instant),
     Chunk(String),
+    /// Token accounting of the completion (billed even when the reply was cut).
+    Usage(Usage),
     Done,
     Failed(LlmError),
 }
@@ -237,6 +246,8 @@ pub(crate) struct Call {
     resume_deadline: Option<Instant>,
     late_reported: u64,
     turns: u64,
+    /// What this call records (a no-op handle without persistence).
+    journal: CallJournal,
 }
 
 impl Call {
@@ -244,6 +255,8 @@ impl Call {
         shared: Arc<Shared>,
         ctx: CallContext,
         output: mpsc::Sender<CallOutput>,
+        journal: CallJournal,
+        relationship: Option<&RelationshipContext>,
     ) -> Self {
         let persona = ctx.persona.clone();
         let now = Instant::now();
@@ -256,7 +269,7 @@ impl Call {
                 persona.llm.model.clone(),
             )) as Arc<dyn TurnJudge>
         });
-        let system = prompt::system_prompt(&persona, ctx.pretext.as_deref(), None);
+        let system = prompt::system_prompt(&persona, ctx.pretext.as_deref(), relationship);
         // The max duration counts from the stream's start, which may predate this task.
         let elapsed = ctx.started_at.elapsed();
         let max = Duration::from_secs(persona.max_call_duration_seconds.into());
@@ -302,6 +315,7 @@ impl Call {
             resume_deadline: None,
             late_reported: 0,
             turns: 0,
+            journal,
             ctx,
         }
     }
@@ -346,7 +360,16 @@ impl Call {
                     _ = sleep.as_mut() => self.on_timers(Instant::now()).await,
                 }
             };
+            self.journal_unfinished_reply(Instant::now());
             self.shutdown().await;
+            self.journal.finish(
+                &end,
+                self.audio_clock,
+                self.ctx.started_at.elapsed(),
+                &self.ctx.persona_name,
+                &self.persona,
+                &self.shared.providers.llm,
+            );
             info!(end = end.label(), turns = self.turns, "call ended");
             end
         }
@@ -892,6 +915,7 @@ impl Call {
             self.interrupt_active(now, false).await;
         }
         let speech_end = self.vad.last_voiced();
+        self.journal.caller_turn(&user_text, speech_end);
         let matching = self.spec.as_ref().is_some_and(|s| match &s.source {
             Source::Llm { user_text: t } => same_words(t, &user_text),
             Source::Phrase(_) => false,
@@ -999,6 +1023,12 @@ impl Call {
     }
 
     async fn on_llm(&mut self, reply: u64, out: LlmOut, now: Instant) {
+        if let LlmOut::Usage(u) = &out {
+            // Billed whatever became of the reply.
+            self.journal
+                .llm_tokens(u.prompt_tokens, u.completion_tokens);
+            return;
+        }
         let Some(r) = self.reply_mut(reply) else {
             return; // a discarded or interrupted reply
         };
@@ -1006,6 +1036,7 @@ impl Call {
             LlmOut::FirstToken(at) => {
                 r.timing.first_token = Some(at);
             }
+            LlmOut::Usage(_) => {}
             LlmOut::Chunk(text) => {
                 r.got_content = true;
                 if !r.text.is_empty() {
@@ -1176,6 +1207,9 @@ impl Call {
                 Ok(()) => tts.end(&ctx).await,
                 Err(e) => Err(e),
             };
+            if res.is_ok() {
+                self.journal.tts_characters(spoken.chars().count());
+            }
             if let Err(e) = res {
                 warn!(error = %e, "text-to-speech command failed");
                 // Put the text back for the next session.
@@ -1199,7 +1233,9 @@ impl Call {
             return;
         }
         if let Some(r) = self.active.take() {
-            self.playout.take_heard();
+            let heard = self.playout.take_heard();
+            let text = if heard.is_empty() { &r.text } else { &heard };
+            self.journal_reply(&r, text, false);
             let _s = r.span.enter();
             debug!("reply played");
         }
@@ -1244,6 +1280,7 @@ impl Call {
             return;
         };
         self.cancel_reply(&r).await;
+        self.journal_reply(&r, &heard.text, heard.truncated);
         if r.in_history {
             self.history.amend_last_assistant(&heard.text);
         } else if !heard.text.is_empty() {
@@ -1326,6 +1363,50 @@ impl Call {
         tokio::join!(close_stt, close_tts);
     }
 
+    // ------------------------------------------------------------------ journal
+
+    /// Records a persona turn as heard, with its timings, and the usage so far.
+    fn journal_reply(&mut self, r: &Reply, heard: &str, interrupted: bool) {
+        let t = &r.timing;
+        let latency = match r.source {
+            Source::Llm { .. } => TurnLatency {
+                stt_ms: t.confirmed.zip(t.speech_end).map(|(c, e)| ms32(c, e)),
+                llm_ms: t.first_token.zip(t.llm_start).map(|(b, a)| ms32(b, a)),
+                tts_ms: t
+                    .first_tts_audio
+                    .zip(t.first_tts_text)
+                    .map(|(b, a)| ms32(b, a)),
+                total_ms: t.first_frame.zip(t.speech_end).map(|(f, e)| ms32(f, e)),
+            },
+            Source::Phrase(_) => TurnLatency::default(),
+        };
+        self.journal.persona_turn(
+            heard,
+            interrupted,
+            TurnTimes {
+                end_of_speech: t.speech_end,
+                first_audio: t.first_frame,
+                latency,
+            },
+        );
+        self.journal.report_usage(
+            self.audio_clock,
+            self.ctx.started_at.elapsed().as_secs_f64(),
+        );
+    }
+
+    /// The call ends while the persona talks: record what the caller heard of it.
+    fn journal_unfinished_reply(&mut self, now: Instant) {
+        let Some(r) = self.active.take() else {
+            return;
+        };
+        if r.held {
+            return;
+        }
+        let heard = self.playout.interrupt(now);
+        self.journal_reply(&r, &heard.text, heard.truncated);
+    }
+
     // ------------------------------------------------------------------ helpers
 
     fn reply_mut(&mut self, id: u64) -> Option<&mut Reply> {
@@ -1382,8 +1463,11 @@ async fn llm_task(
                     }
                 }
             }
+            Some(Ok(ChatDelta::Usage(u))) => {
+                send(LlmOut::Usage(u)).await;
+            }
             // Reasoning never reaches the caller's ears.
-            Some(Ok(ChatDelta::Reasoning(_) | ChatDelta::Usage(_))) => {}
+            Some(Ok(ChatDelta::Reasoning(_))) => {}
             Some(Ok(ChatDelta::Done { .. })) | None => {
                 if let Some(c) = chunker.finish() {
                     send(LlmOut::Chunk(c)).await;
@@ -1423,6 +1507,10 @@ fn far_future() -> Instant {
 
 fn secs(later: Instant, earlier: Instant) -> f64 {
     later.saturating_duration_since(earlier).as_secs_f64()
+}
+
+fn ms32(later: Instant, earlier: Instant) -> i32 {
+    i32::try_from(ms(later, earlier)).unwrap_or(i32::MAX)
 }
 
 fn ms(later: Instant, earlier: Instant) -> u64 {

@@ -15,10 +15,12 @@
 //! - [`playout`]: pacing reply audio to real time and knowing what the caller heard.
 //! - [`prompt`]: system prompt composition and the bounded dialogue history.
 //! - [`greeting_cache`]: each persona's static phrases, synthesized once per pod.
+//! - [`journal`]: the seam to persistence (relationship at start, turns, usage, end).
 
 pub mod call;
 pub mod chunker;
 pub mod greeting_cache;
+pub mod journal;
 pub mod judge;
 pub mod playout;
 pub mod prompt;
@@ -39,6 +41,7 @@ use voice_operator::crd::PersonaSpec;
 pub use call::EngineSettings;
 use call::{Call, Shared};
 use greeting_cache::{GreetingCache, GreetingKey, Phrase};
+use journal::Journal;
 
 use crate::metrics::Metrics;
 use crate::personas::Personas;
@@ -82,10 +85,27 @@ impl Engine {
                 metrics,
                 phrases: Arc::new(GreetingCache::new()),
                 settings,
+                journal: None,
+                pod_name: None,
             }),
             warming: Arc::new(Mutex::new(HashSet::new())),
             checked_models: Arc::new(Mutex::new(HashSet::new())),
         }
+    }
+
+    /// Journals every call (relationship at start, transcript, usage, end, memory)
+    /// into `journal`; `pod_name` goes on the call records.
+    pub fn with_journal(mut self, journal: Arc<dyn Journal>, pod_name: Option<String>) -> Self {
+        let s = &self.shared;
+        self.shared = Arc::new(Shared {
+            providers: s.providers.clone(),
+            metrics: s.metrics.clone(),
+            phrases: s.phrases.clone(),
+            settings: s.settings.clone(),
+            journal: Some(journal),
+            pod_name: pod_name.map(Arc::from),
+        });
+        self
     }
 
     /// Checks once per model that the provider serves it, and says so clearly in the
@@ -262,8 +282,15 @@ impl CallHandler for Engine {
         cancel: CancellationToken,
     ) -> BoxFuture<'static, CallEnd> {
         self.check_model_once(&ctx.persona.llm.model);
-        let call = Call::new(self.shared.clone(), ctx, output);
-        Box::pin(call.run(input, cancel))
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            // Bounded by the journal: a slow database delays the greeting by at most
+            // the relationship wait, then the call goes on without it.
+            let (ctx, relationship, journal) =
+                journal::open(shared.journal.clone(), shared.pod_name.clone(), ctx).await;
+            let call = Call::new(shared, ctx, output, journal, relationship.as_ref());
+            call.run(input, cancel).await
+        })
     }
 }
 

@@ -252,7 +252,7 @@ pub async fn serve(
         metrics: Arc::clone(&metrics),
         personas: Arc::clone(&personas),
         handler,
-        records,
+        records: Arc::clone(&records),
         store,
         twilio,
         signer,
@@ -272,6 +272,7 @@ pub async fn serve(
         metrics: Arc::clone(&metrics),
         drain: drain.clone(),
         personas: Arc::clone(&personas),
+        records,
     });
     let metrics_addr = metrics_listener.local_addr().ok();
     let mut metrics_server = tokio::spawn(

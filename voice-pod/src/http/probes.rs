@@ -1,7 +1,9 @@
 //! The metrics port (9090): `/metrics`, `/healthz`, `/readyz`.
 //!
 //! `/readyz` is 503 while draining (Kubernetes stops routing new calls to the pod)
-//! or while no persona is loaded (the pod could only refuse calls).
+//! or while no persona is loaded (the pod could only refuse calls). Its body also
+//! says how persistence is (`persistence: up|unavailable|disabled`); a database that
+//! is down does not make the pod unready: calls go on and their records are buffered.
 
 use std::sync::Arc;
 
@@ -14,6 +16,7 @@ use axum::routing::get;
 use crate::drain::Drain;
 use crate::metrics::Metrics;
 use crate::personas::Personas;
+use crate::store::CallRecords;
 
 /// What the probes look at.
 #[derive(Clone)]
@@ -24,6 +27,8 @@ pub struct ProbeState {
     pub drain: Drain,
     /// Loaded personas.
     pub personas: Arc<Personas>,
+    /// Call records (persistence health).
+    pub records: Arc<dyn CallRecords>,
 }
 
 /// The metrics and probes router.
@@ -50,11 +55,13 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(s): State<ProbeState>) -> impl IntoResponse {
-    if s.drain.is_draining() {
-        (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+    let (status, word) = if s.drain.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining")
     } else if s.personas.snapshot().is_empty() {
-        (StatusCode::SERVICE_UNAVAILABLE, "no persona loaded\n")
+        (StatusCode::SERVICE_UNAVAILABLE, "no persona loaded")
     } else {
-        (StatusCode::OK, "ready\n")
-    }
+        (StatusCode::OK, "ready")
+    };
+    let persistence = s.records.health().as_str();
+    (status, format!("{word}\npersistence: {persistence}\n"))
 }

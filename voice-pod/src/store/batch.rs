@@ -134,6 +134,7 @@ const UPDATE_SET: &str = "\
     outcome = COALESCE(outcome, $8), \
     duration_seconds = COALESCE($9, duration_seconds), \
     pod = COALESCE($10, pod), \
+    user_id = COALESCE(user_id, $11), \
     updated_at = now()";
 
 /// Counts an ended call in its relationship, once: the `relationship_counted` flag
@@ -184,6 +185,7 @@ async fn update_call(
         .bind(u.outcome.as_deref().map(strip_nul))
         .bind(u.duration_seconds)
         .bind(u.pod.as_deref())
+        .bind(u.user_id.as_deref().map(strip_nul))
         .execute(&mut *conn)
         .await?;
     if done.rows_affected() == 0 {

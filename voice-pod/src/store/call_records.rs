@@ -17,6 +17,10 @@ impl CallRecords for PgStore {
         true
     }
 
+    fn health(&self) -> super::StoreHealth {
+        PgStore::health(self)
+    }
+
     fn call_created(&self, call: CallCreated) -> BoxFuture<'static, Result<(), RecordError>> {
         let result = new_call(call).and_then(|c| {
             self.new_call(c)

@@ -13,6 +13,7 @@ pub mod api;
 mod batch;
 mod call_records;
 pub mod error;
+pub mod journal;
 pub mod memory;
 pub mod metrics;
 pub mod postgres;
@@ -83,6 +84,14 @@ pub enum RecordError {
 pub trait CallRecords: Send + Sync + 'static {
     /// True when records are kept (`GET /v1/calls/{sid}` can answer).
     fn enabled(&self) -> bool;
+    /// What `/readyz` says about persistence.
+    fn health(&self) -> StoreHealth {
+        if self.enabled() {
+            StoreHealth::Up
+        } else {
+            StoreHealth::Disabled
+        }
+    }
     /// A call was created or answered.
     fn call_created(&self, call: CallCreated) -> BoxFuture<'static, Result<(), RecordError>>;
     /// Twilio reported a status.

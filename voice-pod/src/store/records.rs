@@ -241,6 +241,9 @@ pub struct CallUpdate {
     pub duration_seconds: Option<i32>,
     /// The pod handling the stream.
     pub pod: Option<String>,
+    /// Who owns the relationship, when the stream learns it (inbound calls: the
+    /// caller's number); a user already recorded is kept.
+    pub user_id: Option<String>,
 }
 
 /// Who spoke a turn.

@@ -1,0 +1,92 @@
+//! [`StoreJournal`]: the conversation engine's [`Journal`] over [`PgStore`].
+//!
+//! Relationship lookups use the store's bounded wait; records go through the
+//! bounded writer (`try_send`); after-call memory summaries run as tracked tasks so
+//! that shutdown can give them a grace period before the writer's final flush.
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio_util::task::TaskTracker;
+
+use super::memory;
+use super::postgres::PgStore;
+use super::records::Record;
+use super::relationships::Relationship;
+use crate::engine::journal::{FinishedCall, Journal};
+
+/// The engine's journal backed by PostgreSQL. Cheap to clone.
+#[derive(Clone)]
+pub struct StoreJournal {
+    store: PgStore,
+    /// After-call summaries still running.
+    tasks: TaskTracker,
+}
+
+impl StoreJournal {
+    /// A journal over `store`.
+    pub fn new(store: PgStore) -> Self {
+        Self {
+            store,
+            tasks: TaskTracker::new(),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &PgStore {
+        &self.store
+    }
+
+    /// At shutdown: lets running memory summaries finish (at most `grace`), then
+    /// gives the writer `grace` to write what it holds. Whatever is left is counted.
+    pub async fn close(&self, grace: Duration) {
+        self.tasks.close();
+        if tokio::time::timeout(grace, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                running = self.tasks.len(),
+                "memory summaries still running at shutdown; their notes are lost"
+            );
+        }
+        self.store.shutdown(grace).await;
+    }
+}
+
+impl Journal for StoreJournal {
+    fn load_relationship(
+        &self,
+        user_id: String,
+        persona: String,
+    ) -> BoxFuture<'static, Option<Relationship>> {
+        let store = self.store.clone();
+        Box::pin(async move { store.load_relationship(&user_id, &persona).await })
+    }
+
+    fn submit(&self, record: Record) {
+        // A refused record is counted (and warned about) by the writer itself.
+        let _ = self.store.record(record);
+    }
+
+    fn after_call(&self, call: FinishedCall) {
+        let store = self.store.clone();
+        self.tasks.spawn(async move {
+            let result = memory::remember_call(
+                &store,
+                call.llm.as_ref(),
+                &call.persona_name,
+                &call.persona,
+                &call.user_id,
+                call.call_id,
+                &call.turns,
+            )
+            .await;
+            match result {
+                Ok(true) => tracing::info!(call_id = %call.call_id, persona = %call.persona_name, "memory note added"),
+                Ok(false) => tracing::debug!(call_id = %call.call_id, "nothing to remember"),
+                Err(e) => tracing::warn!(call_id = %call.call_id, error = %e, "memory summary failed"),
+            }
+        });
+    }
+}
