@@ -34,6 +34,18 @@ pub const SPEECH_RMS: f64 = 400.0;
 /// One frame.
 pub const FRAME: Duration = Duration::from_millis(20);
 
+/// Owned lines of a caller's script.
+pub fn lines(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+/// Owned (keyword, reply) pairs for [`table_replies`].
+pub fn table(v: &[(&str, &str)]) -> Vec<(String, String)> {
+    v.iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
+}
+
 // ---------------------------------------------------------------------- providers
 
 /// Latency injected by the emulators.

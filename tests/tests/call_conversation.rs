@@ -6,22 +6,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use callmeback_tests::call_harness::{
-    Caller, Emulators, PodProcess, ProviderProfile, persona_json, table_replies,
+    Caller, Emulators, PodProcess, ProviderProfile, lines, persona_json, table, table_replies,
 };
 use serde_json::json;
 
 const FROM: &str = "+14155550123";
 const TO: &str = "+14155550100";
-
-fn lines(v: &[&str]) -> Vec<String> {
-    v.iter().map(|s| s.to_string()).collect()
-}
-
-fn table(v: &[(&str, &str)]) -> Vec<(String, String)> {
-    v.iter()
-        .map(|(a, b)| (a.to_string(), b.to_string()))
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_multi_turn_call_answers_every_turn_with_the_whole_history() {

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use callmeback_tests::call_harness::{
-    Caller, Emulators, PodProcess, ProviderProfile, persona_json, table_replies,
+    Caller, Emulators, PodProcess, ProviderProfile, lines, persona_json, table, table_replies,
 };
 use callmeback_tests::emulators::cerebras::CerebrasFault;
 use serde_json::json;
@@ -14,16 +14,6 @@ use serde_json::json;
 const FROM: &str = "+14155550123";
 const TO: &str = "+14155550100";
 const FALLBACK: &str = "Sorry, I lost my train of thought. Could you say that again?";
-
-fn lines(v: &[&str]) -> Vec<String> {
-    v.iter().map(|s| s.to_string()).collect()
-}
-
-fn table(v: &[(&str, &str)]) -> Vec<(String, String)> {
-    v.iter()
-        .map(|(a, b)| (a.to_string(), b.to_string()))
-        .collect()
-}
 
 async fn greeted(pod: &PodProcess) -> Caller {
     let mut caller = Caller::dial(&pod.sim(), FROM, TO).await.unwrap();
