@@ -418,15 +418,9 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
         .map_err(|e| format!("{raw:?} is not a duration such as 90s, 5m or 120 ({e})"))
 }
 
-/// `+` and 7 to 15 digits, the first not zero (ITU-T E.164).
-pub fn is_e164(n: &str) -> bool {
-    let Some(digits) = n.strip_prefix('+') else {
-        return false;
-    };
-    (7..=15).contains(&digits.len())
-        && digits.bytes().all(|b| b.is_ascii_digit())
-        && !digits.starts_with('0')
-}
+/// `+` and 7 to 15 digits, the first not zero (ITU-T E.164): the CRD's own check,
+/// so the pod and the operator accept the same numbers.
+pub use voice_operator::crd::is_e164;
 
 fn is_account_sid(s: &str) -> bool {
     s.len() == 34 && s.starts_with("AC") && s[2..].bytes().all(|b| b.is_ascii_hexdigit())

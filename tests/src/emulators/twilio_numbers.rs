@@ -20,9 +20,10 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use base64::Engine as _;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
+
+use super::twilio_error;
 
 /// One phone number as Twilio stores it.
 #[derive(Serialize, Clone, Debug, PartialEq, Eq)]
@@ -69,16 +70,6 @@ impl Drop for TwilioNumbersEmulator {
     fn drop(&mut self) {
         self.stop.cancel();
     }
-}
-
-fn twilio_error(status: StatusCode, code: u32, message: &str) -> Response {
-    let body = serde_json::json!({
-        "code": code,
-        "message": message,
-        "more_info": format!("https://www.twilio.com/docs/errors/{code}"),
-        "status": status.as_u16(),
-    });
-    (status, Json(body)).into_response()
 }
 
 impl TwilioNumbersEmulator {
@@ -177,27 +168,7 @@ fn gate(shared: &Shared, headers: &HeaderMap, account: &str) -> Result<(), Respo
             "Service Unavailable",
         ));
     }
-    let expected = base64::engine::general_purpose::STANDARD
-        .encode(format!("{}:{}", shared.account_sid, shared.auth_token));
-    let given = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Basic "));
-    if given != Some(expected.as_str()) {
-        return Err(twilio_error(
-            StatusCode::UNAUTHORIZED,
-            20003,
-            "Authenticate",
-        ));
-    }
-    if account != shared.account_sid {
-        return Err(twilio_error(
-            StatusCode::NOT_FOUND,
-            20404,
-            "The requested resource was not found",
-        ));
-    }
-    Ok(())
+    super::twilio_basic_auth(&shared.account_sid, &shared.auth_token, headers, account)
 }
 
 async fn list(

@@ -24,10 +24,12 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use base64::Engine as _;
 use quick_xml::events::Event;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
+use voice_operator::crd::is_e164;
+
+pub use super::twilio_error;
 
 /// A form as received, repeats kept in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -116,17 +118,6 @@ impl Drop for TwilioRestEmulator {
     }
 }
 
-/// Twilio's error body.
-pub fn twilio_error(status: StatusCode, code: u32, message: &str) -> Response {
-    let body = json!({
-        "code": code,
-        "message": message,
-        "more_info": format!("https://www.twilio.com/docs/errors/{code}"),
-        "status": status.as_u16(),
-    });
-    (status, Json(body)).into_response()
-}
-
 impl TwilioRestEmulator {
     /// Starts an emulator for one account.
     pub async fn start(account_sid: &str, auth_token: &str) -> std::io::Result<Self> {
@@ -185,34 +176,7 @@ impl TwilioRestEmulator {
 // The error is the ready HTTP response, returned at once by the handler.
 #[allow(clippy::result_large_err)]
 fn gate(shared: &Shared, headers: &HeaderMap, account: &str) -> Result<(), Response> {
-    let expected = base64::engine::general_purpose::STANDARD
-        .encode(format!("{}:{}", shared.account_sid, shared.auth_token));
-    let given = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Basic "));
-    if given != Some(expected.as_str()) {
-        return Err(twilio_error(
-            StatusCode::UNAUTHORIZED,
-            20003,
-            "Authenticate",
-        ));
-    }
-    if account != shared.account_sid {
-        return Err(twilio_error(
-            StatusCode::NOT_FOUND,
-            20404,
-            "The requested resource was not found",
-        ));
-    }
-    Ok(())
-}
-
-/// `+` and 7-15 digits, no leading zero.
-pub fn is_e164(n: &str) -> bool {
-    n.strip_prefix('+').is_some_and(|d| {
-        (7..=15).contains(&d.len()) && d.bytes().all(|b| b.is_ascii_digit()) && !d.starts_with('0')
-    })
+    super::twilio_basic_auth(&shared.account_sid, &shared.auth_token, headers, account)
 }
 
 /// Checks TwiML the way Twilio's parser would: well-formed XML, `<Response>` root.

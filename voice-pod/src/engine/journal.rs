@@ -85,34 +85,8 @@ pub fn relationship_user(ctx: &CallContext) -> Option<String> {
     }
 }
 
-/// A phone number as E.164 (`+` and 8 to 15 digits), tolerating the usual
-/// separators and a `00` international prefix; `None` for anything else (anonymous
-/// callers, SIP URIs, short codes).
-pub fn normalize_e164(raw: &str) -> Option<String> {
-    let raw = raw.trim();
-    let (plus, rest) = if let Some(r) = raw.strip_prefix('+') {
-        (true, r)
-    } else if let Some(r) = raw.strip_prefix("00") {
-        (true, r)
-    } else {
-        (false, raw)
-    };
-    if !plus {
-        return None;
-    }
-    let mut digits = String::with_capacity(16);
-    for c in rest.chars() {
-        match c {
-            '0'..='9' => digits.push(c),
-            ' ' | '-' | '.' | '(' | ')' => {}
-            _ => return None,
-        }
-    }
-    if !(8..=15).contains(&digits.len()) || digits.starts_with('0') {
-        return None;
-    }
-    Some(format!("+{digits}"))
-}
+/// The caller's number as E.164: the same normalisation the call API applies.
+pub use crate::twilio::normalize_e164;
 
 /// Loads the caller's relationship (bounded by the journal) and returns the call as
 /// this caller gets it: the persona with their prompt and voice, the memory notes for
