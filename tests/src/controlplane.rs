@@ -22,8 +22,11 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::certificates::v1::{
+    CertificateSigningRequest, CertificateSigningRequestSpec,
+};
 use k8s_openapi::api::core::v1::{Namespace, Node, ServiceAccount};
-use kube::api::{Api, ObjectMeta, PostParams};
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::config::{AuthInfo, KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use rcgen::{
@@ -47,6 +50,8 @@ pub const TEST_NAMESPACE_LABEL: &str = "callmeback.dev/test-namespace";
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 const START_ATTEMPTS: usize = 3;
 const SERVICE_ACCOUNT_TOKEN_SECONDS: i64 = 3600;
+/// The shortest lifetime the certificates API accepts is 10 minutes.
+const CLIENT_CERTIFICATE_SECONDS: i32 = 3600;
 const SERVICE_CIDR: &str = "10.96.0.0/16";
 /// The first address of [`SERVICE_CIDR`], which the apiserver gives its own Service.
 const KUBERNETES_SERVICE_IP: &str = "10.96.0.1";
@@ -265,6 +270,10 @@ impl ControlPlane {
                 files.sa_private_key.display()
             ),
             format!("--root-ca-file={}", files.ca_cert.display()),
+            // The csrsigning controller issues certificates for approved
+            // CertificateSigningRequests with the cluster CA, as on a real cluster.
+            format!("--cluster-signing-cert-file={}", files.ca_cert.display()),
+            format!("--cluster-signing-key-file={}", files.ca_key.display()),
         ]);
         processes.spawn("kube-controller-manager", controller_manager)?;
 
@@ -386,6 +395,91 @@ impl ControlPlane {
         config.auth_info.impersonate_groups =
             Some(groups.iter().map(|g| (*g).to_owned()).collect());
         Client::try_from(config).expect("impersonating kube client")
+    }
+
+    /// A client authenticated by its own X.509 client certificate as `user`
+    /// (the certificate's CN), in `group` when given (its O), issued the way
+    /// a cluster admin issues one: a CertificateSigningRequest for the
+    /// `kubernetes.io/kube-apiserver-client` signer, approved by the admin and
+    /// signed by the controller-manager. The key never leaves this process.
+    pub async fn client_for_user_certificate(&self, user: &str, group: Option<&str>) -> Client {
+        use base64::Engine as _;
+        let b64 = |pem: &str| base64::engine::general_purpose::STANDARD.encode(pem);
+        let key = KeyPair::generate().expect("client key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("empty SAN list");
+        params.distinguished_name.push(DnType::CommonName, user);
+        if let Some(group) = group {
+            params
+                .distinguished_name
+                .push(DnType::OrganizationName, group);
+        }
+        let request_pem = params
+            .serialize_request(&key)
+            .and_then(|csr| csr.pem())
+            .expect("PKCS#10 request");
+
+        let requests: Api<CertificateSigningRequest> = Api::all(self.client());
+        let csr = CertificateSigningRequest {
+            metadata: ObjectMeta {
+                generate_name: Some(format!("{}-", namespace_prefix(user))),
+                ..ObjectMeta::default()
+            },
+            spec: CertificateSigningRequestSpec {
+                request: k8s_openapi::ByteString(request_pem.into_bytes()),
+                signer_name: "kubernetes.io/kube-apiserver-client".to_owned(),
+                usages: Some(vec!["client auth".to_owned()]),
+                expiration_seconds: Some(CLIENT_CERTIFICATE_SECONDS),
+                ..CertificateSigningRequestSpec::default()
+            },
+            status: None,
+        };
+        let created = requests
+            .create(&PostParams::default(), &csr)
+            .await
+            .unwrap_or_else(|e| panic!("certificate signing request for user {user}: {e}"));
+        let name = created.metadata.name.expect("apiserver names the CSR");
+        let approval = serde_json::json!({
+            "status": { "conditions": [{
+                "type": "Approved",
+                "status": "True",
+                "reason": "CallmebackTest",
+                "message": "approved by the callmeback test harness",
+            }]}
+        });
+        requests
+            .patch_approval(&name, &PatchParams::default(), &Patch::Merge(&approval))
+            .await
+            .unwrap_or_else(|e| panic!("approving CSR {name}: {e}"));
+
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let certificate = loop {
+            let current = requests
+                .get(&name)
+                .await
+                .unwrap_or_else(|e| panic!("reading CSR {name}: {e}"));
+            if let Some(certificate) = current
+                .status
+                .and_then(|status| status.certificate)
+                .filter(|certificate| !certificate.0.is_empty())
+            {
+                break certificate;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the controller-manager did not sign CSR {name} within {READY_TIMEOUT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let certificate_pem =
+            String::from_utf8(certificate.0).expect("the signed certificate is PEM text");
+
+        let mut config = self.config.clone();
+        config.auth_info = AuthInfo {
+            client_certificate_data: Some(b64(&certificate_pem)),
+            client_key_data: Some(SecretString::from(b64(&key.serialize_pem()))),
+            ..AuthInfo::default()
+        };
+        Client::try_from(config).expect("client-certificate kube client")
     }
 
     /// The admin kubeconfig (for helm and kubectl).
@@ -731,6 +825,7 @@ fn log_tail(path: &Path) -> String {
 /// ServiceAccount token signing key.
 struct Pki {
     ca_pem: String,
+    ca_key_pem: String,
     serving_cert_pem: String,
     serving_key_pem: String,
     admin_cert_pem: String,
@@ -741,6 +836,7 @@ struct Pki {
 
 struct PkiFiles {
     ca_cert: PathBuf,
+    ca_key: PathBuf,
     serving_cert: PathBuf,
     serving_key: PathBuf,
     sa_private_key: PathBuf,
@@ -762,6 +858,7 @@ impl Pki {
             KeyUsagePurpose::DigitalSignature,
         ];
         let ca_cert = ca_params.self_signed(&ca_key)?;
+        let ca_key_pem = ca_key.serialize_pem();
         let issuer = Issuer::new(ca_params, ca_key);
 
         let serving_key = KeyPair::generate()?;
@@ -798,6 +895,7 @@ impl Pki {
         let sa_key = KeyPair::generate()?;
         Ok(Self {
             ca_pem: ca_cert.pem(),
+            ca_key_pem,
             serving_cert_pem: serving_cert.pem(),
             serving_key_pem: serving_key.serialize_pem(),
             admin_cert_pem: admin_cert.pem(),
@@ -850,6 +948,7 @@ impl Pki {
             .map_err(io(format!("writing {}", kubeconfig_path.display())))?;
         Ok(PkiFiles {
             ca_cert: write("ca.crt", &self.ca_pem)?,
+            ca_key: write("ca.key", &self.ca_key_pem)?,
             serving_cert: write("apiserver.crt", &self.serving_cert_pem)?,
             serving_key: write("apiserver.key", &self.serving_key_pem)?,
             sa_private_key: write("service-account.key", &self.sa_private_pem)?,

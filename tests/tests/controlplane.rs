@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use callmeback_tests::controlplane;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::authentication::v1::SelfSubjectReview;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -582,43 +583,105 @@ async fn service_account_token_with_a_narrow_role_is_forbidden_beyond_it() {
 async fn user_client_is_authorized_by_its_groups_only() {
     // Proves client_for_user authenticates as the given user and groups, so RBAC sees exactly them.
     let cp = controlplane::shared().await;
-    let ns = cp.new_namespace("rbac-user").await;
-    let admin = cp.client();
-    grant(
-        &admin,
-        &ns,
-        "pod-lister",
-        json!([{ "apiGroups": [""], "resources": ["pods"], "verbs": ["list"] }]),
+    let ns = namespace_with_pod_lister(
+        cp,
+        "rbac-user",
         json!({ "apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "callmeback:pod-listers" }),
     )
     .await;
-
     let member = cp.client_for_user("alice", &["callmeback:pod-listers"]);
-    let member_pods: Api<Pod> = Api::namespaced(member, &ns);
+    until_pods_listable(member, &ns).await;
+
+    let outsider = cp.client_for_user("bob", &["callmeback:others"]);
+    assert_forbidden::<Pod>(outsider, &ns, "bob").await;
+}
+
+#[tokio::test]
+async fn user_client_certificate_from_a_signed_csr_authenticates_as_its_subject_and_is_forbidden_beyond_its_role()
+ {
+    // Proves client_for_user_certificate mints a real client certificate (CSR approved,
+    // signed by the controller-manager): the apiserver reads the user from its CN and the
+    // group from its O, and RBAC confines it to its Role.
+    let cp = controlplane::shared().await;
+    let ns = namespace_with_pod_lister(
+        cp,
+        "rbac-cert",
+        json!({ "apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "carol" }),
+    )
+    .await;
+    let carol = cp
+        .client_for_user_certificate("carol", Some("callmeback:auditors"))
+        .await;
+    let review = Api::<SelfSubjectReview>::all(carol.clone())
+        .create(&PostParams::default(), &SelfSubjectReview::default())
+        .await
+        .expect("any authenticated user may ask who it is");
+    let user = review
+        .status
+        .and_then(|status| status.user_info)
+        .expect("the review names the user");
+    assert_eq!(user.username.as_deref(), Some("carol"));
+    let groups = user.groups.unwrap_or_default();
+    for group in ["callmeback:auditors", "system:authenticated"] {
+        assert!(groups.iter().any(|g| g == group), "{group} in {groups:?}");
+    }
+
+    until_pods_listable(carol.clone(), &ns).await;
+    assert_forbidden::<Secret>(carol, &ns, "carol").await;
+}
+
+/// A fresh namespace in which `subject` may list pods and do nothing else.
+async fn namespace_with_pod_lister(
+    cp: &controlplane::ControlPlane,
+    prefix: &str,
+    subject: serde_json::Value,
+) -> String {
+    let ns = cp.new_namespace(prefix).await;
+    grant(
+        &cp.client(),
+        &ns,
+        "pod-lister",
+        json!([{ "apiGroups": [""], "resources": ["pods"], "verbs": ["list"] }]),
+        subject,
+    )
+    .await;
+    ns
+}
+
+/// Waits until `client` may list pods in `ns` (the authorizer's RBAC cache lags a new binding).
+async fn until_pods_listable(client: Client, ns: &str) {
+    let pods: Api<Pod> = Api::namespaced(client, ns);
     eventually(
-        "the group's RoleBinding to take effect",
+        "the RoleBinding to take effect",
         CONTROLLER_DEADLINE,
         || {
-            let member_pods = member_pods.clone();
-            async move {
-                member_pods
-                    .list(&ListParams::default())
-                    .await
-                    .ok()
-                    .map(|_| ())
-            }
+            let pods = pods.clone();
+            async move { pods.list(&ListParams::default()).await.ok().map(|_| ()) }
         },
     )
     .await;
+}
 
-    let outsider = cp.client_for_user("bob", &["callmeback:others"]);
+/// Listing `K` in `ns` as `client` is refused with 403 naming `user`.
+async fn assert_forbidden<K>(client: Client, ns: &str, user: &str)
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
     let status = api_status(
-        Api::<Pod>::namespaced(outsider, &ns)
+        Api::<K>::namespaced(client, ns)
             .list(&ListParams::default())
             .await,
     );
     assert_eq!(status.code, 403, "{status:?}");
-    assert!(status.message.contains("\"bob\""), "{:?}", status.message);
+    assert!(
+        status.message.contains(&format!("\"{user}\"")),
+        "{:?}",
+        status.message
+    );
 }
 
 #[tokio::test]

@@ -1,14 +1,15 @@
-//! The call-history API over a real socket: auth, the record with transcript and
-//! costs, the list, and 503 when persistence is off.
+//! The call-history API (`GET /v1/calls/{sid}`, `GET /v1/calls`) of the real
+//! `voice-pod serve` binary over a real socket: auth, the record with transcript and
+//! costs, the list and its filters, and clear 400s for bad queries. Records are
+//! written beforehand through the store, into the database the pod reads.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
+use callmeback_tests::call_harness::{PodProcess, persona_json};
 use callmeback_tests::postgres::TestDb;
 use serde_json::Value;
 use voice_operator::crd::Price;
 use voice_pod::metrics::Metrics;
-use voice_pod::store::api::{CallHistoryApi, routes};
 use voice_pod::store::pricing::PriceTable;
 use voice_pod::store::records::{
     CallDirection, CallRef, CallStatus, CallUpdate, NewCall, Speaker, TurnRecord, UsageRecord,
@@ -16,20 +17,10 @@ use voice_pod::store::records::{
 };
 use voice_pod::store::{PgStore, StoreConfig};
 
-const TOKEN: &str = "test-token-123";
+const TOKEN: &str = "store-api-test-token-0123456789";
 
-async fn serve(api: CallHistoryApi) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app: axum::Router = routes(api);
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    addr
-}
-
-async fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, Value) {
-    let mut req = reqwest::Client::new().get(format!("http://{addr}{path}"));
+async fn get(base: &str, path: &str, token: Option<&str>) -> (u16, Value) {
+    let mut req = reqwest::Client::new().get(format!("{base}{path}"));
     if let Some(t) = token {
         req = req.bearer_auth(t);
     }
@@ -43,7 +34,7 @@ async fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, Value) 
     (status, body)
 }
 
-// With a token and a database, the API serves a call's record, transcript and costs by CallSid or id, lists calls by user, and refuses bad tokens and bad queries.
+// With a token and a database, the pod serves a call's record, transcript and costs by CallSid or id, lists calls by user, and refuses bad tokens and bad queries.
 #[tokio::test]
 async fn call_history_serves_record_transcript_and_costs() {
     let db = TestDb::create().await;
@@ -88,11 +79,36 @@ async fn call_history_serves_record_transcript_and_costs() {
     store.new_call(other).unwrap();
     store.flush(Duration::from_secs(30)).await.unwrap();
 
-    let addr = serve(CallHistoryApi::new(Some(store.clone()), Some(TOKEN.into()))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let prices = dir.path().join("prices.yaml");
+    std::fs::write(
+        &prices,
+        "- provider: twilio\n  unit: telephony_seconds\n  usdPerUnit: \"0.00025\"\n",
+    )
+    .unwrap();
+    let env: Vec<(String, String)> = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("CALLMEBACK_API_TOKEN", TOKEN),
+        ("CALLMEBACK_PRICES_FILE", prices.to_str().unwrap()),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    // A pod is ready once it has a persona to answer with.
+    let persona = persona_json(serde_json::json!({}));
+    let pod = PodProcess::start_with_env(&[("ava", persona)], &env)
+        .await
+        .unwrap();
+    let addr = pod.app_url.as_str();
 
     assert_eq!(get(addr, "/v1/calls/CAapi1", None).await.0, 401);
     assert_eq!(get(addr, "/v1/calls/CAapi1", Some("wrong")).await.0, 401);
-    assert_eq!(get(addr, "/v1/calls", Some("test-token-12")).await.0, 401);
+    assert_eq!(
+        get(addr, "/v1/calls", Some(&TOKEN[..TOKEN.len() - 1]))
+            .await
+            .0,
+        401
+    );
 
     let (status, body) = get(addr, "/v1/calls/CAapi1", Some(TOKEN)).await;
     assert_eq!(status, 200, "{body}");
@@ -138,27 +154,13 @@ async fn call_history_serves_record_transcript_and_costs() {
 
     let (status, err) = get(addr, "/v1/calls?status=exploded", Some(TOKEN)).await;
     assert_eq!(status, 400);
-    assert!(err["error"].as_str().unwrap().contains("exploded"));
+    assert_eq!(err["error"], "invalid_request");
+    assert!(
+        err["message"].as_str().unwrap().contains("exploded"),
+        "{err}"
+    );
     assert_eq!(get(addr, "/v1/calls?limit=0", Some(TOKEN)).await.0, 400);
     assert_eq!(get(addr, "/v1/calls?limit=many", Some(TOKEN)).await.0, 400);
     store.shutdown(Duration::from_secs(5)).await;
-}
-
-// Without DATABASE_URL the store stays off and the history answers 503 (after auth); without an API token the routes are off.
-#[tokio::test]
-async fn call_history_answers_503_without_persistence_and_404_without_a_token() {
-    let metrics = Metrics::new();
-    let store = voice_pod::store::postgres::open(None, |_| {}, &metrics)
-        .await
-        .unwrap();
-    assert!(store.is_none());
-    let addr = serve(CallHistoryApi::new(store, Some(TOKEN.into()))).await;
-    assert_eq!(get(addr, "/v1/calls/CA1", None).await.0, 401);
-    let (status, body) = get(addr, "/v1/calls/CA1", Some(TOKEN)).await;
-    assert_eq!(status, 503);
-    assert!(body["error"].as_str().unwrap().contains("DATABASE_URL"));
-    assert_eq!(get(addr, "/v1/calls?user=x", Some(TOKEN)).await.0, 503);
-
-    let addr = serve(CallHistoryApi::new(None, None)).await;
-    assert_eq!(get(addr, "/v1/calls/CA1", Some(TOKEN)).await.0, 404);
+    pod.stop().await.unwrap();
 }

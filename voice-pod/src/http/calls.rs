@@ -471,7 +471,13 @@ pub async fn get(
     if let Err(err) = authorize(&state, &headers) {
         return err.into_response();
     }
-    match state.records.get_call(&sid).await {
+    if sid.is_empty() || sid.len() > 64 {
+        return ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such call").into_response();
+    }
+    let Ok(found) = tokio::time::timeout(DB_TIMEOUT, state.records.get_call(&sid)).await else {
+        return store_failed("call record lookup", &"timed out").into_response();
+    };
+    match found {
         Ok(Some(call)) => Json(call).into_response(),
         Ok(None) => {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such call").into_response()
@@ -482,15 +488,7 @@ pub async fn get(
             "call records are not kept on this pod (DATABASE_URL is unset)",
         )
         .into_response(),
-        Err(err) => {
-            tracing::error!(error = %err, "call record lookup failed");
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store_unavailable",
-                "the call store is unavailable",
-            )
-            .into_response()
-        }
+        Err(err) => store_failed("call record lookup", &err).into_response(),
     }
 }
 

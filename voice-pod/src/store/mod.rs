@@ -8,8 +8,8 @@
 //!
 //! Writes are never on the audio path: the edge spawns them and logs failures.
 
-// PostgreSQL persistence (issue 7): the writer, the schema's records, the call-history API.
-pub mod api;
+// PostgreSQL persistence: the writer, the schema's records, the queries behind
+// `GET /v1/calls` (served by http::calls).
 mod batch;
 mod call_records;
 pub mod error;
