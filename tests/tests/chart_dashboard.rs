@@ -80,6 +80,7 @@ fn scrapes_and_families(healthy: bool) -> (Store, Vec<String>) {
     } else {
         (2.5, 100, 10, 19, 20)
     };
+    let (overdue, dropped_callbacks) = if healthy { (0, 0) } else { (3, 2) };
     for round in 0..2 {
         for persona in ["date-rescuer", "night-librarian"] {
             for _ in 0..10 {
@@ -108,6 +109,20 @@ fn scrapes_and_families(healthy: bool) -> (Store, Vec<String>) {
         pod.late_frames.inc_by(3);
         pod.active_calls.set(active);
         pod.draining.set(0);
+        // Scheduled callbacks: a few waiting; when unhealthy, some overdue and some
+        // given up on (too late) in the second scrape.
+        pod.scheduled_backlog.set(4 + overdue);
+        pod.scheduled_overdue.set(overdue);
+        for _ in 0..5 {
+            pod.placement_delay
+                .observe(if healthy { 0.3 } else { 95.0 });
+        }
+        pod.scheduled_placed.inc_by(5);
+        let too_late = pod.placement_failures.with_label_values(&["too_late"]);
+        too_late.inc_by(if round == 1 { dropped_callbacks } else { 0 });
+        pod.placement_failures
+            .with_label_values(&["twilio_unavailable"])
+            .inc();
 
         drop(op.start("VoiceDeployment"));
         drop(op.start("Persona"));
@@ -162,14 +177,14 @@ fn every_alert_expression_parses_and_names_a_metric_the_code_exports() {
     // Proves the same for the PrometheusRule as Helm renders it.
     let (store, families) = scrapes_and_families(false);
     let alerts = alerts();
-    assert_eq!(alerts.len(), 5);
+    assert_eq!(alerts.len(), 7);
     for (name, expr) in alerts {
         check_names(&format!("alert {name}"), &expr, &families, &store);
     }
 }
 
 #[test]
-fn the_dashboard_covers_latency_by_persona_and_stage_errors_by_peer_and_the_operator() {
+fn the_dashboard_covers_latency_by_persona_and_stage_errors_by_peer_callbacks_and_the_operator() {
     // Proves the panels the issue asks for are there, grouped the way it asks.
     let d = dashboard();
     let exprs: Vec<String> = d
@@ -196,6 +211,10 @@ fn the_dashboard_covers_latency_by_persona_and_stage_errors_by_peer_and_the_oper
         "voice_late_frames_total",
         "operator_reconcile_errors_total",
         "operator_reconcile_duration_seconds_bucket",
+        "max(voice_scheduled_backlog",
+        "max(voice_scheduled_overdue",
+        "voice_scheduled_placement_delay_seconds_bucket",
+        "sum by (reason) (rate(voice_scheduled_placement_failures_total",
     ] {
         assert!(has(needle), "no panel queries {needle}");
     }
@@ -232,7 +251,7 @@ fn every_dashboard_panel_returns_data_from_real_exporter_scrapes() {
 fn every_alert_fires_on_unhealthy_scrapes_and_stays_quiet_on_healthy_ones() {
     // Proves each alert's expression, with the chart's default thresholds, is true
     // for a pod in trouble (slow turns, Deepgram timeouts, failing calls, saturated
-    // pods, reconcile errors) and false for a healthy one.
+    // pods, overdue and dropped callbacks, reconcile errors) and false for a healthy one.
     let healthy = scrapes(true);
     let unhealthy = scrapes(false);
     for (name, expr) in alerts() {

@@ -396,6 +396,13 @@ fn alert_thresholds_and_labels_come_from_values() {
                     "monitoring.prometheusRule.reconcileErrors.ratePerSecond",
                     "0.01",
                 ),
+                ("monitoring.prometheusRule.callbacksOverdue.count", "2"),
+                ("monitoring.prometheusRule.callbacksOverdue.for", "1m"),
+                (
+                    "monitoring.prometheusRule.callbacksNotPlaced.reasons",
+                    "too_late",
+                ),
+                ("monitoring.prometheusRule.callbacksNotPlaced.count", "3"),
                 ("monitoring.prometheusRule.alertLabels.team", "voice"),
             ],
         )
@@ -415,7 +422,11 @@ fn alert_thresholds_and_labels_come_from_values() {
     assert!(expr("CallmebackCallsFailing").ends_with("> 0.2"));
     assert!(expr("CallmebackPodsSaturated").ends_with("> 5"));
     assert!(expr("CallmebackReconcileErrors").ends_with("> 0.01"));
-    assert_eq!(rules.len(), 5);
+    assert!(expr("CallmebackCallbacksOverdue").ends_with("> 2"));
+    assert_eq!(by_name("CallmebackCallbacksOverdue")["for"], "1m");
+    assert!(expr("CallmebackCallbacksNotPlaced").contains("reason=~\"too_late\""));
+    assert!(expr("CallmebackCallbacksNotPlaced").ends_with("> 3"));
+    assert_eq!(rules.len(), 7);
     for r in &rules {
         assert_eq!(r["labels"]["team"], "voice", "{}", r["alert"]);
         assert!(
