@@ -793,6 +793,53 @@ impl Caller {
         self.closed
     }
 
+    /// The call as one line per event, in ms since its first event, with reply
+    /// audio merged into runs (frames under 100 ms apart) and played-out time per run:
+    /// for reading what went wrong in a call a benchmark counted as unhealthy.
+    pub fn timeline(&self) -> String {
+        use std::fmt::Write as _;
+        let Some(t0) = self.log.first().map(|t| t.at) else {
+            return String::new();
+        };
+        let ms = |at: Instant| (at - t0).as_millis();
+        let mut out = String::new();
+        // (first media, last media, bytes) of the run being merged.
+        let mut run: Option<(Instant, Instant, usize)> = None;
+        let flush = |run: &mut Option<(Instant, Instant, usize)>, out: &mut String| {
+            if let Some((first, last, bytes)) = run.take() {
+                let _ = writeln!(
+                    out,
+                    "{:>7} reply audio until {} ms: {} ms of audio",
+                    ms(first),
+                    ms(last),
+                    bytes / 8
+                );
+            }
+        };
+        for t in &self.log {
+            if let CallerEvent::Media(bytes) = t.ev {
+                match &mut run {
+                    Some((_, last, total)) if t.at - *last < Duration::from_millis(100) => {
+                        *last = t.at;
+                        *total += bytes;
+                    }
+                    _ => {
+                        flush(&mut run, &mut out);
+                        run = Some((t.at, t.at, bytes));
+                    }
+                }
+                continue;
+            }
+            if matches!(t.ev, CallerEvent::Mark(_)) {
+                continue;
+            }
+            flush(&mut run, &mut out);
+            let _ = writeln!(out, "{:>7} {:?}", ms(t.at), t.ev);
+        }
+        flush(&mut run, &mut out);
+        out
+    }
+
     /// Twilio-rule violations seen on the stream.
     pub fn violations(&self) -> Vec<String> {
         self.stream.violations()

@@ -35,6 +35,8 @@ struct Args {
     metrics_listen: Option<String>,
     /// `DATABASE_URL` for the pod; persistence off when `None`.
     database_url: Option<String>,
+    /// Write the timeline of every unhealthy call to this file.
+    timelines: Option<std::path::PathBuf>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -46,6 +48,7 @@ fn parse_args() -> anyhow::Result<Args> {
         endpointing_ms: 200,
         metrics_listen: None,
         database_url: None,
+        timelines: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -58,9 +61,10 @@ fn parse_args() -> anyhow::Result<Args> {
             "--endpointing-ms" => a.endpointing_ms = val()?.parse()?,
             "--metrics-listen" => a.metrics_listen = Some(val()?),
             "--database-url" => a.database_url = Some(val()?),
+            "--timelines" => a.timelines = Some(val()?.into()),
             "-h" | "--help" => {
                 println!(
-                    "call-bench [--calls N] [--profile zero|realistic] [--ramp-ms MS] [--endpointing-ms MS] [--no-preempt] [--metrics-listen 127.0.0.1:PORT] [--database-url URL]"
+                    "call-bench [--calls N] [--profile zero|realistic] [--ramp-ms MS] [--endpointing-ms MS] [--no-preempt] [--metrics-listen 127.0.0.1:PORT] [--database-url URL] [--timelines FILE]"
                 );
                 std::process::exit(0);
             }
@@ -102,6 +106,8 @@ struct CallResult {
     underruns: u32,
     violations: usize,
     error: Option<String>,
+    /// What the caller saw and did ([`Caller::timeline`]).
+    timeline: String,
 }
 
 async fn one_call(pod: Arc<PodProcess>) -> CallResult {
@@ -114,6 +120,26 @@ async fn one_call(pod: Arc<PodProcess>) -> CallResult {
 
 async fn run_call(pod: &PodProcess, r: &mut CallResult) -> anyhow::Result<()> {
     let mut caller = Caller::dial(&pod.sim(), "+14155550123", "+14155550100").await?;
+    let scripted = script(&mut caller).await;
+    r.timeline = caller.timeline();
+    scripted?;
+    caller.hang_up().await?;
+    r.timeline = caller.timeline();
+    r.greeting = caller.greeting_latency();
+    r.v2v = caller
+        .voice_to_voice()
+        .into_iter()
+        .filter_map(|(_, d)| d)
+        .collect();
+    r.barge = caller.barge_in_latencies();
+    r.underruns = caller.underruns;
+    r.violations = caller.violations().len();
+    r.ok = r.v2v.len() == TURNS.len() && r.barge.len() == 1 && r.violations == 0;
+    Ok(())
+}
+
+/// The caller's part: greeting, four turns (the third a barge-in).
+async fn script(caller: &mut Caller) -> anyhow::Result<()> {
     caller
         .listen(Duration::from_secs(10), Duration::from_millis(600))
         .await?
@@ -135,17 +161,6 @@ async fn run_call(pod: &PodProcess, r: &mut CallResult) -> anyhow::Result<()> {
             caller.silence(Duration::from_millis(700)).await?;
         }
     }
-    caller.hang_up().await?;
-    r.greeting = caller.greeting_latency();
-    r.v2v = caller
-        .voice_to_voice()
-        .into_iter()
-        .filter_map(|(_, d)| d)
-        .collect();
-    r.barge = caller.barge_in_latencies();
-    r.underruns = caller.underruns;
-    r.violations = caller.violations().len();
-    r.ok = r.v2v.len() == TURNS.len() && r.barge.len() == 1 && r.violations == 0;
     Ok(())
 }
 
@@ -280,6 +295,22 @@ async fn main() -> anyhow::Result<()> {
         "healthy calls (every turn answered, barge-in cleared, no protocol violation): {ok}/{}",
         args.calls
     );
+    if let Some(path) = &args.timelines {
+        let text: String = results
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !r.ok)
+            .map(|(i, r)| {
+                format!(
+                    "== call {i}: {}\n{}\n",
+                    r.error.as_deref().unwrap_or("missing turns or violations"),
+                    r.timeline
+                )
+            })
+            .collect();
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        println!("timelines of unhealthy calls: {}", path.display());
+    }
     for r in results.iter().filter(|r| !r.ok).take(5) {
         println!(
             "  unhealthy: {}",

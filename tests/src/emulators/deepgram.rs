@@ -61,6 +61,10 @@ pub struct DeepgramEmulatorConfig {
     pub interim_interval: Duration,
     /// Words revealed per second of speech in interims.
     pub words_per_sec: f64,
+    /// Characters of a script line spoken per second of voiced audio: at an endpoint
+    /// inside a line (a pause at a comma), only about this much of the line has been
+    /// heard, so only that much is finalized (espeak-ng speaks ~15 characters/s).
+    pub chars_per_sec: f64,
     /// An empty final is sent after this much silence (audio time) since the last final.
     pub silence_final_interval: Duration,
 }
@@ -75,6 +79,7 @@ impl Default for DeepgramEmulatorConfig {
             energy_threshold: 400.0,
             interim_interval: Duration::from_millis(300),
             words_per_sec: 2.5,
+            chars_per_sec: 15.0,
             silence_final_interval: Duration::from_secs(3),
         }
     }
@@ -436,6 +441,7 @@ async fn handle_connection(tcp: TcpStream, shared: Arc<Shared>, cancel: Cancella
         voiced_run: 0,
         candidate_onset: 0.0,
         utt: None,
+        line_rest: None,
         pending_ue: None,
         stalled: false,
     };
@@ -522,6 +528,32 @@ async fn handle_connection(tcp: TcpStream, shared: Arc<Shared>, cancel: Cancella
     }
 }
 
+/// Where a pause cut a line: `Some(n)` when `heard_chars` of speech cannot have
+/// covered `rest` (under 60% of its characters) and a clause break (a word ending in
+/// `,` `;` `:`) before its last word lies near what was heard: the first `n` words were
+/// spoken. `None`: the line is finished (or the pause fell mid-clause, where the
+/// emulator cannot tell which word came last, so it keeps the whole line together).
+fn pause_cut(rest: &[String], heard_chars: f64) -> Option<usize> {
+    let total: usize = rest.iter().map(|w| w.len() + 1).sum();
+    if rest.len() < 2 || heard_chars >= 0.6 * total as f64 {
+        return None;
+    }
+    let mut chars = 0usize;
+    rest[..rest.len() - 1]
+        .iter()
+        .enumerate()
+        .filter_map(|(i, w)| {
+            chars += w.len() + 1;
+            w.ends_with([',', ';', ':']).then_some((i + 1, chars))
+        })
+        .min_by(|(_, a), (_, b)| {
+            let da = (*a as f64 - heard_chars).abs();
+            let db = (*b as f64 - heard_chars).abs();
+            da.total_cmp(&db)
+        })
+        .map(|(n, _)| n)
+}
+
 /// The utterance in progress.
 struct Utterance {
     onset: f64,
@@ -555,6 +587,9 @@ struct Recognizer {
     voiced_run: u32,
     candidate_onset: f64,
     utt: Option<Utterance>,
+    /// The rest of a script line whose first part ended at a pause (an endpoint
+    /// inside the line): the next utterance goes on with it.
+    line_rest: Option<Vec<String>>,
     /// Last word end awaiting an `UtteranceEnd`.
     pending_ue: Option<f64>,
     /// A stall fault: nothing is sent any more.
@@ -656,8 +691,10 @@ impl Recognizer {
                     u.last_voiced_end = end;
                 }
                 let silent_for = end - u.last_voiced_end;
-                if silent_for >= self.endpointing.max(FRAME_SEC) {
-                    self.end_utterance(true, false, end).await;
+                // Tolerance: times are sums of 20 ms steps in f64, and a pause of exactly
+                // `endpointing` must end the utterance in every call, not in some.
+                if silent_for + 1e-6 >= self.endpointing.max(FRAME_SEC) {
+                    self.endpoint(end).await;
                 } else if self.interim
                     && end - u.last_interim >= self.shared.cfg.interim_interval.as_secs_f64()
                 {
@@ -683,7 +720,7 @@ impl Recognizer {
         let onset = self.candidate_onset;
         self.voiced_run = 0;
         self.pending_ue = None;
-        let (words, scripted) = match self.peek_line() {
+        let (words, scripted) = match self.line_rest.take().or_else(|| self.peek_line()) {
             Some(w) => (w, true),
             None => (Vec::new(), false),
         };
@@ -702,6 +739,31 @@ impl Recognizer {
             self.send(json!({"type": "SpeechStarted", "channel": [0], "timestamp": round3(onset)}))
                 .await;
         }
+    }
+
+    /// Silence for `endpointing` ended the utterance. A scripted line whose voiced
+    /// audio so far is too short for all its words paused inside (at a comma): like the
+    /// real service, finalize what was heard, up to that clause break, with
+    /// `speech_final`; the next utterance goes on with the rest of the line.
+    async fn endpoint(&mut self, now: f64) {
+        if let Some(u) = self.utt.as_mut() {
+            let rest = &u.words[u.consumed..];
+            let heard_chars = (u.last_voiced_end - u.onset) * self.shared.cfg.chars_per_sec;
+            if let Some(cut) = pause_cut(rest, heard_chars) {
+                let spoken = rest[..cut].to_vec();
+                let unspoken = rest[cut..].to_vec();
+                let (onset, lve) = (u.onset, u.last_voiced_end);
+                self.utt = None;
+                let msg = self.results(&spoken, onset, lve, true, true, false, now);
+                self.record_final(&spoken, true, false);
+                self.send(msg).await;
+                self.seg_start = now;
+                self.line_rest = Some(unspoken);
+                self.pending_ue = Some(lve);
+                return;
+            }
+        }
+        self.end_utterance(true, false, now).await;
     }
 
     /// Finalizes the rest of the utterance and ends it.
@@ -884,5 +946,28 @@ mod tests {
         assert_eq!(mulaw_to_linear(0x7F), 0);
         assert_eq!(mulaw_to_linear(0x80), 32124);
         assert_eq!(mulaw_to_linear(0x00), -32124);
+    }
+
+    fn words(line: &str) -> Vec<String> {
+        line.split_whitespace().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn a_pause_early_in_a_line_cuts_it_at_the_nearest_comma() {
+        // Proves an endpoint after "Perfect," (~0.5 s of speech) finalizes only that word.
+        let line = words("Perfect, please put one aside for me.");
+        assert_eq!(super::pause_cut(&line, 0.52 * 15.0), Some(1));
+        let line = words("Sorry to interrupt, do you have a chocolate one?");
+        assert_eq!(super::pause_cut(&line, 1.0 * 15.0), Some(3));
+    }
+
+    #[test]
+    fn a_pause_after_most_of_a_line_or_without_a_comma_keeps_it_whole() {
+        // Proves a finished line (enough speech heard) and a comma-less line are never cut.
+        let line = words("Perfect, please put one aside for me.");
+        assert_eq!(super::pause_cut(&line, 2.5 * 15.0), None);
+        let line = words("Can you tell me about your birthday cakes?");
+        assert_eq!(super::pause_cut(&line, 0.5 * 15.0), None);
+        assert_eq!(super::pause_cut(&words("Yes."), 0.0), None);
     }
 }
