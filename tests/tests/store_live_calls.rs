@@ -385,6 +385,84 @@ async fn a_database_outage_mid_call_does_not_disturb_the_call_and_records_arrive
     pod.stop().await.unwrap();
 }
 
+// A database that is down when the pod starts does not keep the pod from answering calls;
+// /readyz says persistence is unavailable, and once PostgreSQL answers the pod creates the
+// schema itself and writes the records of the call it answered meanwhile, none dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_down_at_pod_start_delays_only_the_records_not_the_calls() {
+    let db = TestDb::create().await;
+    let proxy = CuttableProxy::start(db.server_addr()).await;
+    proxy.cut();
+    let line = "What time does the bakery open?";
+    let emus = Emulators::start(
+        vec![line.to_string()],
+        replies(
+            &[("bakery", "The bakery opens at seven.")],
+            Arc::new(Mutex::new("NOTHING".into())),
+        ),
+        ProviderProfile::ZERO,
+    )
+    .await
+    .unwrap();
+    let pod = start_pod(&emus, &db.url_via(proxy.addr()), json!({})).await;
+    let readyz = || async {
+        reqwest::get(format!("{}/readyz", pod.metrics_url))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    assert_eq!(readyz().await, "ready\npersistence: unavailable\n");
+
+    let caller = converse(&pod, FROM, &[line]).await;
+    let v2v = caller.voice_to_voice();
+    assert!(v2v.iter().all(|(_, d)| d.is_some()), "{v2v:?}");
+    let mut conn = db.connect().await;
+    let schema: Option<String> = sqlx::query_scalar("SELECT to_regclass('calls')::text")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(schema, None, "the schema appeared through a cut proxy");
+
+    proxy.restore();
+    assert!(
+        eventually(SETTLE, || async {
+            let mut conn = db.connect().await;
+            let schema: Option<String> = sqlx::query_scalar("SELECT to_regclass('calls')::text")
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+            schema.is_some()
+        })
+        .await,
+        "the pod did not create the schema once the database answered:\n{}",
+        pod.log_tail(40)
+    );
+    assert!(
+        settled(&db, &caller.call_sid, 3).await,
+        "records did not arrive once the database answered:\n{}",
+        pod.log_tail(40)
+    );
+    let t = turns(&mut conn, &caller.call_sid).await;
+    let texts: Vec<&str> = t.iter().map(|t| t.2.as_str()).collect();
+    assert_eq!(texts, [GREETING, line, "The bakery opens at seven."]);
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            readyz().await == "ready\npersistence: up\n"
+        })
+        .await,
+        "/readyz still says {:?}",
+        readyz().await
+    );
+    let dropped = pod
+        .metric("voice_store_dropped_records_total", &[])
+        .await
+        .unwrap();
+    assert_eq!(dropped, 0.0, "records were dropped");
+    pod.stop().await.unwrap();
+}
+
 // A caller's prompt and voice override, set in the database, shapes their next call (the LLM gets their prompt, TTS their voice) and nobody else's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relationship_override_changes_the_voice_and_prompt_of_the_next_call() {
