@@ -598,7 +598,7 @@ async fn memory_grows_after_each_call_and_reaches_the_next_prompt() {
         m
     };
 
-    converse(&pod, FROM, &lines).await;
+    let first_call = converse(&pod, FROM, &lines).await;
     assert!(
         eventually(SETTLE, || async {
             memory()
@@ -610,6 +610,59 @@ async fn memory_grows_after_each_call_and_reaches_the_next_prompt() {
         memory().await,
         pod.log_tail(30)
     );
+    // The summary's tokens are billed to the call with its turns': its input-token
+    // total covers the summary prompt plus the answered turn's prompt (the emulator
+    // counts words + 4 per message), and no more than every request it made.
+    let prompt_tokens = |r: &callmeback_tests::emulators::cerebras::RecordedRequest| {
+        r.body["messages"].as_array().map_or(0, |m| {
+            m.iter()
+                .map(|m| {
+                    m["content"]
+                        .as_str()
+                        .unwrap_or("")
+                        .split_whitespace()
+                        .count()
+                        + 4
+                })
+                .sum::<usize>()
+        }) as f64
+    };
+    let requests = emus.cerebras.chat_requests();
+    let is_summary_request = |r: &callmeback_tests::emulators::cerebras::RecordedRequest| {
+        r.body["messages"][0]["content"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("You keep memory notes"))
+    };
+    let summary_tokens: f64 = requests
+        .iter()
+        .filter(|r| is_summary_request(r))
+        .map(prompt_tokens)
+        .sum();
+    let last_turn_tokens = requests
+        .iter()
+        .rfind(|r| !is_summary_request(r))
+        .map_or(0.0, prompt_tokens);
+    let all_tokens: f64 = requests.iter().map(prompt_tokens).sum();
+    let billed = || async {
+        let q: Option<f64> = sqlx::query_scalar(
+            "SELECT u.quantity::float8 FROM call_usage u JOIN calls c ON c.id = u.call_id \
+             WHERE c.call_sid = $1 AND u.unit = 'llm_input_tokens'",
+        )
+        .bind(&first_call.call_sid)
+        .fetch_optional(&mut db.connect().await)
+        .await
+        .unwrap();
+        q.unwrap_or(0.0)
+    };
+    assert!(
+        eventually(SETTLE, || async {
+            billed().await >= summary_tokens + last_turn_tokens
+        })
+        .await,
+        "input tokens billed {} < summary {summary_tokens} + turn {last_turn_tokens}",
+        billed().await
+    );
+    assert!(billed().await <= all_tokens, "billed more than was asked");
     let summaries = emus
         .cerebras
         .chat_requests()

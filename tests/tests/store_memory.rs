@@ -108,6 +108,8 @@ async fn memory_grows_after_each_call_and_reaches_the_next_prompt() {
         remember_call(&store, &llm, "ava", &spec, "sam", first, &turns)
             .await
             .unwrap()
+            .note
+            .is_some()
     );
     store.flush(FLUSH).await.unwrap();
     let rel = store.relationship("sam", "ava").await.unwrap().unwrap();
@@ -122,12 +124,16 @@ async fn memory_grows_after_each_call_and_reaches_the_next_prompt() {
         remember_call(&store, &llm, "ava", &spec, "sam", second, &turns)
             .await
             .unwrap()
+            .note
+            .is_some()
     );
     // The same call summarised again (a retry after a crash) adds nothing.
     assert!(
         remember_call(&store, &llm, "ava", &spec, "sam", second, &turns)
             .await
             .unwrap()
+            .note
+            .is_some()
     );
     store.flush(FLUSH).await.unwrap();
     let rel = store.load_relationship("sam", "ava").await.unwrap();
@@ -168,6 +174,8 @@ async fn memory_is_bounded_and_skipped_when_the_persona_disables_it() {
             remember_call(&store, &llm, "ava", &bounded, "sam", id, &turns)
                 .await
                 .unwrap()
+                .note
+                .is_some()
         );
     }
     store.flush(FLUSH).await.unwrap();
@@ -185,6 +193,8 @@ async fn memory_is_bounded_and_skipped_when_the_persona_disables_it() {
         !remember_call(&store, &llm, "ava", &off, "kim", id, &turns)
             .await
             .unwrap()
+            .note
+            .is_some()
     );
     // A call where the caller said nothing has nothing to remember either.
     let (id, _) = call(&store, "kim", "");
@@ -193,6 +203,8 @@ async fn memory_is_bounded_and_skipped_when_the_persona_disables_it() {
         !remember_call(&store, &llm, "ava", &bounded, "kim", id, &silent)
             .await
             .unwrap()
+            .note
+            .is_some()
     );
     assert_eq!(emu.chat_requests().len(), before, "no LLM call");
     store.flush(FLUSH).await.unwrap();

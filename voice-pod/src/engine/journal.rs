@@ -69,6 +69,9 @@ pub struct FinishedCall {
     pub turns: Vec<TurnRecord>,
     /// The model that writes the note.
     pub llm: Arc<dyn ChatModel>,
+    /// The call's LLM tokens (input, output) as last reported: the summary's are
+    /// added to these, because usage rows hold a call's running totals.
+    pub llm_tokens: (u64, u64),
 }
 
 /// Who a call's relationship belongs to: the outbound call's `user`, or the inbound
@@ -361,6 +364,7 @@ impl CallJournal {
                 persona: persona.clone(),
                 turns: std::mem::take(&mut self.transcript).into_iter().collect(),
                 llm: llm.clone(),
+                llm_tokens: (self.totals.llm_input_tokens, self.totals.llm_output_tokens),
             });
         }
     }

@@ -11,7 +11,7 @@ use tokio_util::task::TaskTracker;
 
 use super::memory;
 use super::postgres::PgStore;
-use super::records::Record;
+use super::records::{Record, UsageRecord, UsageUnit};
 use super::relationships::Relationship;
 use crate::engine::journal::{FinishedCall, Journal};
 
@@ -83,8 +83,23 @@ impl Journal for StoreJournal {
             )
             .await;
             match result {
-                Ok(true) => tracing::info!(call_id = %call.call_id, persona = %call.persona_name, "memory note added"),
-                Ok(false) => tracing::debug!(call_id = %call.call_id, "nothing to remember"),
+                Ok(summary) => {
+                    if let Some(usage) = summary.usage {
+                        // The summary's tokens are the call's cost too.
+                        let (input, output) = call.llm_tokens;
+                        for (unit, total) in [
+                            (UsageUnit::LlmInputTokens, input + u64::from(usage.prompt_tokens)),
+                            (UsageUnit::LlmOutputTokens, output + u64::from(usage.completion_tokens)),
+                        ] {
+                            let _ = store.usage(UsageRecord::new(call.call_id, unit, total as f64));
+                        }
+                    }
+                    if summary.note.is_some() {
+                        tracing::info!(call_id = %call.call_id, persona = %call.persona_name, "memory note added");
+                    } else {
+                        tracing::debug!(call_id = %call.call_id, "nothing to remember");
+                    }
+                }
                 Err(e) => tracing::warn!(call_id = %call.call_id, error = %e, "memory summary failed"),
             }
         });

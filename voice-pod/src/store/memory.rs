@@ -17,7 +17,7 @@ use voice_operator::crd::{LlmSpec, PersonaSpec};
 use super::postgres::PgStore;
 use super::records::{MemoryNote, Speaker, TurnRecord};
 use super::writer::SubmitError;
-use crate::providers::{ChatDelta, ChatMessage, ChatModel, ChatRequest, LlmError, Role};
+use crate::providers::{ChatDelta, ChatMessage, ChatModel, ChatRequest, LlmError, Role, Usage};
 
 /// Longest transcript sent for summarising (characters, the end of the call kept):
 /// bounds the prompt whatever the call's length.
@@ -43,19 +43,27 @@ pub enum SummaryError {
     Store(#[from] SubmitError),
 }
 
-/// Asks the model for a one-line note about the call. `Ok(None)`: the caller said
-/// nothing, or nothing worth remembering.
+/// What the summariser produced.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Summary {
+    /// The note; `None` when the caller said nothing, or nothing worth remembering.
+    pub note: Option<String>,
+    /// Tokens the summary cost, as the provider reported them (billed to the call).
+    pub usage: Option<Usage>,
+}
+
+/// Asks the model for a one-line note about the call.
 pub async fn summarize_call(
     model: &dyn ChatModel,
     llm: &LlmSpec,
     persona_display_name: &str,
     turns: &[TurnRecord],
-) -> Result<Option<String>, SummaryError> {
+) -> Result<Summary, SummaryError> {
     if !turns
         .iter()
         .any(|t| t.speaker == Speaker::Caller && !t.text.trim().is_empty())
     {
-        return Ok(None);
+        return Ok(Summary::default());
     }
     let system = format!(
         "You keep memory notes for {persona_display_name}, a persona who talks with people \
@@ -79,6 +87,7 @@ pub async fn summarize_call(
     let work = async {
         let mut stream = model.stream(req, cancel.clone()).await?;
         let mut text = String::new();
+        let mut usage = None;
         while let Some(item) = stream.next().await {
             match item? {
                 ChatDelta::Content(c) => {
@@ -88,13 +97,14 @@ pub async fn summarize_call(
                         break;
                     }
                 }
+                ChatDelta::Usage(u) => usage = Some(u),
                 ChatDelta::Done { .. } => break,
-                ChatDelta::Reasoning(_) | ChatDelta::Usage(_) => {}
+                ChatDelta::Reasoning(_) => {}
             }
         }
-        Ok::<_, SummaryError>(text)
+        Ok::<_, SummaryError>((text, usage))
     };
-    let text = match tokio::time::timeout(SUMMARY_TIMEOUT, work).await {
+    let (text, usage) = match tokio::time::timeout(SUMMARY_TIMEOUT, work).await {
         Ok(r) => r?,
         Err(_) => {
             cancel.cancel();
@@ -104,10 +114,12 @@ pub async fn summarize_call(
     cancel.cancel();
     let note: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
     let note = note.trim_matches(|c: char| c == '"' || c.is_whitespace());
-    if note.is_empty() || note.trim_end_matches('.').eq_ignore_ascii_case(NOTHING) {
-        return Ok(None);
-    }
-    Ok(Some(note.chars().take(MAX_NOTE_CHARS).collect()))
+    let note = if note.is_empty() || note.trim_end_matches('.').eq_ignore_ascii_case(NOTHING) {
+        None
+    } else {
+        Some(note.chars().take(MAX_NOTE_CHARS).collect())
+    };
+    Ok(Summary { note, usage })
 }
 
 /// The transcript as the summariser reads it, the end kept when too long.
@@ -134,7 +146,8 @@ fn transcript_text(turns: &[TurnRecord]) -> String {
 }
 
 /// After a call: when the persona keeps memory, summarise the call and hand the note
-/// (dated) to the writer. Returns whether a note was submitted.
+/// (dated) to the writer. Returns the summary (its note is what was submitted; its
+/// usage is for the caller to bill, as it knows the call's running totals).
 pub async fn remember_call(
     store: &PgStore,
     model: &dyn ChatModel,
@@ -143,22 +156,21 @@ pub async fn remember_call(
     user_id: &str,
     call_id: Uuid,
     turns: &[TurnRecord],
-) -> Result<bool, SummaryError> {
+) -> Result<Summary, SummaryError> {
     if !persona.memory.enabled {
-        return Ok(false);
+        return Ok(Summary::default());
     }
-    let Some(note) = summarize_call(model, &persona.llm, &persona.display_name, turns).await?
-    else {
-        return Ok(false);
-    };
-    store.memory_note(MemoryNote {
-        user_id: user_id.to_owned(),
-        persona: persona_name.to_owned(),
-        call_id,
-        note: format!("{}: {note}", Utc::now().format("%Y-%m-%d")),
-        max_chars: persona.memory.max_chars as usize,
-    })?;
-    Ok(true)
+    let summary = summarize_call(model, &persona.llm, &persona.display_name, turns).await?;
+    if let Some(note) = &summary.note {
+        store.memory_note(MemoryNote {
+            user_id: user_id.to_owned(),
+            persona: persona_name.to_owned(),
+            call_id,
+            note: format!("{}: {note}", Utc::now().format("%Y-%m-%d")),
+            max_chars: persona.memory.max_chars as usize,
+        })?;
+    }
+    Ok(summary)
 }
 
 #[cfg(test)]
