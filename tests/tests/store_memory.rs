@@ -12,7 +12,7 @@ use voice_operator::crd::PersonaSpec;
 use voice_pod::metrics::Metrics;
 use voice_pod::providers::ApiKey;
 use voice_pod::providers::cerebras::{Cerebras, CerebrasConfig};
-use voice_pod::store::memory::remember_call;
+use voice_pod::store::memory::{Summary, remember_call};
 use voice_pod::store::records::{
     CallDirection, CallRef, CallStatus, CallUpdate, NewCall, Speaker, TurnRecord,
 };
@@ -189,22 +189,22 @@ async fn memory_is_bounded_and_skipped_when_the_persona_disables_it() {
     let off = persona(4000, false);
     let before = emu.chat_requests().len();
     let (id, turns) = call(&store, "kim", "I'm planning a trip to Lisbon in May");
-    assert!(
-        !remember_call(&store, &llm, "ava", &off, "kim", id, &turns)
+    assert_eq!(
+        remember_call(&store, &llm, "ava", &off, "kim", id, &turns)
             .await
-            .unwrap()
-            .note
-            .is_some()
+            .unwrap(),
+        Summary::default(),
+        "no note and no LLM call"
     );
     // A call where the caller said nothing has nothing to remember either.
     let (id, _) = call(&store, "kim", "");
     let silent = vec![TurnRecord::new(id, 0, Speaker::Persona, "Hello? Anyone?")];
-    assert!(
-        !remember_call(&store, &llm, "ava", &bounded, "kim", id, &silent)
+    assert_eq!(
+        remember_call(&store, &llm, "ava", &bounded, "kim", id, &silent)
             .await
-            .unwrap()
-            .note
-            .is_some()
+            .unwrap(),
+        Summary::default(),
+        "no note and no LLM call"
     );
     assert_eq!(emu.chat_requests().len(), before, "no LLM call");
     store.flush(FLUSH).await.unwrap();
