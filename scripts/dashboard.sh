@@ -19,6 +19,8 @@ trap 'rm -rf "$scrapes"' EXIT
 scraper=$!
 "$bin/call-bench" --metrics-listen "127.0.0.1:$port" "$@"
 kill -INT "$scraper"; wait "$scraper" || true
+# The title shows the arguments, minus any password in a URL (--database-url).
+title="callmeback: call-bench $(printf '%s' "$*" | sed -E 's#(://)[^@/ ]*@#\1#g')"
 "$bin/render_dashboard" render --scrapes "$scrapes" --out docs/dashboard.png \
-  --title "callmeback: call-bench $*"
+  --title "$title"
 echo "wrote docs/dashboard.png" >&2
