@@ -426,12 +426,40 @@ async fn cancelling_a_placed_callback_is_a_conflict() {
     pod.stop().await.expect("pod stops");
 }
 
-// A callback due longer ago than its maxLateness is not placed, and the record says why.
+// A callback due longer ago than its lateness limit is not placed, and the record says
+// why; the limit is the request's maxLateness, else the persona's
+// callbacks.maxLatenessSeconds, else the pod's default.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_callback_later_than_its_lateness_limit_is_not_placed_and_says_why() {
     let cluster = Cluster::new().await;
-    let pod = cluster.pod(&[]).await;
+    // "rescue" keeps its callbacks within a minute of their due time.
+    let pod = PodProcess::start_with_env(
+        &[
+            ("ada", persona_json(json!({}))),
+            (
+                "rescue",
+                persona_json(json!({"callbacks": {"maxLatenessSeconds": 60}})),
+            ),
+        ],
+        &cluster.env(&cluster.twilio.base_url(), &[]),
+    )
+    .await
+    .expect("start voice-pod");
     let long_ago = Utc::now() - chrono::Duration::minutes(10);
+    // The persona's limit applies when the request sets none...
+    let rescue_late = cluster
+        .schedule(
+            &pod,
+            json!({"to": "+14155550105", "persona": "rescue", "at": rfc3339(long_ago)}),
+        )
+        .await;
+    // ...and the request's own limit wins over it.
+    let rescue_patient = cluster
+        .schedule(
+            &pod,
+            json!({"to": "+14155550106", "persona": "rescue", "at": rfc3339(long_ago), "maxLateness": "1h"}),
+        )
+        .await;
     let late = cluster
         .schedule(
             &pod,
@@ -447,22 +475,31 @@ async fn a_callback_later_than_its_lateness_limit_is_not_placed_and_says_why() {
         )
         .await;
     let settled = eventually(Duration::from_secs(10), || async {
-        cluster.row(late).await.status == "failed" && cluster.row(in_time).await.call_sid.is_some()
+        cluster.row(late).await.status == "failed"
+            && cluster.row(rescue_late).await.status == "failed"
+            && cluster.row(in_time).await.call_sid.is_some()
+            && cluster.row(rescue_patient).await.call_sid.is_some()
     })
     .await;
     assert!(
         settled,
-        "{:?} / {:?}",
+        "{:?} / {:?} / {:?} / {:?}",
         cluster.row(late).await,
-        cluster.row(in_time).await
+        cluster.row(rescue_late).await,
+        cluster.row(in_time).await,
+        cluster.row(rescue_patient).await
     );
-    let row = cluster.row(late).await;
-    assert_eq!(row.outcome.as_deref(), Some("too_late"));
-    let why = row.placement_error.unwrap_or_default();
-    assert!(why.contains("more than 60 s ago"), "{why}");
+    for id in [late, rescue_late] {
+        let row = cluster.row(id).await;
+        assert_eq!(row.outcome.as_deref(), Some("too_late"));
+        let why = row.placement_error.unwrap_or_default();
+        assert!(why.contains("more than 60 s ago"), "{why}");
+    }
     let by_id = cluster.placed_by_id();
     assert!(!by_id.contains_key(&late));
+    assert!(!by_id.contains_key(&rescue_late));
     assert_eq!(by_id.get(&in_time).map(Vec::len), Some(1));
+    assert_eq!(by_id.get(&rescue_patient).map(Vec::len), Some(1));
     assert_eq!(
         pod.metric(
             "voice_scheduled_placement_failures_total",
@@ -470,7 +507,7 @@ async fn a_callback_later_than_its_lateness_limit_is_not_placed_and_says_why() {
         )
         .await
         .expect("scrape"),
-        1.0
+        2.0
     );
     pod.stop().await.expect("pod stops");
 }

@@ -78,6 +78,11 @@ pub struct PersonaSpec {
     /// What the persona remembers about a caller between calls.
     #[serde(default)]
     pub memory: MemorySpec,
+    /// Scheduled callbacks ("call me back in ten minutes") placed for this persona.
+    // Omitted when unset, so personas that do not use it render (and hash) as before
+    // and an operator upgrade rolls no pods.
+    #[serde(default, skip_serializing_if = "CallbackSpec::is_unset")]
+    pub callbacks: CallbackSpec,
 }
 
 /// Text-to-speech settings (ElevenLabs).
@@ -226,6 +231,27 @@ pub struct MemorySpec {
     #[serde(default = "default_memory_chars")]
     #[schemars(range(min = 100, max = 20000))]
     pub max_chars: u32,
+}
+
+/// Scheduled callbacks of a persona.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CallbackSpec {
+    /// How late a callback may still be placed after its due time (the cluster was
+    /// down or every pod was gone); later ones are not placed and end `too_late`. A
+    /// date-rescue call ten minutes late is worse than none, a reminder is not. A
+    /// request's own `maxLateness` wins; unset, the voice pods' `CALLMEBACK_MAX_LATENESS`
+    /// (15 minutes by default) applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 7776000))]
+    pub max_lateness_seconds: Option<u32>,
+}
+
+impl CallbackSpec {
+    /// Nothing set: the pods' defaults apply.
+    pub fn is_unset(&self) -> bool {
+        self.max_lateness_seconds.is_none()
+    }
 }
 
 /// Observed state of a `Persona`.

@@ -345,12 +345,20 @@ async fn create_inner(
     if let Some(u) = &req.user {
         check_text("user", u, MAX_USER_CHARS, &mut problems);
     }
-    let timing = timing(&req, Utc::now(), &mut problems);
+    let mut timing = timing(&req, Utc::now(), &mut problems);
     let (Some(persona), Some(persona_name), Some(from), Some(to), true) =
         (persona, persona_name, from, to, problems.is_empty())
     else {
         return Err(ApiError::invalid(problems));
     };
+    // The request's limit wins, then the persona's; the row keeps the one that applied,
+    // so a persona edited later does not change a promise already made.
+    timing.max_lateness_seconds = timing.max_lateness_seconds.or_else(|| {
+        persona
+            .callbacks
+            .max_lateness_seconds
+            .and_then(|s| i32::try_from(s).ok())
+    });
 
     let call_id = uuid::Uuid::new_v4();
     let plan = OutboundPlan {
