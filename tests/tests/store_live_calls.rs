@@ -80,6 +80,27 @@ fn prices_file(dir: &tempfile::TempDir) -> String {
     path.display().to_string()
 }
 
+/// The emulators for `lines`, replying by keyword from `table`; a memory summary, if
+/// asked for, finds nothing worth remembering.
+async fn emulators_without_memory_notes(lines: Vec<String>, table: &[(&str, &str)]) -> Emulators {
+    Emulators::start(
+        lines,
+        replies(table, Arc::new(Mutex::new("NOTHING".into()))),
+        ProviderProfile::ZERO,
+    )
+    .await
+    .unwrap()
+}
+
+/// The pod's writer lost no record (all reached PostgreSQL, however late).
+async fn assert_no_record_dropped(pod: &PodProcess) {
+    let dropped = pod
+        .metric("voice_store_dropped_records_total", &[])
+        .await
+        .unwrap();
+    assert_eq!(dropped, 0.0, "records were dropped");
+}
+
 async fn start_pod(emus: &Emulators, database_url: &str, persona: Value) -> PodProcess {
     PodProcess::start(
         emus,
@@ -308,19 +329,14 @@ async fn a_database_outage_mid_call_does_not_disturb_the_call_and_records_arrive
     let db = TestDb::create().await;
     let proxy = CuttableProxy::start(db.server_addr()).await;
     let lines = ["What time does the bakery open?", "Do you have croissants?"];
-    let emus = Emulators::start(
+    let emus = emulators_without_memory_notes(
         lines.iter().map(|s| s.to_string()).collect(),
-        replies(
-            &[
-                ("bakery", "The bakery opens at seven."),
-                ("croissants", "Yes, fresh ones."),
-            ],
-            Arc::new(Mutex::new("NOTHING".into())),
-        ),
-        ProviderProfile::ZERO,
+        &[
+            ("bakery", "The bakery opens at seven."),
+            ("croissants", "Yes, fresh ones."),
+        ],
     )
-    .await
-    .unwrap();
+    .await;
     let pod = start_pod(&emus, &db.url_via(proxy.addr()), json!({})).await;
 
     let mut caller = Caller::dial(&pod.sim(), FROM, TO).await.unwrap();
@@ -377,11 +393,7 @@ async fn a_database_outage_mid_call_does_not_disturb_the_call_and_records_arrive
             "Yes, fresh ones."
         ]
     );
-    let dropped = pod
-        .metric("voice_store_dropped_records_total", &[])
-        .await
-        .unwrap();
-    assert_eq!(dropped, 0.0, "records were dropped");
+    assert_no_record_dropped(&pod).await;
     pod.stop().await.unwrap();
 }
 
@@ -394,16 +406,11 @@ async fn a_database_down_at_pod_start_delays_only_the_records_not_the_calls() {
     let proxy = CuttableProxy::start(db.server_addr()).await;
     proxy.cut();
     let line = "What time does the bakery open?";
-    let emus = Emulators::start(
+    let emus = emulators_without_memory_notes(
         vec![line.to_string()],
-        replies(
-            &[("bakery", "The bakery opens at seven.")],
-            Arc::new(Mutex::new("NOTHING".into())),
-        ),
-        ProviderProfile::ZERO,
+        &[("bakery", "The bakery opens at seven.")],
     )
-    .await
-    .unwrap();
+    .await;
     let pod = start_pod(&emus, &db.url_via(proxy.addr()), json!({})).await;
     let readyz = || async {
         reqwest::get(format!("{}/readyz", pod.metrics_url))
@@ -455,11 +462,7 @@ async fn a_database_down_at_pod_start_delays_only_the_records_not_the_calls() {
         "/readyz still says {:?}",
         readyz().await
     );
-    let dropped = pod
-        .metric("voice_store_dropped_records_total", &[])
-        .await
-        .unwrap();
-    assert_eq!(dropped, 0.0, "records were dropped");
+    assert_no_record_dropped(&pod).await;
     pod.stop().await.unwrap();
 }
 
@@ -468,16 +471,11 @@ async fn a_database_down_at_pod_start_delays_only_the_records_not_the_calls() {
 async fn a_relationship_override_changes_the_voice_and_prompt_of_the_next_call() {
     let db = TestDb::create().await;
     let lines = ["Hello there."];
-    let emus = Emulators::start(
+    let emus = emulators_without_memory_notes(
         lines.iter().map(|s| s.to_string()).collect(),
-        replies(
-            &[("hello", "Hello, friend.")],
-            Arc::new(Mutex::new("NOTHING".into())),
-        ),
-        ProviderProfile::ZERO,
+        &[("hello", "Hello, friend.")],
     )
-    .await
-    .unwrap();
+    .await;
     let pod = start_pod(&emus, &db.url, json!({})).await;
     // The pod migrated the schema at start; set the override as an operator would.
     let store = PgStore::start(StoreConfig::new(&db.url), &Metrics::new())
@@ -812,16 +810,9 @@ fn word(d: char) -> &'static str {
 // Without DATABASE_URL the pod still answers calls, says on /readyz that persistence is off, and the call history answers 503.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_database_the_pod_says_persistence_is_off_and_history_answers_503() {
-    let emus = Emulators::start(
-        vec!["Hello there.".to_string()],
-        replies(
-            &[("hello", "Hello!")],
-            Arc::new(Mutex::new("NOTHING".into())),
-        ),
-        ProviderProfile::ZERO,
-    )
-    .await
-    .unwrap();
+    let emus =
+        emulators_without_memory_notes(vec!["Hello there.".to_string()], &[("hello", "Hello!")])
+            .await;
     let pod = PodProcess::start(
         &emus,
         &[("ada", persona_json(json!({})))],
