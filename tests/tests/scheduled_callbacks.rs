@@ -352,6 +352,96 @@ async fn a_callback_claimed_by_a_killed_pod_is_placed_once_by_another_pod() {
     hole_task.abort();
 }
 
+/// A Twilio REST front that passes each request on to `upstream` (so the call really
+/// is created there) and then never answers: the REST answer is lost, as when a
+/// connection drops after Twilio acted on the request.
+async fn answer_losing_front(upstream: String) -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+        let upstream = upstream.clone();
+        async move {
+            let (parts, body) = req.into_parts();
+            let body = axum::body::to_bytes(body, 1 << 20)
+                .await
+                .unwrap_or_default();
+            let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            let mut forward = reqwest::Client::new()
+                .request(parts.method.clone(), format!("{upstream}{path}"))
+                .timeout(Duration::from_secs(5));
+            for (name, value) in &parts.headers {
+                if name != http::header::HOST && name != http::header::CONTENT_LENGTH {
+                    forward = forward.header(name, value);
+                }
+            }
+            let _ = forward.body(body).send().await;
+            // The pod's request times out; the connection is closed with the test.
+            std::future::pending::<axum::http::StatusCode>().await
+        }
+    });
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (url, task)
+}
+
+// Twilio created the call but its REST answer was lost: the pod's request times out
+// and its claim runs out, yet Twilio's signed `initiated` status callback already put
+// the call on the row, so no pod places it a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_call_whose_rest_answer_was_lost_is_not_placed_again_after_twilio_reports_it() {
+    let cluster = Cluster::new().await;
+    let (front, front_task) = answer_losing_front(cluster.twilio.base_url()).await;
+    // A 3 s lease: the pod's Twilio request gives up after 1 s, the claim after 3 s.
+    let pod = cluster
+        .pod_with_twilio(&front, &[("CALLMEBACK_SCHEDULER_LEASE", "3s")])
+        .await;
+    let id = cluster
+        .schedule(
+            &pod,
+            json!({"to": "+14155550107", "persona": "ada", "in": "1s"}),
+        )
+        .await;
+    let created = eventually(Duration::from_secs(10), || async {
+        !cluster.twilio.calls().is_empty()
+    })
+    .await;
+    assert!(
+        created,
+        "the call never reached Twilio: {:?}",
+        cluster.row(id).await
+    );
+    let call = cluster.twilio.calls().remove(0);
+    let url = call.form.get("StatusCallback").expect("callback url");
+    let answer = pod
+        .sim()
+        .status_callback(url, &call.sid, "initiated", &[])
+        .await
+        .expect("status callback");
+    assert_eq!(answer.status, 200);
+
+    // Longer than the lease and many polls: a second placement would have shown.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(cluster.twilio.calls().len(), 1, "placed twice");
+    let row = cluster.row(id).await;
+    assert_eq!(row.call_sid.as_deref(), Some(call.sid.as_str()), "{row:?}");
+    assert_eq!(row.status, "queued", "{row:?}");
+    assert_eq!(row.attempt, 1, "{row:?}");
+    assert_eq!(
+        pod.metric(
+            "voice_scheduled_placement_failures_total",
+            &[("reason", "lease_expired")]
+        )
+        .await
+        .expect("scrape"),
+        0.0
+    );
+    pod.stop().await.expect("pod stops");
+    front_task.abort();
+}
+
 // A callback canceled before it is due is never placed and leaves the scheduled list;
 // cancelling again is harmless, and an unknown id is 404.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -29,8 +29,9 @@
 //! without idempotency keys; it is counted (`reason="lease_expired"`) and logged.
 //!
 //! ## Lateness, retries, status
-//! Callbacks due longer ago than their limit (request `maxLateness`, else
-//! `CALLMEBACK_MAX_LATENESS`, 15 min) are not placed: `failed`, outcome `too_late`,
+//! Callbacks due longer ago than their limit (request `maxLateness`, else the
+//! persona's `callbacks.maxLatenessSeconds`, both fixed into the row when scheduled,
+//! else `CALLMEBACK_MAX_LATENESS`, 15 min) are not placed: `failed`, outcome `too_late`,
 //! and `placement_error` says when it was due. Twilio's status callbacks move the row
 //! through `ringing`, `in-progress`, `completed`/`busy`/`no-answer`/`failed`; a
 //! `busy` or `no-answer` call that asked for `retries` gets a new row (`retry_of`)
