@@ -164,6 +164,35 @@ async fn script(caller: &mut Caller) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// p50/p95/p99 of `voice_turn_latency_seconds{stage}` in one scrape, by the same
+/// `histogram_quantile` the dashboard uses (bucket interpolation).
+fn pod_turn_quantiles(metrics_text: &str, stage: &str) -> String {
+    use callmeback_tests::dashboard::{eval, exposition, parse_query};
+    let mut store = exposition::Store::new();
+    if let Err(e) = store.add_scrape(0, metrics_text, &exposition::Labels::new()) {
+        return format!("unreadable scrape: {e}");
+    }
+    [("p50", "0.5"), ("p95", "0.95"), ("p99", "0.99")]
+        .iter()
+        .map(|(name, q)| {
+            let query = format!(
+                "histogram_quantile({q}, sum by (le) (voice_turn_latency_seconds_bucket{{stage=\"{stage}\"}}))"
+            );
+            let value = parse_query(&query)
+                .ok()
+                .and_then(|expr| eval::eval(&store, &expr, 0).ok())
+                .and_then(|v| v.into_vector().ok())
+                .and_then(|v| v.first().map(|(_, x)| *x))
+                .filter(|x| x.is_finite());
+            match value {
+                Some(x) => format!("{name} {:.0} ms", x * 1000.0),
+                None => format!("{name} -"),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn stats(name: &str, v: &[Duration]) -> String {
     let p = |q| percentile_ms(v, q).map_or("-".into(), |x| format!("{x:.0}"));
     format!(
@@ -358,6 +387,19 @@ async fn main() -> anyhow::Result<()> {
         sum("voice_inbound_frames_dropped_total", &[]),
         sum("voice_socket_errors_total", &[]),
     );
+    // The pod's own view of a turn (its VAD's end of speech -> first reply frame sent):
+    // set beside the caller's voice-to-voice, it tells the pod's delay from the load
+    // generator's own scheduling delay on this shared machine.
+    println!(
+        "pod-measured turn (its end of speech -> first frame sent), from its histogram: {}",
+        pod_turn_quantiles(&metrics_text, "total")
+    );
+    for stage in ["stt", "llm", "tts"] {
+        println!(
+            "  stage {stage:<3}: {}",
+            pod_turn_quantiles(&metrics_text, stage)
+        );
+    }
     if args.database_url.is_some() {
         println!(
             "store: records written {}, dropped {}, pending at the end {}, relationship lookups timed out {}",
