@@ -426,6 +426,16 @@ fn is_account_sid(s: &str) -> bool {
     s.len() == 34 && s.starts_with("AC") && s[2..].bytes().all(|b| b.is_ascii_hexdigit())
 }
 
+/// This pod's name (`POD_NAME`, else `HOSTNAME`, which Kubernetes sets to the pod
+/// name): on call records and in the scheduler's claims, so both name the same pod.
+pub fn pod_name() -> Option<String> {
+    ["POD_NAME", "HOSTNAME"]
+        .iter()
+        .filter_map(|k| std::env::var(k).ok())
+        .map(|v| v.trim().to_owned())
+        .find(|v| !v.is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use voice_pod::config::{Config, EXIT_BAD_CONFIG, ServeArgs};
+use voice_pod::config::{Config, EXIT_BAD_CONFIG, ServeArgs, pod_name};
 use voice_pod::drain::{self, DrainOutcome};
 use voice_pod::engine::Engine;
 use voice_pod::http::{self, Pod};
@@ -96,15 +96,6 @@ const STORE_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How long start-up waits for PostgreSQL (migrations) before serving without it; the
 /// writer keeps buffering and migrates when the database answers.
 const STORE_STARTUP_WAIT: Duration = Duration::from_secs(3);
-
-/// The pod's name on call records (Kubernetes sets `HOSTNAME` to it).
-fn pod_name() -> Option<String> {
-    ["POD_NAME", "HOSTNAME"]
-        .iter()
-        .filter_map(|k| std::env::var(k).ok())
-        .map(|v| v.trim().to_owned())
-        .find(|v| !v.is_empty())
-}
 
 /// `DATABASE_URL` set: the PostgreSQL store (migrated, writer running; a database
 /// that is down only delays start-up by [`STORE_STARTUP_WAIT`]). Unset: `None`, and

@@ -39,6 +39,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use voice_operator::crd::PersonaSpec;
 
+use crate::twilio::outbound::OutboundRequest;
+
 pub use crate::twilio::context::Direction;
 
 /// Size of a 20 ms mu-law frame at 8 kHz.
@@ -150,6 +152,22 @@ pub struct PreparedCall {
     pub pretext: Option<String>,
     /// Opaque user id.
     pub user: Option<String>,
+}
+
+impl PreparedCall {
+    /// The warm-up for an outbound call about to be placed: its id, persona, pretext and
+    /// user as the signed context carries them (`POST /v1/calls` and the scheduler).
+    pub fn outbound(request: &OutboundRequest, persona: Arc<PersonaSpec>) -> Self {
+        let ctx = &request.context;
+        Self {
+            call_id: ctx.call_id.clone(),
+            persona_name: ctx.persona.clone(),
+            persona,
+            direction: Direction::Outbound,
+            pretext: ctx.pretext.clone(),
+            user: ctx.user.clone(),
+        }
+    }
 }
 
 /// Whatever talks to the caller. One instance serves every call of the pod.

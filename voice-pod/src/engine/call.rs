@@ -148,6 +148,34 @@ struct Timing {
     first_frame: Option<Instant>,
 }
 
+/// A reply's latency by stage, from its [`Timing`]: what `voice_turn_latency_seconds`
+/// observes, the log line says and the transcript keeps.
+#[derive(Clone, Copy, Debug, Default)]
+struct Stages {
+    /// End of speech -> first reply frame written.
+    total: Option<Duration>,
+    /// End of speech -> end-of-turn decision.
+    stt: Option<Duration>,
+    /// LLM request -> first token.
+    llm: Option<Duration>,
+    /// First text to TTS -> first audio.
+    tts: Option<Duration>,
+}
+
+impl Timing {
+    fn stages(&self) -> Stages {
+        let between = |from: Option<Instant>, to: Option<Instant>| {
+            from.zip(to).map(|(a, b)| b.saturating_duration_since(a))
+        };
+        Stages {
+            total: between(self.speech_end, self.first_frame),
+            stt: between(self.speech_end, self.confirmed),
+            llm: between(self.llm_start, self.first_token),
+            tts: between(self.first_tts_text, self.first_tts_audio),
+        }
+    }
+}
+
 /// One thing the persona says.
 struct Reply {
     id: u64,
@@ -464,31 +492,27 @@ impl Call {
             return;
         }
         r.timing.first_frame = Some(now);
-        let t = &r.timing;
         let persona = self.ctx.persona_name.as_str();
         let m = &self.shared.metrics;
         if let Source::Llm { .. } = r.source {
-            if let Some(end) = t.speech_end {
-                m.observe_turn(persona, Stage::Total, secs(now, end));
-                if let Some(c) = t.confirmed {
-                    m.observe_turn(persona, Stage::Stt, secs(c, end));
+            let st = r.timing.stages();
+            for (stage, d) in [
+                (Stage::Total, st.total),
+                (Stage::Stt, st.stt),
+                (Stage::Llm, st.llm),
+                (Stage::Tts, st.tts),
+            ] {
+                if let Some(d) = d {
+                    m.observe_turn(persona, stage, d.as_secs_f64());
                 }
             }
-            if let (Some(a), Some(b)) = (t.llm_start, t.first_token) {
-                m.observe_turn(persona, Stage::Llm, secs(b, a));
-            }
-            if let (Some(a), Some(b)) = (t.first_tts_text, t.first_tts_audio) {
-                m.observe_turn(persona, Stage::Tts, secs(b, a));
-            }
+            let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as u64);
             let _s = r.span.enter();
             info!(
-                total_ms = t.speech_end.map(|e| ms(now, e)),
-                stt_ms = t.confirmed.zip(t.speech_end).map(|(c, e)| ms(c, e)),
-                llm_ms = t.first_token.zip(t.llm_start).map(|(b, a)| ms(b, a)),
-                tts_ms = t
-                    .first_tts_audio
-                    .zip(t.first_tts_text)
-                    .map(|(b, a)| ms(b, a)),
+                total_ms = ms(st.total),
+                stt_ms = ms(st.stt),
+                llm_ms = ms(st.llm),
+                tts_ms = ms(st.tts),
                 "first reply audio"
             );
         }
@@ -1369,15 +1393,18 @@ impl Call {
     fn journal_reply(&mut self, r: &Reply, heard: &str, interrupted: bool) {
         let t = &r.timing;
         let latency = match r.source {
-            Source::Llm { .. } => TurnLatency {
-                stt_ms: t.confirmed.zip(t.speech_end).map(|(c, e)| ms32(c, e)),
-                llm_ms: t.first_token.zip(t.llm_start).map(|(b, a)| ms32(b, a)),
-                tts_ms: t
-                    .first_tts_audio
-                    .zip(t.first_tts_text)
-                    .map(|(b, a)| ms32(b, a)),
-                total_ms: t.first_frame.zip(t.speech_end).map(|(f, e)| ms32(f, e)),
-            },
+            Source::Llm { .. } => {
+                let st = t.stages();
+                let ms = |d: Option<Duration>| {
+                    d.map(|d| i32::try_from(d.as_millis()).unwrap_or(i32::MAX))
+                };
+                TurnLatency {
+                    stt_ms: ms(st.stt),
+                    llm_ms: ms(st.llm),
+                    tts_ms: ms(st.tts),
+                    total_ms: ms(st.total),
+                }
+            }
             Source::Phrase(_) => TurnLatency::default(),
         };
         self.journal.persona_turn(
@@ -1503,16 +1530,4 @@ fn role(r: PromptRole) -> Role {
 
 fn far_future() -> Instant {
     Instant::now() + Duration::from_secs(86_400)
-}
-
-fn secs(later: Instant, earlier: Instant) -> f64 {
-    later.saturating_duration_since(earlier).as_secs_f64()
-}
-
-fn ms32(later: Instant, earlier: Instant) -> i32 {
-    i32::try_from(ms(later, earlier)).unwrap_or(i32::MAX)
-}
-
-fn ms(later: Instant, earlier: Instant) -> u64 {
-    later.saturating_duration_since(earlier).as_millis() as u64
 }

@@ -373,7 +373,7 @@ async fn create_inner(
     // them goes through the scheduler even when it is due now (placed within one
     // poll interval).
     if timing.due.is_some() || timing.retries > 0 {
-        return schedule(state, plan, &timing).await;
+        return schedule(state, call_id, plan, &timing).await;
     }
     let request = outbound::build(public, signer, &state.config.limits, &plan).map_err(|e| {
         ApiError::invalid(vec![Problem {
@@ -385,14 +385,9 @@ async fn create_inner(
     let ctx = request.context.clone();
 
     // Warm up while Twilio places the call and the phone rings.
-    state.handler.prepare(&PreparedCall {
-        call_id: call_id.clone(),
-        persona_name: persona_name.clone(),
-        persona,
-        direction: Direction::Outbound,
-        pretext: ctx.pretext.clone(),
-        user: ctx.user.clone(),
-    });
+    state
+        .handler
+        .prepare(&PreparedCall::outbound(&request, persona));
     let inline_twiml = request.inline_twiml;
     let created = client
         .create_call(&request.call)
@@ -519,16 +514,27 @@ fn store_failed(what: &str, err: &dyn std::fmt::Display) -> ApiError {
     )
 }
 
+/// Runs one database step under [`DB_TIMEOUT`]; a failure or a timeout is a 503,
+/// logged with `what`.
+async fn db<T, E: std::fmt::Display>(
+    what: &str,
+    step: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, ApiError> {
+    match tokio::time::timeout(DB_TIMEOUT, step).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(err)) => Err(store_failed(what, &err)),
+        Err(_) => Err(store_failed(what, &"timed out")),
+    }
+}
+
 /// Stores a callback for the scheduler; durable when the 201 is sent.
 async fn schedule(
     state: &AppState,
+    id: uuid::Uuid,
     plan: OutboundPlan,
     timing: &Timing,
 ) -> Result<Response, ApiError> {
     let store = store_of(state)?;
-    let Ok(id) = uuid::Uuid::parse_str(&plan.call_id) else {
-        return Err(store_failed("scheduling", &"call id is not a UUID"));
-    };
     let due = timing.due.unwrap_or_else(Utc::now);
     let row = ScheduledCall {
         id,
@@ -542,11 +548,11 @@ async fn schedule(
         retries: i32::try_from(timing.retries).unwrap_or(0),
         retry_delay_seconds: timing.retry_delay_seconds,
     };
-    match tokio::time::timeout(DB_TIMEOUT, schedule_sql::insert(store.pool(), &row)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(err)) => return Err(store_failed("scheduling a callback", &err)),
-        Err(_) => return Err(store_failed("scheduling a callback", &"timed out")),
-    }
+    db(
+        "scheduling a callback",
+        schedule_sql::insert(store.pool(), &row),
+    )
+    .await?;
     count(state, "scheduled");
     tracing::info!(
         call_id = %id,
@@ -625,11 +631,8 @@ pub async fn list(
             status,
             limit: p.limit,
         };
-        match tokio::time::timeout(DB_TIMEOUT, store.list_calls(&filter)).await {
-            Ok(Ok(calls)) => Ok(Json(json!({ "calls": calls })).into_response()),
-            Ok(Err(err)) => Err(store_failed("listing calls", &err)),
-            Err(_) => Err(store_failed("listing calls", &"timed out")),
-        }
+        let calls = db("listing calls", store.list_calls(&filter)).await?;
+        Ok(Json(json!({ "calls": calls })).into_response())
     }
     .await;
     result.unwrap_or_else(IntoResponse::into_response)
@@ -653,27 +656,15 @@ pub async fn cancel(
                 if s.is_empty() || s.len() > 64 {
                     return Err(not_found());
                 }
-                let found: Result<Result<Option<uuid::Uuid>, _>, _> = tokio::time::timeout(
-                    DB_TIMEOUT,
-                    sqlx::query_scalar("SELECT id FROM calls WHERE call_sid = $1")
-                        .bind(&s)
-                        .fetch_optional(store.pool()),
+                db(
+                    "cancelling a call",
+                    schedule_sql::id_of_call_sid(store.pool(), &s),
                 )
-                .await;
-                match found {
-                    Ok(Ok(Some(id))) => id,
-                    Ok(Ok(None)) => return Err(not_found()),
-                    Ok(Err(err)) => return Err(store_failed("cancelling a call", &err)),
-                    Err(_) => return Err(store_failed("cancelling a call", &"timed out")),
-                }
+                .await?
+                .ok_or_else(not_found)?
             }
         };
-        let outcome =
-            match tokio::time::timeout(DB_TIMEOUT, schedule_sql::cancel(store.pool(), id)).await {
-                Ok(Ok(o)) => o,
-                Ok(Err(err)) => return Err(store_failed("cancelling a call", &err)),
-                Err(_) => return Err(store_failed("cancelling a call", &"timed out")),
-            };
+        let outcome = db("cancelling a call", schedule_sql::cancel(store.pool(), id)).await?;
         match outcome {
             CancelOutcome::Canceled | CancelOutcome::AlreadyCanceled => {
                 if outcome == CancelOutcome::Canceled {

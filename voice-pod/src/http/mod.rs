@@ -235,7 +235,7 @@ pub async fn serve(
                 handler: Arc::clone(&handler),
                 metrics: Arc::clone(&metrics),
                 config: config.scheduler.clone(),
-                pod: scheduler::pod_identity(std::env::var("HOSTNAME").ok().as_deref()),
+                pod: scheduler::pod_identity(crate::config::pod_name().as_deref()),
             };
             Some(tokio::spawn(scheduler::run(deps, stop_scheduler.clone())))
         }

@@ -55,7 +55,7 @@ use crate::metrics::Metrics;
 use crate::personas::Personas;
 use crate::session::{CallHandler, PreparedCall};
 use crate::store::records::CallStatus;
-use crate::twilio::context::{ContextSigner, Direction};
+use crate::twilio::context::ContextSigner;
 use crate::twilio::mask_number;
 use crate::twilio::outbound::{self, OutboundPlan};
 use crate::twilio::rest::{RestError, TwilioClient};
@@ -106,6 +106,18 @@ impl SchedulerConfig {
     pub fn rest_timeout(&self, limits: &Limits) -> Duration {
         limits.rest_timeout.min(self.lease / 3)
     }
+
+    /// The default lateness limit, in whole seconds for SQL interval arithmetic.
+    fn late_limit_secs(&self) -> i64 {
+        clamped_secs(self.max_lateness)
+    }
+}
+
+/// `d` in whole seconds, at most [`MAX_LATENESS_SECS`] (keeps SQL intervals in range).
+fn clamped_secs(d: Duration) -> i64 {
+    i64::try_from(d.as_secs())
+        .unwrap_or(i64::MAX)
+        .min(MAX_LATENESS_SECS)
 }
 
 /// Why a scheduled callback was not placed (`reason` label).
@@ -169,10 +181,10 @@ pub struct SchedulerDeps {
     pub pod: String,
 }
 
-/// A name for `claimed_by`: the host name (the pod name in Kubernetes) plus a
+/// A name for `claimed_by`: the pod's name ([`crate::config::pod_name`]) plus a
 /// random suffix, so a restarted container never mistakes an old claim for its own.
-pub fn pod_identity(hostname: Option<&str>) -> String {
-    let host = hostname.filter(|h| !h.is_empty()).unwrap_or("voice-pod");
+pub fn pod_identity(pod_name: Option<&str>) -> String {
+    let host = pod_name.filter(|h| !h.is_empty()).unwrap_or("voice-pod");
     let suffix = uuid::Uuid::new_v4().simple().to_string();
     format!("{host}-{}", &suffix[..8])
 }
@@ -193,9 +205,7 @@ pub async fn run(deps: SchedulerDeps, stop: CancellationToken) {
     let deps = Arc::new(deps);
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let lease_ms = i64::try_from(deps.config.lease.as_millis()).unwrap_or(i64::MAX);
-    let late_limit = i64::try_from(deps.config.max_lateness.as_secs())
-        .unwrap_or(i64::MAX)
-        .min(MAX_LATENESS_SECS);
+    let late_limit = deps.config.late_limit_secs();
     let mut last_housekeeping: Option<Instant> = None;
     tracing::info!(
         pod = %deps.pod,
@@ -280,38 +290,23 @@ pub async fn run(deps: SchedulerDeps, stop: CancellationToken) {
 async fn housekeeping(deps: &SchedulerDeps) {
     let m = &deps.metrics;
     let pool = &deps.pool;
-    let late_limit = i64::try_from(deps.config.max_lateness.as_secs())
-        .unwrap_or(i64::MAX)
-        .min(MAX_LATENESS_SECS);
-    match tokio::time::timeout(DB_TIMEOUT, queries::expire_late(pool, late_limit)).await {
-        Ok(Ok(n)) => {
-            if n > 0 {
-                tracing::warn!(
-                    count = n,
-                    "callbacks not placed: due longer ago than their lateness limit"
-                );
-            }
-            fail(m, FailureReason::TooLate, n);
-        }
-        Ok(Err(err)) => tracing::warn!(error = %err, "expiring late callbacks failed"),
-        Err(_) => tracing::warn!("expiring late callbacks timed out"),
-    }
-    match tokio::time::timeout(DB_TIMEOUT, queries::give_up_exhausted(pool, MAX_ATTEMPTS)).await {
-        Ok(Ok(n)) => {
-            if n > 0 {
-                tracing::warn!(
-                    count = n,
-                    "callbacks failed: every placement attempt ran out"
-                );
-            }
-            fail(m, FailureReason::AttemptsExhausted, n);
-        }
-        Ok(Err(err)) => tracing::warn!(error = %err, "giving up exhausted callbacks failed"),
-        Err(_) => tracing::warn!("giving up exhausted callbacks timed out"),
-    }
-    let delay = i64::try_from(deps.config.retry_delay.as_secs())
-        .unwrap_or(i64::MAX)
-        .min(MAX_LATENESS_SECS);
+    sweep(
+        m,
+        FailureReason::TooLate,
+        "expiring late callbacks",
+        "callbacks not placed: due longer ago than their lateness limit",
+        queries::expire_late(pool, deps.config.late_limit_secs()),
+    )
+    .await;
+    sweep(
+        m,
+        FailureReason::AttemptsExhausted,
+        "giving up exhausted callbacks",
+        "callbacks failed: every placement attempt ran out",
+        queries::give_up_exhausted(pool, MAX_ATTEMPTS),
+    )
+    .await;
+    let delay = clamped_secs(deps.config.retry_delay);
     match tokio::time::timeout(
         DB_TIMEOUT,
         queries::schedule_retries(pool, delay, RETRY_BATCH),
@@ -331,6 +326,27 @@ async fn housekeeping(deps: &SchedulerDeps) {
     {
         m.scheduled_backlog.set(backlog);
         m.scheduled_overdue.set(overdue);
+    }
+}
+
+/// One housekeeping step that ends callbacks for `reason`: counts and logs what it
+/// ended (`ended`); a failed or slow step (`what`) is logged and retried next round.
+async fn sweep(
+    m: &Metrics,
+    reason: FailureReason,
+    what: &str,
+    ended: &str,
+    step: impl std::future::Future<Output = Result<u64, sqlx::Error>>,
+) {
+    match tokio::time::timeout(DB_TIMEOUT, step).await {
+        Ok(Ok(n)) => {
+            if n > 0 {
+                tracing::warn!(count = n, "{ended}");
+            }
+            fail(m, reason, n);
+        }
+        Ok(Err(err)) => tracing::warn!(error = %err, "{what} failed"),
+        Err(_) => tracing::warn!("{what} timed out"),
     }
 }
 
@@ -375,14 +391,8 @@ async fn place(deps: &SchedulerDeps, row: queries::Claimed, claimed_at: Instant)
         tracing::warn!(call_id = %id, "claim too old to place safely; leaving it to the lease");
         return;
     }
-    deps.handler.prepare(&PreparedCall {
-        call_id: plan.call_id.clone(),
-        persona_name: plan.persona.clone(),
-        persona,
-        direction: Direction::Outbound,
-        pretext: request.context.pretext.clone(),
-        user: request.context.user.clone(),
-    });
+    deps.handler
+        .prepare(&PreparedCall::outbound(&request, persona));
     match deps.twilio.create_call(&request.call).await {
         Ok(created) => {
             let status = CallStatus::from_twilio(&created.status)

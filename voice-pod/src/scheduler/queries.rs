@@ -58,6 +58,14 @@ pub async fn insert(pool: &PgPool, c: &ScheduledCall) -> Result<(), sqlx::Error>
     Ok(())
 }
 
+/// Our id of the call Twilio knows as `call_sid`, if it is ours.
+pub async fn id_of_call_sid(pool: &PgPool, call_sid: &str) -> Result<Option<Uuid>, sqlx::Error> {
+    sqlx::query_scalar("SELECT id FROM calls WHERE call_sid = $1")
+        .bind(call_sid)
+        .fetch_optional(pool)
+        .await
+}
+
 /// What `DELETE /v1/calls/{id}` found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CancelOutcome {
