@@ -548,6 +548,33 @@ pub struct HeardReply {
     pub bytes: usize,
 }
 
+/// A whole ordinary call: dial `pod` from `from` to `to`, hear the greeting, say each
+/// line and hear its answer, hang up. Panics (with the pod's log tail) when the
+/// greeting or an answer does not come; returns the caller for its timings and log.
+pub async fn converse(pod: &PodProcess, from: &str, to: &str, lines: &[impl AsRef<str>]) -> Caller {
+    let mut caller = Caller::dial(&pod.sim(), from, to).await.unwrap();
+    let greeting = caller
+        .listen(Duration::from_secs(10), Duration::from_millis(500))
+        .await
+        .unwrap();
+    assert!(greeting.is_some(), "no greeting:\n{}", pod.log_tail(30));
+    for line in lines {
+        let line = line.as_ref();
+        caller.say(line).await.unwrap();
+        let reply = caller
+            .listen(Duration::from_secs(10), Duration::from_millis(600))
+            .await
+            .unwrap();
+        assert!(
+            reply.is_some(),
+            "no reply to {line:?}:\n{}",
+            pod.log_tail(30)
+        );
+    }
+    caller.hang_up().await.unwrap();
+    caller
+}
+
 /// A simulated caller on one media stream.
 pub struct Caller {
     stream: SimStream,

@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use callmeback_tests::call_harness::{
-    Caller, Emulators, PodProcess, ProviderProfile, lines, persona_json, table, table_replies,
+    Caller, Emulators, PodProcess, ProviderProfile, converse, lines, persona_json, table,
+    table_replies,
 };
 use serde_json::json;
 
@@ -38,25 +39,7 @@ async fn a_multi_turn_call_answers_every_turn_with_the_whole_history() {
     let pod = PodProcess::start(&emus, &[("ada", persona_json(json!({})))], &[])
         .await
         .unwrap();
-    let mut caller = Caller::dial(&pod.sim(), FROM, TO).await.unwrap();
-    let greeting = caller
-        .listen(Duration::from_secs(10), Duration::from_millis(500))
-        .await
-        .unwrap();
-    assert!(greeting.is_some(), "no greeting:\n{}", pod.log_tail(30));
-    for line in &script {
-        caller.say(line).await.unwrap();
-        let reply = caller
-            .listen(Duration::from_secs(10), Duration::from_millis(600))
-            .await
-            .unwrap();
-        assert!(
-            reply.is_some(),
-            "no reply to {line:?}:\n{}",
-            pod.log_tail(30)
-        );
-    }
-    caller.hang_up().await.unwrap();
+    let caller = converse(&pod, FROM, TO, &script).await;
 
     assert_eq!(emus.deepgram.transcripts(), script);
     let v2v = caller.voice_to_voice();

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use callmeback_tests::call_harness::{
-    Caller, Emulators, PodProcess, ProviderProfile, persona_json,
+    self, Caller, Emulators, PodProcess, ProviderProfile, persona_json,
 };
 use callmeback_tests::emulators::cerebras::{ChatCall, Reply, ReplyFn};
 use callmeback_tests::postgres::{CuttableProxy, TestDb};
@@ -114,28 +114,9 @@ async fn start_pod(emus: &Emulators, database_url: &str, persona: Value) -> PodP
     .unwrap()
 }
 
-/// Greeting, then each line said and answered, then hang up.
+/// A whole call from `from` to the pod's number (see [`call_harness::converse`]).
 async fn converse(pod: &PodProcess, from: &str, lines: &[&str]) -> Caller {
-    let mut caller = Caller::dial(&pod.sim(), from, TO).await.unwrap();
-    let greeting = caller
-        .listen(Duration::from_secs(10), Duration::from_millis(500))
-        .await
-        .unwrap();
-    assert!(greeting.is_some(), "no greeting:\n{}", pod.log_tail(30));
-    for line in lines {
-        caller.say(line).await.unwrap();
-        let reply = caller
-            .listen(Duration::from_secs(10), Duration::from_millis(600))
-            .await
-            .unwrap();
-        assert!(
-            reply.is_some(),
-            "no reply to {line:?}:\n{}",
-            pod.log_tail(30)
-        );
-    }
-    caller.hang_up().await.unwrap();
-    caller
+    call_harness::converse(pod, from, TO, lines).await
 }
 
 /// `(sequence, speaker, text, interrupted)` of a call, in order.
