@@ -13,6 +13,8 @@ export CALLMEBACK_TOOLS_DIR="$(bash scripts/helm-tools.sh)"
 # A real Kubernetes control plane (etcd, kube-apiserver, -controller-manager, -scheduler, kwok)
 # built from Go modules into a versioned cache outside the repo; a no-op when warm.
 export CALLMEBACK_CONTROLPLANE_BIN="$(bash scripts/controlplane-build.sh)"
+# promtool and prometheus (alert-rule unit tests, /metrics lint), built the same way.
+export CALLMEBACK_PROMETHEUS_BIN="$(bash scripts/prometheus-build.sh)"
 # PostgreSQL for the store tests: a running server is reused; on a bare machine
 # Debian's package is installed and a throwaway cluster started (tests/src/postgres.rs).
 export CALLMEBACK_TEST_DATABASE_URL="$(bash scripts/postgres.sh)"

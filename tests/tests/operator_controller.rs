@@ -1100,3 +1100,59 @@ async fn two_replicas_elect_one_leader_and_fail_over() {
     .await;
     other.abort();
 }
+
+#[tokio::test]
+async fn operator_metrics_endpoint_passes_promtool_check_metrics() {
+    // Proves the operator's `/metrics` (its real web app, scraped over HTTP after
+    // reconciles that succeeded and one that failed on an unreachable Twilio, so every
+    // family has samples) passes Prometheus' naming and help-text lint.
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+    use voice_operator::web::{WebState, app};
+
+    let (_cp, ns, client, op) = setup("op-metrics").await;
+    apply_json(&client, &ns, secret_doc("http://127.0.0.1:9")).await;
+    apply_json(&client, &ns, persona_doc("sam", "Hi!")).await;
+    apply_json(&client, &ns, twilio_vd("desk", "+14155550123")).await;
+    let errors = op
+        .metrics
+        .reconcile_errors
+        .with_label_values(&["VoiceDeployment", "twilio"]);
+    eventually("a reconcile failed on Twilio", || async {
+        (errors.get() > 0).then_some(())
+    })
+    .await;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let web = app(WebState {
+        metrics: op.metrics.clone(),
+        ready: Arc::new(AtomicBool::new(true)),
+    });
+    let server = tokio::spawn(async move { axum::serve(listener, web).await });
+    let body = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    server.abort();
+    for family in [
+        "operator_reconcile_duration_seconds_bucket{",
+        "operator_reconcile_errors_total{",
+        "operator_reconciles_total{",
+        "operator_leader ",
+    ] {
+        assert!(body.contains(family), "{family} missing from:\n{body}");
+    }
+    let run = tokio::task::spawn_blocking(move || {
+        callmeback_tests::prometheus_tools::Promtool::get()
+            .unwrap()
+            .check_metrics(&body)
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(run.success, "promtool check metrics:\n{}", run.output);
+    op.stop().await;
+}
