@@ -164,29 +164,27 @@ async fn script(caller: &mut Caller) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// p50/p95/p99 of `voice_turn_latency_seconds{stage}` in one scrape, by the same
-/// `histogram_quantile` the dashboard uses (bucket interpolation).
+/// p50/p95/p99 of `voice_turn_latency_seconds{stage}` in one scrape, with
+/// Prometheus' `histogram_quantile` bucket interpolation (what the dashboard shows).
 fn pod_turn_quantiles(metrics_text: &str, stage: &str) -> String {
-    use callmeback_tests::dashboard::{eval, exposition, parse_query};
-    let mut store = exposition::Store::new();
-    if let Err(e) = store.add_scrape(0, metrics_text, &exposition::Labels::new()) {
-        return format!("unreadable scrape: {e}");
-    }
-    [("p50", "0.5"), ("p95", "0.95"), ("p99", "0.99")]
+    use callmeback_tests::exposition::{histogram_quantile, parse};
+    let samples = match parse(metrics_text) {
+        Ok(s) => s,
+        Err(e) => return format!("unreadable scrape: {e}"),
+    };
+    [("p50", 0.5), ("p95", 0.95), ("p99", 0.99)]
         .iter()
         .map(|(name, q)| {
-            let query = format!(
-                "histogram_quantile({q}, sum by (le) (voice_turn_latency_seconds_bucket{{stage=\"{stage}\"}}))"
+            let x = histogram_quantile(
+                *q,
+                &samples,
+                "voice_turn_latency_seconds",
+                &[("stage", stage)],
             );
-            let value = parse_query(&query)
-                .ok()
-                .and_then(|expr| eval::eval(&store, &expr, 0).ok())
-                .and_then(|v| v.into_vector().ok())
-                .and_then(|v| v.first().map(|(_, x)| *x))
-                .filter(|x| x.is_finite());
-            match value {
-                Some(x) => format!("{name} {:.0} ms", x * 1000.0),
-                None => format!("{name} -"),
+            if x.is_finite() {
+                format!("{name} {:.0} ms", x * 1000.0)
+            } else {
+                format!("{name} -")
             }
         })
         .collect::<Vec<_>>()

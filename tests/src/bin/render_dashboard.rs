@@ -1,31 +1,31 @@
 //! `render_dashboard`: shows what the Grafana dashboard shows, without Grafana.
 //!
 //! ```text
-//! render_dashboard scrape --out DIR [--interval 1s] [--duration 10m] NAME=URL...
-//!     Scrapes each /metrics URL every interval into DIR/NAME/<unix_ms>.prom until
-//!     the duration ends (or Ctrl-C). Run it beside a benchmark or a test run.
-//! render_dashboard render --scrapes DIR [--out docs/dashboard.png]
+//! render_dashboard bench [--out docs/dashboard.png] [--scrape-interval 1s]
 //!         [--dashboard charts/callmeback/dashboards/callmeback.json]
 //!         [--font /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf]
-//!         [--step 5s] [--rate-interval 1m] [--title TEXT]
-//!     Evaluates every panel's PromQL over the scrapes (callmeback_tests::dashboard)
-//!     and draws the panels at their Grafana grid positions into a PNG.
+//!         [--step 5s] [--rate-interval 1m] [--title TEXT] -- CALL_BENCH [ARGS...]
+//!     Starts a real Prometheus (scripts/prometheus-build.sh) scraping a free
+//!     loopback port every scrape interval, runs CALL_BENCH --metrics-listen on that
+//!     port with ARGS, then draws the dashboard over the run.
+//! render_dashboard render --prometheus URL --start UNIX_S --end UNIX_S [--out ...]
+//!     Draws the dashboard from any Prometheus that holds the data.
 //! ```
 //!
-//! The numbers in the picture are exactly what the scrapes contain: nothing is
-//! generated here.
+//! Every panel query goes to Prometheus' `query_range` API, as Grafana sends it
+//! (its variables substituted: `$__rate_interval` by `--rate-interval`, selection
+//! variables by "All"), and the PNG draws the panels at their Grafana grid
+//! positions. The numbers in the picture are what Prometheus computed from what it
+//! scraped: nothing is generated here.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
-use callmeback_tests::dashboard::eval::eval;
-use callmeback_tests::dashboard::exposition::Store;
-use callmeback_tests::dashboard::{
-    Dashboard, Panel, format_legend, parse_query, substitute_variables,
-};
+use callmeback_tests::dashboard::{Dashboard, Panel, format_legend, substitute_variables};
 use callmeback_tests::helm::repo_root;
+use callmeback_tests::prometheus_tools::{PrometheusServer, QueryApi, Target};
 use plotters::prelude::*;
 use plotters::style::{FontStyle, register_font};
 
@@ -37,8 +37,9 @@ const ROW_PX: u32 = 30;
 const HEADER_PX: u32 = 60;
 /// At most this many series per panel are drawn (the largest by last value).
 const MAX_SERIES: usize = 10;
-/// Scrape request timeout.
-const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Points per panel when no `--step` is given (Grafana asks for about one per pixel
+/// column; a quarter of that is plenty for a picture this size).
+const POINTS_PER_PANEL: f64 = 240.0;
 
 /// Grafana's classic palette.
 const PALETTE: [RGBColor; 10] = [
@@ -59,19 +60,21 @@ const TEXT: RGBColor = RGBColor(0xcc, 0xcc, 0xdc);
 const DIM: RGBColor = RGBColor(0x8e, 0x8e, 0x9e);
 const GRID: RGBColor = RGBColor(0x2c, 0x30, 0x35);
 
-fn main() -> anyhow::Result<()> {
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
-        Some("scrape") => scrape(&args[1..]),
-        Some("render") => render(&args[1..]),
-        _ => bail!("usage: render_dashboard scrape|render ... (see the module docs)"),
+        Some("bench") => bench(&args[1..]).await,
+        Some("render") => render(&args[1..]).await,
+        _ => bail!("usage: render_dashboard bench|render ... (see the module docs)"),
     }
 }
 
-/// `--key value` options and positional arguments.
+/// `--key value` options, positional arguments, and everything after `--`.
 struct Opts {
     named: BTreeMap<String, String>,
     positional: Vec<String>,
+    rest: Vec<String>,
 }
 
 impl Opts {
@@ -80,6 +83,9 @@ impl Opts {
         let mut positional = Vec::new();
         let mut it = args.iter();
         while let Some(a) = it.next() {
+            if a == "--" {
+                break;
+            }
             if let Some(key) = a.strip_prefix("--") {
                 let value = it
                     .next()
@@ -89,7 +95,11 @@ impl Opts {
                 positional.push(a.clone());
             }
         }
-        Ok(Self { named, positional })
+        Ok(Self {
+            named,
+            positional,
+            rest: it.cloned().collect(),
+        })
     }
 
     fn get(&self, key: &str) -> Option<&str> {
@@ -116,74 +126,77 @@ fn parse_duration(s: &str) -> anyhow::Result<Duration> {
     })
 }
 
-fn now_ms() -> i64 {
+fn now_s() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
-fn scrape(args: &[String]) -> anyhow::Result<()> {
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Runs the benchmark under a real Prometheus, then draws what it scraped.
+async fn bench(args: &[String]) -> anyhow::Result<()> {
     let opts = Opts::parse(args)?;
-    let out = PathBuf::from(opts.get("out").context("--out DIR is required")?);
-    let interval = opts.duration("interval", "1s")?;
-    let duration = opts.duration("duration", "10m")?;
-    let targets: Vec<(String, String)> = opts
-        .positional
-        .iter()
-        .map(|t| {
-            t.split_once('=')
-                .map(|(n, u)| (n.to_string(), u.to_string()))
-                .with_context(|| format!("target {t:?} is not NAME=URL"))
-        })
-        .collect::<anyhow::Result<_>>()?;
-    if targets.is_empty() {
-        bail!("no targets: give NAME=URL, e.g. voice-0=http://127.0.0.1:9090/metrics");
+    let (program, bench_args) = opts
+        .rest
+        .split_first()
+        .context("give the benchmark after --, e.g. -- target/debug/call-bench --calls 10")?;
+    let interval = opts.duration("scrape-interval", "1s")?;
+    let listen = format!("127.0.0.1:{}", free_port()?);
+    // The labels a PodMonitor scrape would add, so the dashboard's selectors match.
+    let target = Target {
+        job: "voice-pod".into(),
+        address: listen.clone(),
+        labels: vec![
+            ("namespace".into(), "bench".into()),
+            ("pod".into(), "voice-pod-0".into()),
+        ],
+    };
+    let server = PrometheusServer::start(&[target], interval).await?;
+    eprintln!(
+        "prometheus at {} scrapes {listen} every {interval:?}",
+        server.api.url
+    );
+    let start = now_s();
+    let status = tokio::process::Command::new(program)
+        .args(bench_args)
+        .args(["--metrics-listen", &listen])
+        .status()
+        .await
+        .with_context(|| format!("running {program}"))?;
+    if !status.success() {
+        bail!("{program} failed ({status})");
     }
-    for (name, _) in &targets {
-        std::fs::create_dir_all(out.join(name))?;
-    }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let client = reqwest::Client::builder().timeout(SCRAPE_TIMEOUT).build()?;
-        let deadline = tokio::time::Instant::now() + duration;
-        let mut tick = tokio::time::interval(interval);
-        let mut taken = 0u64;
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = tokio::time::sleep_until(deadline) => break,
-                _ = tokio::signal::ctrl_c() => break,
-            }
-            for (name, url) in &targets {
-                let t = now_ms();
-                // A target that is down for a moment is a gap in the graph, not a reason to stop.
-                match client
-                    .get(url)
-                    .send()
-                    .await
-                    .and_then(|r| r.error_for_status())
-                {
-                    Ok(resp) => match resp.text().await {
-                        Ok(body) => {
-                            tokio::fs::write(out.join(name).join(format!("{t}.prom")), body)
-                                .await?;
-                            taken += 1;
-                        }
-                        Err(e) => eprintln!("{name}: reading body: {e}"),
-                    },
-                    Err(e) => eprintln!("{name}: {e}"),
-                }
-            }
-        }
-        eprintln!("{taken} scrapes written to {}", out.display());
-        anyhow::Ok(())
-    })
+    // The pod's last scrape happened within one interval before it exited.
+    let end = now_s();
+    draw_from(&opts, &server.api, start, end).await
 }
 
-/// One drawn line: legend and points (seconds since the first scrape, value).
+/// Draws from an existing Prometheus.
+async fn render(args: &[String]) -> anyhow::Result<()> {
+    let opts = Opts::parse(args)?;
+    if let Some(p) = opts.positional.first() {
+        bail!("unexpected argument {p:?}");
+    }
+    let api = QueryApi::new(
+        opts.get("prometheus")
+            .context("--prometheus URL is required")?,
+    )?;
+    let time = |key: &str| -> anyhow::Result<f64> {
+        opts.get(key)
+            .with_context(|| format!("--{key} UNIX_SECONDS is required"))?
+            .parse()
+            .with_context(|| format!("--{key}"))
+    };
+    draw_from(&opts, &api, time("start")?, time("end")?).await
+}
+
+/// One drawn line: legend and points (seconds since the start, value).
 struct Line {
     legend: String,
     points: Vec<(f64, f64)>,
@@ -199,34 +212,40 @@ fn unit_display(unit: &str) -> (f64, &'static str) {
     }
 }
 
-fn evaluate(
+/// A panel's series over `[start, end]`, one range query per target, largest last
+/// values first.
+async fn evaluate(
     panel: &Panel,
-    store: &Store,
-    times: &[i64],
+    api: &QueryApi,
+    range: (f64, f64),
+    step: Duration,
     rate_interval: &str,
 ) -> anyhow::Result<Vec<Line>> {
-    let t0 = times.first().copied().unwrap_or(0);
+    let (start, end) = range;
     let (factor, _) = unit_display(&panel.unit);
     let mut lines: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
     for target in &panel.targets {
         let q = substitute_variables(&target.expr, rate_interval);
-        let expr = parse_query(&q)?;
-        for &t in times {
-            let v = eval(store, &expr, t)
-                .with_context(|| format!("panel {:?}: {}", panel.title, target.expr))?
-                .into_vector()?;
-            for (labels, x) in v {
-                if x.is_finite() {
-                    lines
-                        .entry(format_legend(&target.legend, &labels))
-                        .or_default()
-                        .push(((t - t0) as f64 / 1000.0, x * factor));
-                }
-            }
+        let series = api
+            .query_range(&q, start, end, step)
+            .await
+            .with_context(|| format!("panel {:?}", panel.title))?;
+        for s in series {
+            let points = lines
+                .entry(format_legend(&target.legend, &s.labels))
+                .or_default();
+            // Grafana leaves a gap where a value is NaN (a quantile of no observations).
+            points.extend(
+                s.points
+                    .iter()
+                    .filter(|(_, x)| x.is_finite())
+                    .map(|&(t, x)| (t - start, x * factor)),
+            );
         }
     }
     let mut lines: Vec<Line> = lines
         .into_iter()
+        .filter(|(_, points)| !points.is_empty())
         .map(|(legend, points)| Line { legend, points })
         .collect();
     lines.sort_by(|a, b| {
@@ -237,10 +256,9 @@ fn evaluate(
     Ok(lines)
 }
 
-fn render(args: &[String]) -> anyhow::Result<()> {
-    let opts = Opts::parse(args)?;
+/// Queries every panel over `[start, end]` and writes the PNG.
+async fn draw_from(opts: &Opts, api: &QueryApi, start: f64, end: f64) -> anyhow::Result<()> {
     let root_dir = repo_root();
-    let scrapes = PathBuf::from(opts.get("scrapes").context("--scrapes DIR is required")?);
     let out = opts
         .get("out")
         .map(PathBuf::from)
@@ -253,6 +271,13 @@ fn render(args: &[String]) -> anyhow::Result<()> {
         .get("font")
         .unwrap_or("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf");
     let rate_interval = opts.get("rate-interval").unwrap_or("1m").to_string();
+    if end <= start {
+        bail!("empty time range {start}..{end}");
+    }
+    let step = match opts.get("step") {
+        Some(s) => parse_duration(s)?,
+        None => Duration::from_secs_f64(((end - start) / POINTS_PER_PANEL).max(1.0)),
+    };
 
     // ab_glyph wants 'static font bytes; the process draws one picture and exits.
     let font_bytes: &'static [u8] = Box::leak(
@@ -264,38 +289,31 @@ fn render(args: &[String]) -> anyhow::Result<()> {
         .map_err(|_| anyhow::anyhow!("{font} is not a usable TTF/OTF font"))?;
 
     let dashboard = Dashboard::load(&dash_path)?;
-    let mut store = Store::new();
-    let n = store.load_dir(&scrapes)?;
-    let (first, last) = store
-        .time_range()
-        .with_context(|| format!("no scrapes in {}", scrapes.display()))?;
-    let span = (last - first).max(1);
-    let step = match opts.get("step") {
-        Some(s) => parse_duration(s)?.as_millis() as i64,
-        None => (span / 240).max(1000),
-    };
-    let times: Vec<i64> = (0..=span / step).map(|i| first + i * step).collect();
+    let mut panels = Vec::new();
+    for panel in &dashboard.panels {
+        let lines = if panel.kind == "row" {
+            Vec::new()
+        } else {
+            evaluate(panel, api, (start, end), step, &rate_interval).await?
+        };
+        panels.push((panel, lines));
+    }
     let title = opts.get("title").map(str::to_string).unwrap_or_else(|| {
         format!(
-            "{} dashboard, rendered from {n} scrapes over {:.0} s ({})",
+            "{} dashboard, {:.0} s of data from Prometheus at {}",
             dashboard.title,
-            span as f64 / 1000.0,
-            scrapes
-                .file_name()
-                .map(|f| f.to_string_lossy().into_owned())
-                .unwrap_or_default()
+            end - start,
+            api.url
         )
     });
-    draw(&dashboard, &store, &times, &rate_interval, &title, &out)?;
+    draw(&dashboard, &panels, &title, &out)?;
     eprintln!("wrote {}", out.display());
     Ok(())
 }
 
 fn draw(
     dashboard: &Dashboard,
-    store: &Store,
-    times: &[i64],
-    rate_interval: &str,
+    panels: &[(&Panel, Vec<Line>)],
     title: &str,
     out: &Path,
 ) -> anyhow::Result<()> {
@@ -314,7 +332,7 @@ fn draw(
         (16, 16),
     )?;
     let col = WIDTH as f64 / 24.0;
-    for panel in &dashboard.panels {
+    for (panel, lines) in panels {
         let x = (panel.grid.x as f64 * col) as i32 + 4;
         let y = (HEADER_PX + panel.grid.y * ROW_PX) as i32 + 4;
         let w = (panel.grid.w as f64 * col) as u32 - 8;
@@ -334,19 +352,18 @@ fn draw(
             &("sans-serif", 15).into_font().color(&TEXT),
             (10, 8),
         )?;
-        let lines = evaluate(panel, store, times, rate_interval)?;
-        if lines.iter().all(|l| l.points.is_empty()) {
+        if lines.is_empty() {
             area.draw_text(
-                "no data in these scrapes",
+                "no data",
                 &("sans-serif", 14).into_font().color(&DIM),
-                (w as i32 / 2 - 80, h as i32 / 2),
+                (w as i32 / 2 - 25, h as i32 / 2),
             )?;
             continue;
         }
         if panel.kind == "stat" {
-            draw_stat(&area, panel, &lines, w, h)?;
+            draw_stat(&area, panel, lines, w, h)?;
         } else {
-            draw_timeseries(&area, panel, &lines)?;
+            draw_timeseries(&area, panel, lines)?;
         }
     }
     root.present()?;

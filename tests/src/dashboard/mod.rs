@@ -1,22 +1,14 @@
 //! The Grafana dashboard (`charts/callmeback/dashboards/callmeback.json`) as data:
-//! its panels and queries, the metric names those queries use, and a small PromQL
-//! evaluator that computes every panel from real `/metrics` scrapes.
+//! its panels and queries, the metric names those queries use, Grafana's variable
+//! substitution and legend formats.
 //!
-//! Used by the chart tests (every query names a metric the code exports and returns
-//! data against the real exporters) and by `render_dashboard`, which draws the
-//! panels into `docs/dashboard.png`.
-//!
-//! ## Layout
-//! - this module: the dashboard model and Grafana variable substitution.
-//! - [`exposition`]: Prometheus text format parsing and the in-memory series store.
-//! - [`eval`]: the PromQL subset the dashboard and the alerts use, evaluated over
-//!   the store with Prometheus' own semantics (extrapolated `rate`, bucket
-//!   interpolation in `histogram_quantile`).
+//! Used by the chart tests (every query names a metric the code exports, and returns
+//! data when a real Prometheus evaluates it) and by `render_dashboard`, which sends
+//! every panel's query to a real Prometheus and draws the answers into
+//! `docs/dashboard.png`. PromQL is evaluated by Prometheus only
+//! ([`crate::prometheus_tools`]); [`parse_query`] parses it to read metric names.
 
-pub mod eval;
-pub mod exposition;
-
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use promql_parser::parser::{self, Expr};
@@ -327,7 +319,7 @@ pub fn family_name(sample_name: &str) -> &str {
 }
 
 /// Grafana's legend format: `{{label}}` replaced by the label's value.
-pub fn format_legend(legend: &str, labels: &exposition::Labels) -> String {
+pub fn format_legend(legend: &str, labels: &BTreeMap<String, String>) -> String {
     if legend.is_empty() {
         let inner: Vec<String> = labels
             .iter()
@@ -398,7 +390,7 @@ mod tests {
     #[test]
     fn legends_fill_in_label_values() {
         // Proves Grafana legend formats render like Grafana does.
-        let labels: exposition::Labels = [("persona".to_string(), "ada".to_string())].into();
+        let labels: BTreeMap<String, String> = [("persona".to_string(), "ada".to_string())].into();
         assert_eq!(format_legend("{{persona}} p95", &labels), "ada p95");
         assert_eq!(format_legend("{{ missing }}x", &labels), "x");
     }
