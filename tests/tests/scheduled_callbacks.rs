@@ -659,3 +659,251 @@ async fn busy_callbacks_are_retried_only_when_asked() {
     assert_eq!(retry_rows[0].1, 0, "the retry has no retries left");
     pod.stop().await.expect("pod stops");
 }
+
+/// Every callback in `ids` has exactly one call in the emulator's request log and its
+/// row holds that call's sid, with no row failed: counted against what the test scheduled.
+async fn assert_each_placed_once(cluster: &Cluster, ids: &[Uuid]) {
+    let by_id = cluster.placed_by_id();
+    assert_eq!(
+        by_id.len(),
+        ids.len(),
+        "calls for {} of {} callbacks",
+        by_id.len(),
+        ids.len()
+    );
+    let total: usize = by_id.values().map(Vec::len).sum();
+    assert_eq!(total, ids.len(), "duplicate placements in Twilio's log");
+    for id in ids {
+        let calls = by_id.get(id).map_or(&[][..], Vec::as_slice);
+        assert_eq!(calls.len(), 1, "{id} placed {} times", calls.len());
+        let row = cluster.row(*id).await;
+        assert_eq!(
+            row.call_sid.as_deref(),
+            Some(calls[0].sid.as_str()),
+            "{id}: {row:?}"
+        );
+        assert_ne!(row.status, "failed", "{id}: {row:?}");
+    }
+}
+
+/// Waits (up to `within`) until every row in `ids` holds a CallSid.
+async fn all_recorded(cluster: &Cluster, ids: &[Uuid], within: Duration) -> bool {
+    eventually(within, || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM calls WHERE id = ANY($1) AND call_sid IS NOT NULL",
+        )
+        .bind(ids)
+        .fetch_one(&cluster.pool)
+        .await
+        .expect("count placed rows");
+        n as usize == ids.len()
+    })
+    .await
+}
+
+// A pod SIGKILLed right after its create requests reached Twilio, with no status
+// callback ever arriving: the pods that take its claims over find those calls in
+// Twilio's Calls list and adopt them, so each of 20 callbacks is dialled exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pod_killed_after_its_creates_reached_twilio_without_callbacks_dials_each_callback_once()
+{
+    let cluster = Cluster::new().await;
+    let (front, front_task) = answer_losing_front(cluster.twilio.base_url()).await;
+    let lease = [("CALLMEBACK_SCHEDULER_LEASE", "3s")];
+    let mut doomed = cluster.pod_with_twilio(&front, &lease).await;
+    // Due in 2 s; the doomed pod is the only one placing until it dies.
+    let due = Utc::now() + chrono::Duration::seconds(2);
+    let mut ids = Vec::new();
+    for i in 0..20u32 {
+        let id = cluster
+            .schedule(
+                &doomed,
+                json!({"to": format!("+1415556{i:04}"), "persona": "ada", "at": rfc3339(due)}),
+            )
+            .await;
+        ids.push(id);
+    }
+    let reached = eventually(Duration::from_secs(15), || async {
+        !cluster.twilio.calls().is_empty()
+    })
+    .await;
+    assert!(reached, "no create reached Twilio");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    doomed.kill().expect("SIGKILL");
+    let mut rescuers = Vec::new();
+    for _ in 0..2 {
+        rescuers.push(cluster.pod(&lease).await);
+    }
+
+    assert!(
+        all_recorded(&cluster, &ids, Duration::from_secs(30)).await,
+        "not every callback was recorded as placed"
+    );
+    // Longer than a lease and many polls: a second dial would have shown by now.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_each_placed_once(&cluster, &ids).await;
+    let mut adopted = 0.0;
+    for pod in &rescuers {
+        adopted += pod
+            .metric("voice_scheduled_adopted_total", &[])
+            .await
+            .expect("scrape");
+    }
+    assert!(adopted >= 1.0, "no call was adopted from Twilio's list");
+    assert!(
+        !cluster.twilio.list_requests().is_empty(),
+        "nobody asked Twilio's Calls list"
+    );
+    for pod in rescuers {
+        pod.stop().await.expect("pod stops");
+    }
+    front_task.abort();
+}
+
+/// How the database fails in [`callbacks_survive_a_database_outage`].
+#[derive(Clone, Copy)]
+enum Outage {
+    /// Connections are refused and closed.
+    Refusing,
+    /// Connections are accepted and never answered.
+    Hanging,
+}
+
+// 50 callbacks fall due just as the database goes away for twice the lease (refusing
+// or hanging), with two pods placing them and no status callbacks from Twilio: each is
+// placed exactly once (the emulator's request log says so) and none is failed without a call.
+async fn callbacks_survive_a_database_outage(outage: Outage) {
+    let cluster = Cluster::new().await;
+    let proxy = callmeback_tests::postgres::CuttableProxy::start(cluster.db.server_addr()).await;
+    let via = cluster.db.url_via(proxy.addr());
+    let lease = Duration::from_secs(3);
+    let env = [
+        ("CALLMEBACK_SCHEDULER_LEASE", "3s"),
+        ("DATABASE_URL", via.as_str()),
+    ];
+    let mut pods = Vec::new();
+    for _ in 0..2 {
+        pods.push(cluster.pod(&env).await);
+    }
+    let due = Utc::now() + chrono::Duration::seconds(3);
+    let mut ids = Vec::new();
+    for i in 0..50u32 {
+        let id = cluster
+            .schedule(
+                &pods[i as usize % 2],
+                json!({"to": format!("+1415557{i:04}"), "persona": "ada", "at": rfc3339(due)}),
+            )
+            .await;
+        ids.push(id);
+    }
+    // The database goes the moment the first call reaches Twilio: claims, requests
+    // and recordings are all in flight.
+    let reached = eventually(Duration::from_secs(15), || async {
+        !cluster.twilio.calls().is_empty()
+    })
+    .await;
+    assert!(reached, "no create reached Twilio");
+    match outage {
+        Outage::Refusing => proxy.cut(),
+        Outage::Hanging => proxy.stall(),
+    }
+    tokio::time::sleep(lease * 2).await;
+    proxy.restore();
+
+    assert!(
+        all_recorded(&cluster, &ids, Duration::from_secs(40)).await,
+        "not every callback was recorded as placed: {} calls in Twilio",
+        cluster.twilio.calls().len()
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_each_placed_once(&cluster, &ids).await;
+    for pod in pods {
+        pod.stop().await.expect("pod stops");
+    }
+}
+
+// The database refuses connections for twice the lease as 50 callbacks fall due: each is placed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_callbacks_due_while_the_database_refuses_for_twice_the_lease_are_each_placed_once() {
+    callbacks_survive_a_database_outage(Outage::Refusing).await;
+}
+
+// The database accepts connections and never answers for twice the lease as 50 callbacks fall due: each is placed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_callbacks_due_while_the_database_hangs_for_twice_the_lease_are_each_placed_once() {
+    callbacks_survive_a_database_outage(Outage::Hanging).await;
+}
+
+// The pod's Calls-list client against the emulator: 120 calls to one number come back
+// over three pages (`next_page_uri` followed), filters by `To`/`From`/`Status` and by
+// `StartTime>=` hold as Twilio documents them (a queued call has no start time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_calls_list_filters_and_pages_like_twilio() {
+    use voice_pod::config::Secret;
+    use voice_pod::twilio::rest::{Instructions, NewCall, TwilioClient};
+    let twilio = TwilioRestEmulator::start(TEST_ACCOUNT_SID, TEST_AUTH_TOKEN)
+        .await
+        .expect("emulator");
+    let client = TwilioClient::new(
+        &twilio.base_url(),
+        TEST_ACCOUNT_SID,
+        Secret::new(TEST_AUTH_TOKEN),
+        Duration::from_secs(5),
+    )
+    .expect("client");
+    let call = |to: &str| NewCall {
+        to: to.into(),
+        from: TEST_FROM_NUMBER.into(),
+        instructions: Instructions::Twiml("<Response><Hangup/></Response>".into()),
+        status_callback: "https://example.com/twilio/status".into(),
+        timeout: Duration::from_secs(30),
+    };
+    let mut sids = Vec::new();
+    for _ in 0..120 {
+        sids.push(
+            client
+                .create_call(&call("+14155550150"))
+                .await
+                .expect("create")
+                .sid,
+        );
+    }
+    client
+        .create_call(&call("+14155550151"))
+        .await
+        .expect("create");
+    let queued = client
+        .list_calls("+14155550150", TEST_FROM_NUMBER, &[("Status", "queued")])
+        .await
+        .expect("list");
+    assert_eq!(queued.len(), 120);
+    let mut listed: Vec<String> = queued.iter().map(|c| c.sid.clone()).collect();
+    listed.sort();
+    sids.sort();
+    assert_eq!(listed, sids, "every call once, none of the other number's");
+    assert!(
+        queued.iter().all(|c| c.created().is_some()),
+        "date_created parses"
+    );
+    let pages = twilio.list_requests();
+    assert_eq!(pages.len(), 3, "{pages:?}");
+    assert!(
+        pages[1].contains("Page=1") && pages[1].contains("PageToken="),
+        "{pages:?}"
+    );
+
+    let today = Utc::now().format("%Y-%m-%d").to_string();
+    let started = client
+        .list_calls("+14155550150", TEST_FROM_NUMBER, &[("StartTime>", &today)])
+        .await
+        .expect("list");
+    assert!(started.is_empty(), "queued calls have not started");
+    twilio.set_status(&sids[0], "in-progress");
+    let started = client
+        .list_calls("+14155550150", TEST_FROM_NUMBER, &[("StartTime>", &today)])
+        .await
+        .expect("list");
+    assert_eq!(started.len(), 1);
+    assert_eq!(started[0].sid, sids[0]);
+    assert_eq!(started[0].status, "in-progress");
+}

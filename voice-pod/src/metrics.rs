@@ -166,6 +166,9 @@ pub struct Metrics {
     pub placement_delay: Histogram,
     /// `voice_scheduled_placements_total`: scheduled callbacks this pod placed.
     pub scheduled_placed: IntCounter,
+    /// `voice_scheduled_adopted_total`: callbacks whose earlier claim's call was found
+    /// in Twilio's Calls list and recorded instead of dialling again.
+    pub scheduled_adopted: IntCounter,
     /// `voice_scheduled_placement_failures_total{reason}`: see
     /// [`crate::scheduler::FailureReason`].
     pub placement_failures: IntCounterVec,
@@ -270,6 +273,11 @@ impl Metrics {
                 "Scheduled callbacks placed by this pod",
             )
             .expect("static metric definition"),
+            scheduled_adopted: IntCounter::new(
+                "voice_scheduled_adopted_total",
+                "Scheduled callbacks found in Twilio's Calls list and adopted instead of dialled again",
+            )
+            .expect("static metric definition"),
             placement_failures: IntCounterVec::new(
                 Opts::new(
                     "voice_scheduled_placement_failures_total",
@@ -300,6 +308,7 @@ impl Metrics {
             Box::new(m.scheduled_overdue.clone()),
             Box::new(m.placement_delay.clone()),
             Box::new(m.scheduled_placed.clone()),
+            Box::new(m.scheduled_adopted.clone()),
             Box::new(m.placement_failures.clone()),
         ];
         for c in collectors {

@@ -3,6 +3,13 @@
 //! - `POST /2010-04-01/Accounts/{AccountSid}/Calls.json` creates a call.
 //! - `POST /2010-04-01/Accounts/{AccountSid}/Calls/{CallSid}.json` updates one
 //!   (`Status=completed` hangs up, `Status=canceled` cancels).
+//! - `GET /2010-04-01/Accounts/{AccountSid}/Calls.json` lists calls, newest first,
+//!   filtered as Twilio filters (`To`, `From`, `Status`, and `StartTime`,
+//!   `StartTime>` / `StartTime<` for `StartTime>=` / `StartTime<=`, by UTC date; a
+//!   call that has not started, `queued`, has no start time and matches no
+//!   `StartTime` filter) and paged with Twilio's fields (`page`, `page_size`,
+//!   `start`, `end`, `uri`, `first_page_uri`, `next_page_uri`, `previous_page_uri`;
+//!   `PageSize` 1..=1000, default 50; `Page` with `PageToken`).
 //!
 //! It checks the request the way Twilio does: HTTP Basic auth (401, code 20003),
 //! the account in the path (404, 20404), `To`/`From` present and E.164 (21201,
@@ -19,11 +26,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
+use chrono::{DateTime, NaiveDate, Utc};
 use quick_xml::events::Event;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -62,6 +70,20 @@ pub struct CreatedCall {
     pub form: FormRecord,
     /// Current status (`queued`, or what an update set).
     pub status: String,
+    /// When it was created (`date_created`).
+    pub created_at: DateTime<Utc>,
+}
+
+impl CreatedCall {
+    /// Twilio's `start_time`: none until the call is dialled (`queued`, or canceled
+    /// while queued). The emulator dials nothing, so a call starts only when a test
+    /// moves it on ([`TwilioRestEmulator::set_status`]) or an update ends it.
+    pub fn start_time(&self) -> Option<DateTime<Utc>> {
+        match self.status.as_str() {
+            "queued" | "canceled" => None,
+            _ => Some(self.created_at),
+        }
+    }
 }
 
 /// An update request (`POST .../Calls/{sid}.json`).
@@ -87,6 +109,8 @@ pub struct InjectedError {
 #[derive(Default)]
 struct Inner {
     calls: Vec<CreatedCall>,
+    /// Every list request's query string, in order.
+    lists: Vec<String>,
     updates: Vec<CallUpdateRecord>,
     rejected: Vec<(u32, FormRecord)>,
     fail_next: VecDeque<InjectedError>,
@@ -128,7 +152,10 @@ impl TwilioRestEmulator {
             next_sid: AtomicU64::new(1),
         });
         let app = Router::new()
-            .route("/2010-04-01/Accounts/{account}/Calls.json", post(create))
+            .route(
+                "/2010-04-01/Accounts/{account}/Calls.json",
+                post(create).get(list),
+            )
             .route("/2010-04-01/Accounts/{account}/Calls/{file}", post(update))
             .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -151,6 +178,18 @@ impl TwilioRestEmulator {
     /// Calls created so far.
     pub fn calls(&self) -> Vec<CreatedCall> {
         self.shared.lock().calls.clone()
+    }
+
+    /// The query strings of the Calls list requests so far, in order.
+    pub fn list_requests(&self) -> Vec<String> {
+        self.shared.lock().lists.clone()
+    }
+
+    /// Moves a call on as Twilio would (`ringing`, `in-progress`, ...).
+    pub fn set_status(&self, sid: &str, status: &str) {
+        if let Some(c) = self.shared.lock().calls.iter_mut().find(|c| c.sid == sid) {
+            c.status = status.to_string();
+        }
     }
 
     /// Update requests so far (hangups).
@@ -274,13 +313,16 @@ fn validate(form: &FormRecord) -> Result<(), (u32, String)> {
     Ok(())
 }
 
-fn call_json(account: &str, sid: &str, form: &FormRecord, status: &str) -> serde_json::Value {
+fn call_json(account: &str, call: &CreatedCall) -> serde_json::Value {
+    let (sid, form) = (&call.sid, &call.form);
     json!({
         "sid": sid,
         "account_sid": account,
         "to": form.get("To"),
         "from": form.get("From"),
-        "status": status,
+        "status": call.status,
+        "date_created": call.created_at.to_rfc2822(),
+        "start_time": call.start_time().map(|t| t.to_rfc2822()),
         "direction": "outbound-api",
         "api_version": "2010-04-01",
         "uri": format!("/2010-04-01/Accounts/{account}/Calls/{sid}.json"),
@@ -306,13 +348,14 @@ async fn create(
         return twilio_error(StatusCode::BAD_REQUEST, code, &message);
     }
     let n = shared.next_sid.fetch_add(1, Ordering::Relaxed);
-    let sid = format!("CA{n:032x}");
-    let body = call_json(&account, &sid, &form, "queued");
-    shared.lock().calls.push(CreatedCall {
-        sid,
+    let call = CreatedCall {
+        sid: format!("CA{n:032x}"),
         form,
         status: "queued".into(),
-    });
+        created_at: Utc::now(),
+    };
+    let body = call_json(&account, &call);
+    shared.lock().calls.push(call);
     (StatusCode::CREATED, Json(body)).into_response()
 }
 
@@ -356,6 +399,135 @@ async fn update(
         }
         None => {}
     }
-    let body = call_json(&account, &call.sid, &call.form, &call.status);
+    let body = call_json(&account, call);
+    (StatusCode::OK, Json(body)).into_response()
+}
+
+/// A `StartTime` filter value: a UTC date (`YYYY-MM-DD`), as Twilio documents it.
+// The error is the ready HTTP response, returned at once by the handler.
+#[allow(clippy::result_large_err)]
+fn filter_date(v: &str) -> Result<NaiveDate, Response> {
+    NaiveDate::parse_from_str(v, "%Y-%m-%d").map_err(|_| {
+        twilio_error(
+            StatusCode::BAD_REQUEST,
+            20001,
+            &format!("Invalid StartTime: {v}"),
+        )
+    })
+}
+
+async fn list(
+    State(shared): State<Arc<Shared>>,
+    Path(account): Path<String>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    if let Err(r) = gate(&shared, &headers, &account) {
+        return r;
+    }
+    let query = query.unwrap_or_default();
+    let params = FormRecord(
+        url::form_urlencoded::parse(query.as_bytes())
+            .into_owned()
+            .collect(),
+    );
+    let page_size = match params.get("PageSize").map(str::parse::<usize>) {
+        None => 50,
+        Some(Ok(n)) if (1..=1000).contains(&n) => n,
+        Some(_) => {
+            return twilio_error(StatusCode::BAD_REQUEST, 20001, "Invalid PageSize");
+        }
+    };
+    let page = match params.get("Page").map(str::parse::<usize>) {
+        None => 0,
+        Some(Ok(n)) => n,
+        Some(Err(_)) => return twilio_error(StatusCode::BAD_REQUEST, 20001, "Invalid Page"),
+    };
+    // Twilio requires the token it handed out for any page after the first.
+    let expected_token = format!("PA{}", page * page_size);
+    if page > 0 && params.get("PageToken") != Some(expected_token.as_str()) {
+        return twilio_error(StatusCode::BAD_REQUEST, 20001, "Invalid PageToken");
+    }
+    let mut dates = Vec::new();
+    for key in ["StartTime", "StartTime>", "StartTime<"] {
+        if let Some(v) = params.get(key) {
+            match filter_date(v) {
+                Ok(d) => dates.push((key, d)),
+                Err(r) => return r,
+            }
+        }
+    }
+    let mut inner = shared.lock();
+    inner.lists.push(query.clone());
+    let mut matching: Vec<&CreatedCall> = inner
+        .calls
+        .iter()
+        .filter(|c| {
+            params
+                .get("To")
+                .is_none_or(|to| c.form.get("To") == Some(to))
+        })
+        .filter(|c| {
+            params
+                .get("From")
+                .is_none_or(|f| c.form.get("From") == Some(f))
+        })
+        .filter(|c| params.get("Status").is_none_or(|s| c.status == s))
+        .filter(|c| {
+            dates.iter().all(|(key, d)| {
+                c.start_time().is_some_and(|t| {
+                    let day = t.date_naive();
+                    match *key {
+                        "StartTime>" => day >= *d,
+                        "StartTime<" => day <= *d,
+                        _ => day == *d,
+                    }
+                })
+            })
+        })
+        .collect();
+    matching.sort_by(|a, b| {
+        b.created_at
+            .cmp(&a.created_at)
+            .then_with(|| b.sid.cmp(&a.sid))
+    });
+    let start = page.saturating_mul(page_size);
+    let calls: Vec<_> = matching
+        .iter()
+        .skip(start)
+        .take(page_size)
+        .map(|c| call_json(&account, c))
+        .collect();
+    let more = matching.len() > start.saturating_add(calls.len());
+    // The filters again, without the paging parameters, for the page links.
+    let filters: String = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(
+            params
+                .0
+                .iter()
+                .filter(|(k, _)| !["Page", "PageSize", "PageToken"].contains(&k.as_str())),
+        )
+        .finish();
+    let base = format!("/2010-04-01/Accounts/{account}/Calls.json");
+    let link = |p: usize| {
+        let sep = if filters.is_empty() { "" } else { "&" };
+        let token = if p > 0 {
+            format!("&PageToken=PA{}", p * page_size)
+        } else {
+            String::new()
+        };
+        format!("{base}?{filters}{sep}PageSize={page_size}&Page={p}{token}")
+    };
+    let body = json!({
+        "calls": calls,
+        "page": page,
+        "page_size": page_size,
+        "start": start,
+        "end": start + calls.len().saturating_sub(1),
+        "uri": format!("{base}?{query}"),
+        "first_page_uri": link(0),
+        "next_page_uri": if more { Some(link(page + 1)) } else { None },
+        "previous_page_uri": if page > 0 { Some(link(page - 1)) } else { None },
+    });
     (StatusCode::OK, Json(body)).into_response()
 }

@@ -13,20 +13,31 @@
 //! the scheduler never retries blindly:
 //! - A claim is a lease. Only when it has run out **and** the row still shows no
 //!   trace of a Twilio call (no `call_sid`, status still `placing`) may a pod claim it
-//!   again. Traces come from two independent paths: the REST answer (written by the
-//!   placing pod) and Twilio's `initiated` status callback, which Twilio sends to our
-//!   status URL (any pod behind the Service) with our call id signed in it, so a call
-//!   created by a pod that died right after still shows up on its row.
+//!   again. Traces come from the REST answer (written by the placing pod) and
+//!   Twilio's `initiated` status callback (any pod behind the Service).
+//! - Just before sending a create request the pod records it on the row
+//!   (`dial_attempts + 1`), in a statement that succeeds only while this pod still
+//!   holds the claim with a Twilio timeout's worth of lease left. A claim that fails
+//!   in the pod (even one that committed in the database) sends nothing and costs no
+//!   attempt; if that statement fails, nothing is dialled.
+//! - The placing pod keeps the CallSid until the row records it: `mark_placed` is
+//!   retried until the lease runs out (one last try at shutdown), and only writes
+//!   while this pod still holds the claim.
+//! - A pod that claims a row with `dial_attempts > 0` (an earlier request's answer
+//!   never reached the row: the pod died, the database was down) first asks Twilio's
+//!   Calls list for a call to that number from that caller ID created since the first
+//!   claim (`first_claimed_at`, minus 5 s of clock skew) that no other row holds, and
+//!   adopts it (`voice_scheduled_adopted_total`) instead of dialling. If Twilio cannot
+//!   be asked, nothing is dialled until the next claim.
 //! - The Twilio request's own timeout is at most a third of the lease, and a pod does
-//!   not start a request once less than that is left on its claim: the REST call of a
-//!   slow pod has ended (or been abandoned) well before another pod may retry.
+//!   not start a request once less than that is left on its claim.
 //! - A definite refusal (Twilio 4xx other than 429) fails the call at once; anything
 //!   else (timeout, transport, 429, 5xx) leaves the row `placing` until the lease runs
-//!   out, and at most [`MAX_ATTEMPTS`] claims are made before the call is `failed`.
+//!   out; after [`MAX_ATTEMPTS`] create requests that Twilio's list does not show, the
+//!   call is `failed` (`attempts_exhausted`).
 //!
-//! The remaining window (Twilio created the call, the REST answer was lost **and**
-//! the `initiated` callback did not arrive within the lease) is the price of an API
-//! without idempotency keys; it is counted (`reason="lease_expired"`) and logged.
+//! The remaining window is Twilio's list itself: a call created but not yet listed
+//! when the next pod asks (Twilio documents no list lag for calls; none was observed).
 //!
 //! ## Lateness, retries, status
 //! Callbacks due longer ago than their limit (request `maxLateness`, else the
@@ -60,7 +71,7 @@ use crate::twilio::mask_number;
 use crate::twilio::outbound::{self, OutboundPlan};
 use crate::twilio::rest::{RestError, TwilioClient};
 
-/// Claims per callback before it is given up (a pod that died, Twilio unreachable).
+/// Create requests per callback, none of which Twilio's list shows, before it is given up.
 pub const MAX_ATTEMPTS: i32 = 3;
 /// Shortest lease accepted: the Twilio request must fit in a third of it.
 pub const MIN_LEASE: Duration = Duration::from_secs(3);
@@ -72,6 +83,8 @@ const MAX_IN_FLIGHT: usize = 32;
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 /// Bound on every scheduler statement.
 const DB_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on the last attempt to record a placement at shutdown.
+const FINAL_RECORD_TIMEOUT: Duration = Duration::from_secs(1);
 /// Retries scheduled per round.
 const RETRY_BATCH: i64 = 50;
 /// Longest lateness limit honoured (keeps interval arithmetic in range).
@@ -118,6 +131,20 @@ fn clamped_secs(d: Duration) -> i64 {
     i64::try_from(d.as_secs())
         .unwrap_or(i64::MAX)
         .min(MAX_LATENESS_SECS)
+}
+
+/// Asking Twilio's Calls list (and the database, for sids other rows hold) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LookupError {
+    /// Twilio's list did not answer usefully.
+    #[error("listing calls: {0}")]
+    Twilio(#[from] RestError),
+    /// The database failed.
+    #[error("checking a CallSid: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The database did not answer in time.
+    #[error("checking a CallSid timed out")]
+    DatabaseTimeout,
 }
 
 /// Why a scheduled callback was not placed (`reason` label).
@@ -225,14 +252,7 @@ pub async fn run(deps: SchedulerDeps, stop: CancellationToken) {
         if limit > 0 {
             let claimed = tokio::time::timeout(
                 DB_TIMEOUT,
-                queries::claim(
-                    &deps.pool,
-                    &deps.pod,
-                    limit,
-                    lease_ms,
-                    MAX_ATTEMPTS,
-                    late_limit,
-                ),
+                queries::claim(&deps.pool, &deps.pod, limit, lease_ms, late_limit),
             )
             .await;
             match claimed {
@@ -248,8 +268,9 @@ pub async fn run(deps: SchedulerDeps, stop: CancellationToken) {
                         };
                         let claimed_at = Instant::now();
                         let deps = Arc::clone(&deps);
+                        let stop = stop.clone();
                         tokio::spawn(async move {
-                            place(&deps, row, claimed_at).await;
+                            place(&deps, row, claimed_at, &stop).await;
                             drop(permit);
                         });
                     }
@@ -275,8 +296,9 @@ pub async fn run(deps: SchedulerDeps, stop: CancellationToken) {
             () = tokio::time::sleep(pause) => {}
         }
     }
-    // Let placements in flight finish: their REST requests are bounded.
-    let grace = deps.config.rest_timeout(&deps.limits) + Duration::from_secs(1);
+    // Let placements in flight finish: their REST requests are bounded, and their
+    // recording makes one last bounded attempt once `stop` is cancelled.
+    let grace = stop_grace(&deps.config, &deps.limits);
     let all = u32::try_from(MAX_IN_FLIGHT).unwrap_or(u32::MAX);
     if tokio::time::timeout(grace, in_flight.acquire_many(all))
         .await
@@ -285,6 +307,11 @@ pub async fn run(deps: SchedulerDeps, stop: CancellationToken) {
         tracing::warn!("scheduler stopped with placements in flight; their leases will run out");
     }
     tracing::info!("scheduler stopped");
+}
+
+/// How long [`run`] waits for placements in flight after it is stopped.
+pub fn stop_grace(config: &SchedulerConfig, limits: &Limits) -> Duration {
+    config.rest_timeout(limits) + DB_TIMEOUT.min(config.lease / 3) + FINAL_RECORD_TIMEOUT
 }
 
 async fn housekeeping(deps: &SchedulerDeps) {
@@ -296,14 +323,6 @@ async fn housekeeping(deps: &SchedulerDeps) {
         "expiring late callbacks",
         "callbacks not placed: due longer ago than their lateness limit",
         queries::expire_late(pool, deps.config.late_limit_secs()),
-    )
-    .await;
-    sweep(
-        m,
-        FailureReason::AttemptsExhausted,
-        "giving up exhausted callbacks",
-        "callbacks failed: every placement attempt ran out",
-        queries::give_up_exhausted(pool, MAX_ATTEMPTS),
     )
     .await;
     let delay = clamped_secs(deps.config.retry_delay);
@@ -351,7 +370,12 @@ async fn sweep(
 }
 
 /// Places one claimed callback.
-async fn place(deps: &SchedulerDeps, row: queries::Claimed, claimed_at: Instant) {
+async fn place(
+    deps: &SchedulerDeps,
+    row: queries::Claimed,
+    claimed_at: Instant,
+    stop: &CancellationToken,
+) {
     let m = &deps.metrics;
     let id = row.id;
     let (Some(to), Some(from)) = (row.to_number.clone(), row.from_number.clone()) else {
@@ -364,6 +388,52 @@ async fn place(deps: &SchedulerDeps, row: queries::Claimed, claimed_at: Instant)
         .await;
         return;
     };
+    // An earlier claim sent a create request whose answer never reached the row:
+    // Twilio may hold the call. Ask its Calls list before anything else.
+    if row.dial_attempts > 0 {
+        match find_earlier_call(deps, &to, &from, row.first_claimed_at).await {
+            Ok(Some(call)) => {
+                m.scheduled_adopted.inc();
+                tracing::warn!(call_id = %id, call_sid = %call.sid, attempt = row.attempt, "found the call an earlier claim placed in Twilio's Calls list; adopting it instead of dialling");
+                let status = row_status(&call.status);
+                record_placed(
+                    deps,
+                    &row,
+                    &call.sid,
+                    status,
+                    &call.status,
+                    claimed_at,
+                    stop,
+                )
+                .await;
+                return;
+            }
+            Ok(None) => {}
+            Err(err) => {
+                fail(m, FailureReason::TwilioUnavailable, 1);
+                tracing::warn!(call_id = %id, error = %err, "asking Twilio whether an earlier claim placed the call failed; trying again when the claim runs out");
+                return;
+            }
+        }
+        if row.dial_attempts >= MAX_ATTEMPTS {
+            let msg = format!(
+                "no call in Twilio after {} create requests",
+                row.dial_attempts
+            );
+            record_failure(deps, id, FailureReason::AttemptsExhausted, &msg).await;
+            return;
+        }
+    }
+    if row.too_late {
+        record_failure(
+            deps,
+            id,
+            FailureReason::TooLate,
+            "due longer ago than its lateness limit",
+        )
+        .await;
+        return;
+    }
     let Some(persona) = deps.personas.snapshot().get(&row.persona) else {
         let msg = format!("persona `{}` is not loaded", row.persona);
         record_failure(deps, id, FailureReason::PersonaMissing, &msg).await;
@@ -387,55 +457,71 @@ async fn place(deps: &SchedulerDeps, row: queries::Claimed, claimed_at: Instant)
     // Never start a Twilio request that could outlive the claim: another pod may
     // take the call over once the lease runs out.
     let rest_timeout = deps.config.rest_timeout(&deps.limits);
-    if claimed_at.elapsed() + rest_timeout >= deps.config.lease {
+    let lease_left = |now: Instant| {
+        deps.config
+            .lease
+            .saturating_sub(now.duration_since(claimed_at))
+    };
+    if lease_left(Instant::now()) <= rest_timeout {
         tracing::warn!(call_id = %id, "claim too old to place safely; leaving it to the lease");
+        return;
+    }
+    // The row records the request before it is sent, and only while this pod still
+    // holds the claim: whoever claims next knows to ask Twilio first, and a claim
+    // that failed here never counts as an attempt.
+    let min_left_ms = i64::try_from(rest_timeout.as_millis()).unwrap_or(i64::MAX);
+    let budget = DB_TIMEOUT.min(lease_left(Instant::now()).saturating_sub(rest_timeout));
+    match tokio::time::timeout(
+        budget,
+        queries::mark_dialing(&deps.pool, id, &deps.pod, min_left_ms),
+    )
+    .await
+    {
+        Ok(Ok(true)) => {}
+        Ok(Ok(false)) => {
+            tracing::warn!(call_id = %id, "claim lost before dialling (taken over or canceled); not dialling");
+            return;
+        }
+        Ok(Err(err)) => {
+            fail(m, FailureReason::Database, 1);
+            tracing::warn!(call_id = %id, error = %err, "recording the create request failed; not dialling, the claim will run out");
+            return;
+        }
+        Err(_) => {
+            fail(m, FailureReason::Database, 1);
+            tracing::warn!(call_id = %id, "recording the create request timed out; not dialling, the claim will run out");
+            return;
+        }
+    }
+    if lease_left(Instant::now()) <= rest_timeout {
+        tracing::warn!(call_id = %id, "claim too old after recording the request; not dialling, the next claim asks Twilio first");
         return;
     }
     deps.handler
         .prepare(&PreparedCall::outbound(&request, persona));
     match deps.twilio.create_call(&request.call).await {
         Ok(created) => {
-            let status = CallStatus::from_twilio(&created.status)
-                .filter(|s| *s != CallStatus::Scheduled && *s != CallStatus::Placing)
-                .unwrap_or(CallStatus::Queued);
-            let written = tokio::time::timeout(
-                DB_TIMEOUT,
-                queries::mark_placed(
-                    &deps.pool,
-                    id,
-                    &created.sid,
-                    status.as_str(),
-                    &created.status,
-                ),
+            m.scheduled_placed.inc();
+            let status = row_status(&created.status);
+            tracing::info!(
+                call_id = %id,
+                call_sid = %created.sid,
+                persona = %plan.persona,
+                to = %mask_number(&to),
+                attempt = row.attempt,
+                inline_twiml = request.inline_twiml,
+                "scheduled callback placed"
+            );
+            record_placed(
+                deps,
+                &row,
+                &created.sid,
+                status,
+                &created.status,
+                claimed_at,
+                stop,
             )
             .await;
-            m.scheduled_placed.inc();
-            match written {
-                Ok(Ok(delay)) => {
-                    if let Some(d) = delay {
-                        m.placement_delay.observe(d.max(0.0));
-                    }
-                    tracing::info!(
-                        call_id = %id,
-                        call_sid = %created.sid,
-                        persona = %plan.persona,
-                        to = %mask_number(&to),
-                        delay_ms = delay.map(|d| (d * 1000.0).round() as i64),
-                        attempt = row.attempt,
-                        inline_twiml = request.inline_twiml,
-                        "scheduled callback placed"
-                    );
-                }
-                // The call exists; Twilio's callbacks will bring the CallSid to the row.
-                Ok(Err(err)) => {
-                    fail(m, FailureReason::Database, 1);
-                    tracing::error!(call_id = %id, call_sid = %created.sid, error = %err, "callback placed but not recorded; status callbacks will record it");
-                }
-                Err(_) => {
-                    fail(m, FailureReason::Database, 1);
-                    tracing::error!(call_id = %id, call_sid = %created.sid, "callback placed but recording it timed out; status callbacks will record it");
-                }
-            }
         }
         Err(RestError::Api(e)) if (400..500).contains(&e.status) && e.status != 429 => {
             let msg = format!("Twilio refused the call: {} (code {:?})", e.message, e.code);
@@ -452,12 +538,130 @@ async fn place(deps: &SchedulerDeps, row: queries::Claimed, claimed_at: Instant)
     }
 }
 
+/// The row status for a Twilio call status (`queued` for anything unknown).
+fn row_status(twilio: &str) -> CallStatus {
+    CallStatus::from_twilio(twilio)
+        .filter(|s| *s != CallStatus::Scheduled && *s != CallStatus::Placing)
+        .unwrap_or(CallStatus::Queued)
+}
+
+/// How far Twilio's `date_created` may lag our first-claim clock and still match.
+const CLOCK_SKEW: chrono::TimeDelta = chrono::TimeDelta::seconds(5);
+
+/// A call in Twilio's Calls list to `to` from `from`, created since the row's first
+/// claim, that no other row holds: the call an earlier claim placed. Two queries,
+/// because Twilio's `StartTime` filters skip calls that have not started (`queued`).
+async fn find_earlier_call(
+    deps: &SchedulerDeps,
+    to: &str,
+    from: &str,
+    first_claimed_at: chrono::DateTime<chrono::Utc>,
+) -> Result<Option<crate::twilio::rest::ListedCall>, LookupError> {
+    let since = first_claimed_at - CLOCK_SKEW;
+    let day = since.format("%Y-%m-%d").to_string();
+    let mut calls = deps
+        .twilio
+        .list_calls(to, from, &[("StartTime>", day.as_str())])
+        .await?;
+    calls.extend(
+        deps.twilio
+            .list_calls(to, from, &[("Status", "queued")])
+            .await?,
+    );
+    // Oldest first: the earliest call since the first claim is the one it made.
+    let mut calls: Vec<_> = calls
+        .into_iter()
+        .filter_map(|c| c.created().filter(|t| *t >= since).map(|t| (t, c)))
+        .collect();
+    calls.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.sid.cmp(&b.1.sid)));
+    calls.dedup_by(|a, b| a.1.sid == b.1.sid);
+    for (_, call) in calls {
+        let owner =
+            tokio::time::timeout(DB_TIMEOUT, queries::id_of_call_sid(&deps.pool, &call.sid))
+                .await
+                .map_err(|_| LookupError::DatabaseTimeout)??;
+        if owner.is_none() {
+            return Ok(Some(call));
+        }
+    }
+    Ok(None)
+}
+
+/// Puts the CallSid on the row, retrying while the claim's lease lasts: until the row
+/// holds it, a pod that takes the claim over must find the call in Twilio's list.
+/// On shutdown, one last attempt.
+async fn record_placed(
+    deps: &SchedulerDeps,
+    row: &queries::Claimed,
+    sid: &str,
+    status: CallStatus,
+    twilio_status: &str,
+    claimed_at: Instant,
+    stop: &CancellationToken,
+) {
+    let m = &deps.metrics;
+    let id = row.id;
+    let deadline = claimed_at + deps.config.lease;
+    let mut pause = Duration::from_millis(200);
+    let mut tries = 0u32;
+    loop {
+        tries += 1;
+        let left = deadline.saturating_duration_since(Instant::now());
+        let budget = if stop.is_cancelled() {
+            FINAL_RECORD_TIMEOUT
+        } else {
+            DB_TIMEOUT.min(left.max(FINAL_RECORD_TIMEOUT))
+        };
+        let written = tokio::time::timeout(
+            budget,
+            queries::mark_placed(
+                &deps.pool,
+                id,
+                &deps.pod,
+                sid,
+                status.as_str(),
+                twilio_status,
+            ),
+        )
+        .await;
+        match written {
+            Ok(Ok(queries::Placed::Recorded(delay))) => {
+                if let Some(d) = delay {
+                    m.placement_delay.observe(d.max(0.0));
+                }
+                tracing::info!(call_id = %id, call_sid = %sid, tries, delay_ms = delay.map(|d| (d * 1000.0).round() as i64), "placement recorded");
+                return;
+            }
+            Ok(Ok(queries::Placed::NotOurs)) => {
+                tracing::warn!(call_id = %id, call_sid = %sid, "the claim moved on before the placement was recorded; its next holder finds the call in Twilio's list");
+                return;
+            }
+            Ok(Err(err)) => {
+                tracing::warn!(call_id = %id, call_sid = %sid, error = %err, tries, "recording the placement failed; retrying while the claim lasts");
+            }
+            Err(_) => {
+                tracing::warn!(call_id = %id, call_sid = %sid, tries, "recording the placement timed out; retrying while the claim lasts");
+            }
+        }
+        if stop.is_cancelled() || Instant::now() + pause >= deadline {
+            fail(m, FailureReason::Database, 1);
+            tracing::error!(call_id = %id, call_sid = %sid, tries, "callback placed but not recorded; the next claim finds it in Twilio's list");
+            return;
+        }
+        tokio::select! {
+            () = stop.cancelled() => {}
+            () = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(Duration::from_secs(2));
+    }
+}
+
 async fn record_failure(deps: &SchedulerDeps, id: uuid::Uuid, reason: FailureReason, msg: &str) {
     fail(&deps.metrics, reason, 1);
     tracing::warn!(call_id = %id, reason = reason.as_str(), error = %msg, "scheduled callback failed");
     match tokio::time::timeout(
         DB_TIMEOUT,
-        queries::mark_failed(&deps.pool, id, reason.as_str(), msg),
+        queries::mark_failed(&deps.pool, id, &deps.pod, reason.as_str(), msg),
     )
     .await
     {

@@ -127,19 +127,26 @@ pub struct Claimed {
     pub scheduled_for: Option<DateTime<Utc>>,
     /// 1 for the first claim; more when a pod's claim ran out before.
     pub attempt: i32,
+    /// Twilio create requests sent by earlier claims: when more than 0, Twilio may
+    /// hold a call for this row that the row does not know about.
+    pub dial_attempts: i32,
+    /// When the first claim was made (the earliest a call for this row can exist).
+    pub first_claimed_at: DateTime<Utc>,
+    /// Due longer ago than its lateness limit: not dialled again.
+    pub too_late: bool,
 }
 
 /// Claims up to `limit` due callbacks for `pod`, with a lease of `lease_ms`: rows
 /// due and scheduled (and not later than their lateness limit, `late_secs` by
-/// default: those are [`expire_late`]'s), and rows whose previous claim ran out while Twilio's answer
-/// is still unknown (no CallSid recorded, status still `placing`: neither the REST
-/// answer nor Twilio's `initiated` callback arrived) and that have attempts left.
+/// default: those are [`expire_late`]'s), and rows whose previous claim ran out while
+/// Twilio's answer is still unknown (no CallSid recorded, status still `placing`:
+/// neither the REST answer nor Twilio's `initiated` callback arrived). The claimer of
+/// a row with `dial_attempts > 0` asks Twilio before dialling again.
 pub async fn claim(
     pool: &PgPool,
     pod: &str,
     limit: i64,
     lease_ms: i64,
-    max_attempts: i32,
     late_secs: i64,
 ) -> Result<Vec<Claimed>, sqlx::Error> {
     sqlx::query_as::<_, Claimed>(
@@ -147,23 +154,25 @@ pub async fn claim(
              SELECT id FROM calls \
              WHERE (status = 'scheduled' AND scheduled_for <= now() \
                     AND scheduled_for >= now() \
-                        - make_interval(secs => COALESCE(max_lateness_seconds, $5))) \
-                OR (status = 'placing' AND lease_until < now() AND call_sid IS NULL \
-                    AND attempt < $4) \
+                        - make_interval(secs => COALESCE(max_lateness_seconds, $4))) \
+                OR (status = 'placing' AND lease_until < now() AND call_sid IS NULL) \
              ORDER BY scheduled_for \
              LIMIT $2 \
              FOR UPDATE SKIP LOCKED) \
          UPDATE calls c SET status = 'placing', claimed_by = $1, \
                 lease_until = now() + make_interval(secs => $3::double precision / 1000), \
+                first_claimed_at = COALESCE(c.first_claimed_at, now()), \
                 attempt = c.attempt + 1, updated_at = now() \
          FROM due WHERE c.id = due.id \
          RETURNING c.id, c.persona, c.user_id, c.from_number, c.to_number, c.pretext, \
-                   c.scheduled_for, c.attempt",
+                   c.scheduled_for, c.attempt, c.dial_attempts, c.first_claimed_at, \
+                   COALESCE(c.scheduled_for < now() \
+                       - make_interval(secs => COALESCE(c.max_lateness_seconds, $4)), false) \
+                       AS too_late",
     )
     .bind(pod)
     .bind(limit)
     .bind(lease_ms)
-    .bind(max_attempts)
     .bind(late_secs)
     .fetch_all(pool)
     .await
@@ -171,14 +180,18 @@ pub async fn claim(
 
 /// Gives up on callbacks due longer ago than their lateness limit (the cluster was
 /// down, or every pod was busy): `failed`, and the record says why. Returns how many.
+/// Rows still `placing` qualify only when no create request was ever sent for them
+/// (otherwise a pod must ask Twilio first: see [`claim`]).
 pub async fn expire_late(pool: &PgPool, default_limit_secs: i64) -> Result<u64, sqlx::Error> {
     let done = sqlx::query(
         "UPDATE calls SET status = 'failed', outcome = 'too_late', ended_at = now(), \
                 placement_error = format('not placed: due at %s, more than %s s ago (maxLateness)', \
                     to_char(scheduled_for AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), \
                     COALESCE(max_lateness_seconds, $1)), \
-                updated_at = now() \
-         WHERE status = 'scheduled' \
+                lease_until = NULL, updated_at = now() \
+         WHERE (status = 'scheduled' \
+                OR (status = 'placing' AND lease_until < now() AND call_sid IS NULL \
+                    AND dial_attempts = 0)) \
            AND scheduled_for < now() - make_interval(secs => COALESCE(max_lateness_seconds, $1))",
     )
     .bind(default_limit_secs)
@@ -187,66 +200,90 @@ pub async fn expire_late(pool: &PgPool, default_limit_secs: i64) -> Result<u64, 
     Ok(done.rows_affected())
 }
 
-/// Gives up on callbacks whose every claim ran out without a Twilio answer.
-pub async fn give_up_exhausted(pool: &PgPool, max_attempts: i32) -> Result<u64, sqlx::Error> {
+/// Records, just before it is sent, that this pod sends a Twilio create request for
+/// `id`: only while it still holds the claim with at least `min_left_ms` of lease
+/// left. `false`: the claim is gone (or too short), and nothing may be sent.
+pub async fn mark_dialing(
+    pool: &PgPool,
+    id: Uuid,
+    pod: &str,
+    min_left_ms: i64,
+) -> Result<bool, sqlx::Error> {
     let done = sqlx::query(
-        "UPDATE calls SET status = 'failed', outcome = 'placement_failed', ended_at = now(), \
-                placement_error = COALESCE(placement_error, 'no answer from Twilio') \
-                    || format(' (after %s attempts)', attempt), \
-                lease_until = NULL, updated_at = now() \
-         WHERE status = 'placing' AND lease_until < now() AND call_sid IS NULL \
-           AND attempt >= $1",
+        "UPDATE calls SET dial_attempts = dial_attempts + 1, updated_at = now() \
+         WHERE id = $1 AND claimed_by = $2 AND status = 'placing' AND call_sid IS NULL \
+           AND lease_until > now() + make_interval(secs => $3::double precision / 1000)",
     )
-    .bind(max_attempts)
+    .bind(id)
+    .bind(pod)
+    .bind(min_left_ms)
     .execute(pool)
     .await?;
-    Ok(done.rows_affected())
+    Ok(done.rows_affected() == 1)
+}
+
+/// What [`mark_placed`] found.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Placed {
+    /// The row holds the CallSid now; the placement delay in seconds (due -> placed).
+    Recorded(Option<f64>),
+    /// The row is no longer this pod's claim (another pod took it over, or it holds
+    /// another CallSid): nothing written.
+    NotOurs,
 }
 
 /// Twilio accepted the call: its CallSid and status go on the row (the status only
-/// moves forward: a callback may have been faster). Returns the placement delay in
-/// seconds (due time -> now).
+/// moves forward: a callback may have been faster), provided `pod` still holds the
+/// claim and the row has no other CallSid.
 pub async fn mark_placed(
     pool: &PgPool,
     id: Uuid,
+    pod: &str,
     call_sid: &str,
     status: &str,
     twilio_status: &str,
-) -> Result<Option<f64>, sqlx::Error> {
-    sqlx::query_scalar::<_, Option<f64>>(
+) -> Result<Placed, sqlx::Error> {
+    let row = sqlx::query_scalar::<_, Option<f64>>(
         "UPDATE calls SET call_sid = $2, \
                 status = CASE WHEN call_status_rank($3) > call_status_rank(status) \
                               THEN $3 ELSE status END, \
                 twilio_status = COALESCE(twilio_status, $4), \
                 placed_at = COALESCE(placed_at, now()), lease_until = NULL, \
                 placement_error = NULL, updated_at = now() \
-         WHERE id = $1 \
+         WHERE id = $1 AND claimed_by = $5 AND (call_sid IS NULL OR call_sid = $2) \
+           AND status <> 'canceled' \
          RETURNING extract(epoch FROM (placed_at - scheduled_for))::double precision",
     )
     .bind(id)
     .bind(call_sid)
     .bind(status)
     .bind(twilio_status)
+    .bind(pod)
     .fetch_optional(pool)
-    .await
-    .map(Option::flatten)
+    .await?;
+    Ok(match row {
+        Some(delay) => Placed::Recorded(delay),
+        None => Placed::NotOurs,
+    })
 }
 
 /// Twilio refused the call for good (or the persona is gone): `failed`, with why.
 pub async fn mark_failed(
     pool: &PgPool,
     id: Uuid,
+    pod: &str,
     outcome: &str,
     error: &str,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE calls SET status = 'failed', outcome = $2, placement_error = $3, \
                 ended_at = now(), lease_until = NULL, updated_at = now() \
-         WHERE id = $1 AND status = 'placing' AND call_sid IS NULL",
+         WHERE id = $1 AND status = 'placing' AND call_sid IS NULL AND claimed_by = $4",
     )
     .bind(id)
     .bind(outcome)
     .bind(error)
+    .bind(pod)
     .execute(pool)
     .await?;
     Ok(())

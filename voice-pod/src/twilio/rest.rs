@@ -1,8 +1,9 @@
-//! The Twilio REST calls the pod makes: create a call, end a call.
+//! The Twilio REST calls the pod makes: create a call, end a call, find calls.
 //!
 //! `POST {api}/2010-04-01/Accounts/{sid}/Calls.json` (form-encoded, HTTP Basic auth
-//! with the account SID and auth token) and `POST .../Calls/{CallSid}.json` with
-//! `Status=completed`. Errors keep Twilio's error JSON (`code`, `message`,
+//! with the account SID and auth token), `POST .../Calls/{CallSid}.json` with
+//! `Status=completed`, and `GET .../Calls.json?To=..&From=..` (the Calls list, paged
+//! by `next_page_uri`). Errors keep Twilio's error JSON (`code`, `message`,
 //! `more_info`, `status`) so the API can pass the code through.
 
 use std::time::Duration;
@@ -66,6 +67,40 @@ pub struct CallResource {
     #[serde(default)]
     pub status: String,
 }
+
+/// One call of Twilio's Calls list (the fields the scheduler matches on).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct ListedCall {
+    /// `CA...`.
+    pub sid: String,
+    /// `queued`, `ringing`, ...
+    #[serde(default)]
+    pub status: String,
+    /// When Twilio created it (RFC 2822, e.g. `Tue, 31 Aug 2010 20:36:28 +0000`).
+    #[serde(default)]
+    pub date_created: Option<String>,
+}
+
+impl ListedCall {
+    /// `date_created`, parsed; `None` when absent or unreadable.
+    pub fn created(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.date_created
+            .as_deref()
+            .and_then(|d| chrono::DateTime::parse_from_rfc2822(d).ok())
+            .map(|d| d.with_timezone(&chrono::Utc))
+    }
+}
+
+#[derive(Deserialize)]
+struct CallPage {
+    #[serde(default)]
+    calls: Vec<ListedCall>,
+    #[serde(default)]
+    next_page_uri: Option<String>,
+}
+
+/// Pages read per list request at most (a bound on a peer-controlled loop).
+const MAX_LIST_PAGES: usize = 10;
 
 /// Instructions for a new call: inline TwiML or an answer URL.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -180,12 +215,64 @@ impl TwilioClient {
         }
     }
 
+    /// Calls to `to` from `from` matching `filter` (extra list filters such as
+    /// `("StartTime>", "2026-12-02")` or `("Status", "queued")`), newest first, following
+    /// `next_page_uri` for at most [`MAX_LIST_PAGES`] pages.
+    pub async fn list_calls(
+        &self,
+        to: &str,
+        from: &str,
+        filter: &[(&str, &str)],
+    ) -> Result<Vec<ListedCall>, RestError> {
+        let mut url = url::Url::parse(&self.calls_url())
+            .map_err(|e| RestError::Decode(format!("calls url: {e}")))?;
+        {
+            let mut q = url.query_pairs_mut();
+            q.append_pair("To", to).append_pair("From", from);
+            for (k, v) in filter {
+                q.append_pair(k, v);
+            }
+            q.append_pair("PageSize", "50");
+        }
+        let mut found = Vec::new();
+        let mut next = Some(url);
+        for _ in 0..MAX_LIST_PAGES {
+            let Some(page_url) = next.take() else { break };
+            let page: CallPage = self.get(page_url.as_str()).await?;
+            found.extend(page.calls);
+            // `next_page_uri` is relative to the API host; never follow it elsewhere.
+            next = match page.next_page_uri.filter(|u| u.starts_with('/')) {
+                Some(rel) => Some(
+                    url::Url::parse(&format!("{}{rel}", self.base))
+                        .map_err(|e| RestError::Decode(format!("next_page_uri: {e}")))?,
+                ),
+                None => None,
+            };
+        }
+        Ok(found)
+    }
+
+    async fn get<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<T, RestError> {
+        let req = self
+            .http
+            .get(url)
+            .basic_auth(&self.account_sid, Some(self.auth_token.expose()));
+        self.send(req).await
+    }
+
     async fn post(&self, url: &str, form: &[(&str, String)]) -> Result<CallResource, RestError> {
         let req = self
             .http
             .post(url)
             .basic_auth(&self.account_sid, Some(self.auth_token.expose()))
             .form(form);
+        self.send(req).await
+    }
+
+    async fn send<T: serde::de::DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<T, RestError> {
         let resp = tokio::time::timeout(self.timeout, req.send())
             .await
             .map_err(|_| RestError::Timeout)?
