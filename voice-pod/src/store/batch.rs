@@ -19,14 +19,17 @@ use super::relationships::append_note;
 /// that one statement's arrays stay a few hundred kilobytes.
 pub const MAX_BATCH: usize = 512;
 
-/// Records committed, by kind (for `voice_store_written_records_total`).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+/// Records committed, by kind (for `voice_store_written_records_total`), and the
+/// updates that found no row (not written: the writer holds them and tries again).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(crate) struct Written {
     pub calls: usize,
     pub updates: usize,
     pub turns: usize,
     pub usage: usize,
     pub memory: usize,
+    /// Indices (into the batch) of call updates that matched no call row.
+    pub orphans: Vec<usize>,
 }
 
 /// A record the database would refuse for sure; checked before it joins a batch so it
@@ -67,11 +70,14 @@ pub(crate) async fn write(
     }
     // Updates in submission order: a status report can only move forward, timestamps
     // keep their first value, so order matters only between updates of one call.
-    for r in records {
+    for (i, r) in records.iter().enumerate() {
         match r {
             Record::CallUpdated(key, upd) => {
-                update_call(conn, key, upd).await?;
-                written.updates += 1;
+                if update_call(conn, key, upd).await? {
+                    written.updates += 1;
+                } else {
+                    written.orphans.push(i);
+                }
             }
             Record::Turn(t) => turns.push(t),
             Record::Usage(u) => usage.push(u),
@@ -155,11 +161,13 @@ const COUNT_IN_RELATIONSHIP: &str = "\
         phone_number = COALESCE(EXCLUDED.phone_number, relationships.phone_number), \
         updated_at = now()";
 
+/// Applies one update; `false` when no call row matched (its creation has not been
+/// written yet, perhaps by another pod).
 async fn update_call(
     conn: &mut PgConnection,
     key: &CallRef,
     u: &CallUpdate,
-) -> Result<(), sqlx::Error> {
+) -> Result<bool, sqlx::Error> {
     let (sql, count_sql) = match key {
         CallRef::Id(_) => (
             format!("UPDATE calls SET {UPDATE_SET} WHERE id = $1"),
@@ -189,10 +197,7 @@ async fn update_call(
         .execute(&mut *conn)
         .await?;
     if done.rows_affected() == 0 {
-        // A callback for a call this deployment never recorded (or whose creation was
-        // lost and counted): nothing to update.
-        tracing::debug!(?key, "call update matched no call row");
-        return Ok(());
+        return Ok(false);
     }
     if u.ended_at.is_some() {
         let q = sqlx::query(&count_sql);
@@ -202,7 +207,7 @@ async fn update_call(
         };
         q.execute(&mut *conn).await?;
     }
-    Ok(())
+    Ok(true)
 }
 
 async fn insert_turns(conn: &mut PgConnection, turns: &[&TurnRecord]) -> Result<(), sqlx::Error> {

@@ -40,6 +40,18 @@ impl StoreError {
         }
     }
 
+    /// The write ran out of time: our deadline, or the server's `statement_timeout` /
+    /// `lock_timeout` (SQLSTATE 57014, 55P03). A batch that times out is split.
+    pub fn is_timeout(&self) -> bool {
+        match self {
+            StoreError::Timeout(_) => true,
+            StoreError::Database(sqlx::Error::Database(db)) => {
+                db.code().is_some_and(|c| c == "57014" || c == "55P03")
+            }
+            _ => false,
+        }
+    }
+
     /// The `voice_socket_errors_total{peer="database",kind}` label.
     pub fn metric_kind(&self) -> SocketErrorKind {
         match self {

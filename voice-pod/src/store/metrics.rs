@@ -20,6 +20,12 @@ pub enum DropReason {
     Rejected,
     /// The pod shut down before the database took the record.
     Shutdown,
+    /// A call update whose call row never appeared within the hold time (or by
+    /// shutdown): its creation was lost, or the call is not this deployment's.
+    Orphaned,
+    /// A record that failed alone, again and again (a statement that always times
+    /// out, a lock never released): set aside so the writer goes on.
+    Poison,
 }
 
 impl DropReason {
@@ -30,6 +36,8 @@ impl DropReason {
             DropReason::BufferFull => "buffer_full",
             DropReason::Rejected => "rejected",
             DropReason::Shutdown => "shutdown",
+            DropReason::Orphaned => "orphaned",
+            DropReason::Poison => "poison",
         }
     }
 }
@@ -144,6 +152,8 @@ impl StoreMetrics {
             DropReason::BufferFull,
             DropReason::Rejected,
             DropReason::Shutdown,
+            DropReason::Orphaned,
+            DropReason::Poison,
         ] {
             m.dropped.with_label_values(&[r.as_str()]);
         }

@@ -474,6 +474,18 @@ impl Record {
             Record::Memory(_) => "memory",
         }
     }
+
+    /// The call the record belongs to, for log lines (our id, or Twilio's CallSid).
+    pub fn call(&self) -> String {
+        match self {
+            Record::CallCreated(c) => c.id.to_string(),
+            Record::CallUpdated(CallRef::Id(id), _) => id.to_string(),
+            Record::CallUpdated(CallRef::Sid(sid), _) => sid.clone(),
+            Record::Turn(t) => t.call_id.to_string(),
+            Record::Usage(u) => u.call_id.to_string(),
+            Record::Memory(m) => m.call_id.to_string(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -17,10 +17,20 @@
 //!   and counted (`reason="buffer_full"`). A batch the database refuses for good is
 //!   written record by record so one bad record cannot block the rest; the refused
 //!   one is counted (`reason="rejected"`).
+//! - A batch that times out (our deadline or the server's `statement_timeout`) is
+//!   split in halves, down to single records. A single record that times out while
+//!   the database answers a probe is retried [`POISON_TRIES`] times, then set aside
+//!   (`reason="poison"`, a log line naming the call): one stuck statement (a lock
+//!   never released) cannot stop the writer. While the probe fails too, the database
+//!   is down and nothing is set aside.
+//! - A call update that matches no row yet (its creation is still in another pod's
+//!   buffer, or further back in this one) is not written: it is held and tried again
+//!   every [`WriterConfig::orphan_retry`] for [`WriterConfig::orphan_hold`], then
+//!   counted (`reason="orphaned"`). Flushes wait for held updates too.
 //! - Every statement is idempotent, so a retry after an unconfirmed commit does not
 //!   duplicate anything.
 //! - On shutdown the task writes what it can until the deadline and counts the rest
-//!   (`reason="shutdown"`).
+//!   (`reason="shutdown"`; held updates: `reason="orphaned"`).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -53,7 +63,15 @@ pub struct WriterConfig {
     pub backoff_max: Duration,
     /// Deadline for one batch transaction (a hung connection must not stall forever).
     pub write_timeout: Duration,
+    /// How long an update whose call row does not exist yet is held and retried.
+    pub orphan_hold: Duration,
+    /// How often held updates are tried again.
+    pub orphan_retry: Duration,
 }
+
+/// Times a single record may time out (while the database answers) before it is set
+/// aside as poison.
+pub const POISON_TRIES: u32 = 3;
 
 impl Default for WriterConfig {
     fn default() -> Self {
@@ -67,6 +85,9 @@ impl Default for WriterConfig {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             write_timeout: Duration::from_secs(10),
+            // Another pod's buffer can take minutes to flush after an outage.
+            orphan_hold: Duration::from_secs(300),
+            orphan_retry: Duration::from_secs(1),
         }
     }
 }
@@ -177,13 +198,25 @@ pub(crate) struct WriterControl {
 }
 
 impl WriterControl {
-    /// Stops the writer: it writes what it can until `grace` has passed.
-    pub async fn shutdown(self, grace: Duration) {
-        let _ = self.shutdown.send(Some(Instant::now() + grace));
-        // The task itself honours the deadline; the margin covers one in-flight batch.
-        let margin = grace + Duration::from_secs(1);
-        if tokio::time::timeout(margin, self.task).await.is_err() {
-            tracing::warn!("store writer did not stop within its grace period");
+    /// Stops the writer within `grace` all told: it writes what it can until its
+    /// deadline (`grace` less a margin for counting and stopping), and counts the
+    /// rest. A task that still has not stopped at `grace` is aborted and its pending
+    /// records counted (`reason="shutdown"`).
+    pub async fn shutdown(self, grace: Duration, metrics: &StoreMetrics) {
+        let margin = (grace / 8).min(Duration::from_secs(1));
+        let _ = self
+            .shutdown
+            .send(Some(Instant::now() + grace.saturating_sub(margin)));
+        let abort = self.task.abort_handle();
+        if tokio::time::timeout(grace, self.task).await.is_err() {
+            abort.abort();
+            let left = metrics.pending.get().max(0);
+            metrics.pending.set(0);
+            metrics.drop_records(DropReason::Shutdown, left as usize);
+            tracing::error!(
+                records = left,
+                "store writer did not stop within its grace period; aborted, its records counted as lost"
+            );
         }
     }
 }
@@ -198,10 +231,26 @@ struct Io {
     cfg: WriterConfig,
 }
 
+/// A call update waiting for its call row.
+struct Held {
+    record: Record,
+    /// First found without a row.
+    since: Instant,
+    next_try: Instant,
+}
+
+/// Batch sizing after timeouts, and the head record's timeouts alone.
+struct Pacing {
+    limit: usize,
+    head_timeouts: u32,
+}
+
 /// The receiving side: queue, outage buffer and flush waiters.
 struct Queue {
     rx: mpsc::Receiver<Msg>,
     pending: VecDeque<Record>,
+    /// Updates whose call row did not exist yet, oldest retry first.
+    held: VecDeque<Held>,
     /// Records ever accepted into `pending`; with `pending.len()` it tells how many
     /// left it (written or dropped), which is what flushes wait for.
     accepted: u64,
@@ -267,7 +316,7 @@ impl Queue {
     }
 
     fn ack_flushes(&mut self) {
-        let left = self.accepted - self.pending.len() as u64;
+        let left = self.accepted - (self.pending.len() + self.held.len()) as u64;
         while let Some((mark, _)) = self.flushes.front() {
             if *mark > left {
                 break;
@@ -282,6 +331,27 @@ impl Queue {
     fn requeue(&mut self, records: Vec<Record>) {
         for r in records.into_iter().rev() {
             self.pending.push_front(r);
+        }
+    }
+
+    /// Holds an update whose row does not exist yet (still counted as pending).
+    fn hold(&mut self, record: Record, since: Instant, retry: Duration) {
+        self.held.push_back(Held {
+            record,
+            since,
+            next_try: Instant::now() + retry,
+        });
+    }
+
+    /// Counts every held update as orphaned (shutdown).
+    fn orphan_all(&mut self) {
+        let n = self.held.len();
+        if n > 0 {
+            for h in self.held.drain(..) {
+                tracing::warn!(call = %h.record.call(), "call update never found its call row before shutdown; counted as orphaned");
+            }
+            self.metrics.pending.sub(n as i64);
+            self.metrics.drop_records(DropReason::Orphaned, n);
         }
     }
 
@@ -314,6 +384,7 @@ pub(crate) fn spawn(
     let queue = Queue {
         rx,
         pending: VecDeque::new(),
+        held: VecDeque::new(),
         accepted: 0,
         flushes: VecDeque::new(),
         closed: false,
@@ -354,6 +425,10 @@ async fn run(io: Io, mut q: Queue, mut shutdown: watch::Receiver<Option<Instant>
     let mut backoff = io.cfg.backoff_min;
     let mut retry_at: Option<Instant> = None;
     let mut deadline: Option<Instant> = None;
+    let mut pacing = Pacing {
+        limit: io.cfg.max_batch.max(1),
+        head_timeouts: 0,
+    };
     loop {
         q.ack_flushes();
         if deadline.is_none() {
@@ -368,7 +443,19 @@ async fn run(io: Io, mut q: Queue, mut shutdown: watch::Receiver<Option<Instant>
         {
             q.drain_ready(usize::MAX);
             q.drop_all(DropReason::Shutdown);
+            q.orphan_all();
             break;
+        }
+        let backed_off = retry_at.is_some_and(|at| Instant::now() < at);
+        if !backed_off && q.held.front().is_some_and(|h| h.next_try <= Instant::now()) {
+            match retry_held(&io, &mut q, false, deadline).await {
+                Attempt::Done => {}
+                Attempt::Retry => {
+                    retry_at = Some(Instant::now() + jitter(backoff));
+                    backoff = (backoff * 2).min(io.cfg.backoff_max);
+                }
+            }
+            continue;
         }
         if q.pending.is_empty() {
             q.drain_ready(usize::MAX);
@@ -376,12 +463,19 @@ async fn run(io: Io, mut q: Queue, mut shutdown: watch::Receiver<Option<Instant>
                 continue;
             }
             if q.closed || deadline.is_some() {
+                // Held updates get one last try, bounded by the deadline.
+                if !q.held.is_empty() {
+                    let _ = retry_held(&io, &mut q, true, deadline).await;
+                    q.orphan_all();
+                }
                 q.ack_flushes();
                 break;
             }
+            let next_held = q.held.front().map(|h| h.next_try);
             tokio::select! {
                 () = q.recv_one() => {}
                 () = shutdown_requested(&mut shutdown) => {}
+                () = sleep_until_opt(next_held) => {}
             }
             continue;
         }
@@ -393,7 +487,7 @@ async fn run(io: Io, mut q: Queue, mut shutdown: watch::Receiver<Option<Instant>
                 continue;
             }
         }
-        match attempt(&io, &mut q, &mut shutdown).await {
+        match attempt(&io, &mut q, &mut shutdown, &mut pacing).await {
             Attempt::Done => {
                 backoff = io.cfg.backoff_min;
                 retry_at = None;
@@ -442,6 +536,7 @@ async fn attempt(
     io: &Io,
     q: &mut Queue,
     shutdown: &mut watch::Receiver<Option<Instant>>,
+    pacing: &mut Pacing,
 ) -> Attempt {
     if !io.health.migrated.load(Ordering::Relaxed) {
         let run = tokio::time::timeout(io.cfg.write_timeout, io.migrator.run(&io.pool)).await;
@@ -460,7 +555,11 @@ async fn attempt(
             }
         }
     }
-    let n = q.pending.len().min(io.cfg.max_batch);
+    let n = q
+        .pending
+        .len()
+        .min(io.cfg.max_batch)
+        .min(pacing.limit.max(1));
     let batch: Vec<Record> = q.pending.drain(..n).collect();
     let prices = io.prices_snapshot();
     let started = std::time::Instant::now();
@@ -492,8 +591,42 @@ async fn attempt(
                 .observe(started.elapsed().as_secs_f64());
             io.metrics.batches.with_label_values(&["ok"]).inc();
             io.succeeded(&written);
-            q.metrics.pending.sub(n as i64);
+            q.metrics.pending.sub((n - written.orphans.len()) as i64);
+            hold_orphans(io, q, batch, &written.orphans);
             q.overflow_warned = false;
+            pacing.limit = pacing.limit.saturating_mul(2).min(io.cfg.max_batch.max(1));
+            pacing.head_timeouts = 0;
+            Attempt::Done
+        }
+        Err(e) if e.is_timeout() => {
+            io.metrics.batches.with_label_values(&["retry"]).inc();
+            io.metrics.database_error(e.metric_kind());
+            if n > 1 {
+                // Smaller batches until the slow record is alone.
+                pacing.limit = n / 2;
+                tracing::warn!(error = %e, records = n, next = pacing.limit, "batch timed out; splitting it");
+                q.requeue(batch);
+                return Attempt::Done;
+            }
+            if !io.probe().await {
+                // The database itself does not answer: an outage, not this record.
+                io.failed(&e);
+                q.requeue(batch);
+                return Attempt::Retry;
+            }
+            pacing.head_timeouts += 1;
+            if pacing.head_timeouts < POISON_TRIES {
+                tracing::warn!(error = %e, call = %batch[0].call(), kind = batch[0].kind(), tries = pacing.head_timeouts, "a call record timed out alone while the database answers; retrying");
+                q.requeue(batch);
+                return Attempt::Retry;
+            }
+            pacing.head_timeouts = 0;
+            pacing.limit = io.cfg.max_batch.max(1);
+            q.metrics.pending.sub(n as i64);
+            io.metrics.drop_records(DropReason::Poison, n);
+            for r in &batch {
+                tracing::error!(error = %e, call = %r.call(), kind = r.kind(), tries = POISON_TRIES, "a call record timed out alone every time while the database answers; set aside (voice_store_dropped_records_total, reason poison)");
+            }
             Attempt::Done
         }
         Err(e) if e.is_transient() => {
@@ -517,7 +650,11 @@ async fn write_each(io: &Io, q: &mut Queue, batch: Vec<Record>, prices: &PriceTa
         match io.write_batch(std::slice::from_ref(&record), prices).await {
             Ok(written) => {
                 io.succeeded(&written);
-                q.metrics.pending.dec();
+                if written.orphans.is_empty() {
+                    q.metrics.pending.dec();
+                } else {
+                    q.hold(record, Instant::now(), io.cfg.orphan_retry);
+                }
             }
             Err(e) if e.is_transient() => {
                 io.failed(&e);
@@ -537,7 +674,107 @@ async fn write_each(io: &Io, q: &mut Queue, batch: Vec<Record>, prices: &PriceTa
     Attempt::Done
 }
 
+/// Moves the batch's updates that found no row (`orphans`, indices) into the hold.
+fn hold_orphans(io: &Io, q: &mut Queue, batch: Vec<Record>, orphans: &[usize]) {
+    if orphans.is_empty() {
+        return;
+    }
+    let now = Instant::now();
+    let mut next = orphans.iter().copied().peekable();
+    for (i, r) in batch.into_iter().enumerate() {
+        if next.peek() == Some(&i) {
+            next.next();
+            tracing::debug!(call = %r.call(), "call update found no call row yet; holding it");
+            q.hold(r, now, io.cfg.orphan_retry);
+        }
+    }
+}
+
+/// Tries the held updates that are due (all of them when `last`) in one batch. Those
+/// still without a row go back, or are counted as orphaned once held long enough
+/// (or when `last`).
+/// `deadline` (shutdown) bounds the write as well as the write timeout.
+async fn retry_held(io: &Io, q: &mut Queue, last: bool, deadline: Option<Instant>) -> Attempt {
+    let now = Instant::now();
+    let mut due = Vec::new();
+    while due.len() < io.cfg.max_batch.max(1)
+        && q.held.front().is_some_and(|h| last || h.next_try <= now)
+    {
+        if let Some(h) = q.held.pop_front() {
+            due.push(h);
+        }
+    }
+    if due.is_empty() {
+        return Attempt::Done;
+    }
+    let (records, since): (Vec<Record>, Vec<Instant>) =
+        due.into_iter().map(|h| (h.record, h.since)).unzip();
+    let prices = io.prices_snapshot();
+    let until = deadline.unwrap_or_else(|| Instant::now() + io.cfg.write_timeout);
+    let result = tokio::time::timeout_at(until, io.write_batch(&records, &prices))
+        .await
+        .unwrap_or(Err(StoreError::Timeout(io.cfg.write_timeout)));
+    match result {
+        Ok(written) => {
+            io.succeeded(&written);
+            let mut next = written.orphans.iter().copied().peekable();
+            for (i, (r, since)) in records.into_iter().zip(since).enumerate() {
+                if next.peek() != Some(&i) {
+                    q.metrics.pending.dec();
+                    continue;
+                }
+                next.next();
+                if last || since.elapsed() >= io.cfg.orphan_hold {
+                    q.metrics.pending.dec();
+                    q.metrics.drop_records(DropReason::Orphaned, 1);
+                    tracing::warn!(call = %r.call(), held_s = since.elapsed().as_secs(), "call update never found its call row; counted as orphaned (voice_store_dropped_records_total, reason orphaned)");
+                } else {
+                    q.held.push_back(Held {
+                        record: r,
+                        since,
+                        next_try: Instant::now() + io.cfg.orphan_retry,
+                    });
+                }
+            }
+            Attempt::Done
+        }
+        Err(e) => {
+            io.failed(&e);
+            let permanent = !e.is_transient() && !e.is_timeout();
+            for (r, since) in records.into_iter().zip(since) {
+                if last || (permanent && since.elapsed() >= io.cfg.orphan_hold) {
+                    let reason = if last {
+                        DropReason::Orphaned
+                    } else {
+                        DropReason::Rejected
+                    };
+                    q.metrics.pending.dec();
+                    q.metrics.drop_records(reason, 1);
+                    tracing::warn!(error = %e, call = %r.call(), reason = reason.as_str(), "held call update not written; counted");
+                    continue;
+                }
+                q.held.push_back(Held {
+                    record: r,
+                    since,
+                    next_try: Instant::now() + io.cfg.orphan_retry,
+                });
+            }
+            Attempt::Retry
+        }
+    }
+}
+
 impl Io {
+    /// Whether the database answers at all right now (`SELECT 1` within the write
+    /// timeout): tells a stuck record from a database that is down.
+    async fn probe(&self) -> bool {
+        let ping = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&self.pool);
+        matches!(
+            tokio::time::timeout(self.cfg.write_timeout, ping).await,
+            Ok(Ok(1))
+        )
+    }
+
     fn prices_snapshot(&self) -> Arc<PriceTable> {
         match self.prices.read() {
             Ok(p) => p.clone(),
