@@ -2,10 +2,20 @@
 //!
 //! On SIGTERM (or SIGINT) the pod:
 //! 1. reports not-ready at once (`/readyz` 503) so Kubernetes stops routing to it,
+//!    before anything else (the scheduler stops beside the drain, not before it),
 //! 2. refuses new calls politely (webhook: `<Say>` + `<Hangup/>`; `/v1/calls`: 503),
 //!    while streams of calls it already answered are still accepted,
 //! 3. waits for active calls to end, up to the drain deadline,
-//! 4. cancels what is left (handlers say goodbye and hang up), then exits 0.
+//! 4. cancels what is left (handlers say goodbye and hang up), stops its servers,
+//!    gives memory summaries and the store's writer their last chance, closes the
+//!    database pool, then exits.
+//!
+//! Every phase after the drain deadline has its own deadline ([`ShutdownBudget`]);
+//! they add up to [`POD_SHUTDOWN_AFTER_DRAIN_SECONDS`], which the operator adds to the
+//! drain deadline for `terminationGracePeriodSeconds`, so a pod never outlives its
+//! grace period, whatever hangs (a database that accepts connections and never
+//! answers included). Records still unwritten at the writer's deadline are counted
+//! (`voice_store_dropped_records_total{reason}`).
 //!
 //! The metrics port stays up until the process exits. Call tasks are tracked by a
 //! [`TaskTracker`] (the `run(listener, shutdown)` pattern of mini-redis: each call
@@ -19,10 +29,54 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TrackedFuture;
 
+pub use voice_operator::crd::POD_SHUTDOWN_AFTER_DRAIN_SECONDS;
+
 use crate::metrics::Metrics;
 
+/// Deadlines of the shutdown phases after the drain deadline. Their sum
+/// ([`ShutdownBudget::total`]) is [`POD_SHUTDOWN_AFTER_DRAIN_SECONDS`] at most.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShutdownBudget {
+    /// Calls cancelled at the drain deadline get this long to say goodbye. The
+    /// scheduler's stop (placements in flight) runs beside the drain and is bounded
+    /// by this too.
+    pub cancel_grace: Duration,
+    /// The app server and the persona watcher stop (together).
+    pub servers: Duration,
+    /// After-call memory summaries still running.
+    pub memory: Duration,
+    /// The store's writer writes what it holds (its deadline, then it is stopped).
+    pub writer: Duration,
+    /// The database pool closes.
+    pub pool_close: Duration,
+    /// The metrics server stops, last: the final counts stay scrapable until then.
+    pub metrics: Duration,
+}
+
+/// The pod's split of [`POD_SHUTDOWN_AFTER_DRAIN_SECONDS`].
+pub const SHUTDOWN_BUDGET: ShutdownBudget = ShutdownBudget {
+    cancel_grace: Duration::from_secs(7),
+    servers: Duration::from_secs(2),
+    memory: Duration::from_secs(5),
+    writer: Duration::from_secs(8),
+    pool_close: Duration::from_secs(2),
+    metrics: Duration::from_secs(1),
+};
+
+impl ShutdownBudget {
+    /// The longest the pod takes after its drain deadline.
+    pub fn total(&self) -> Duration {
+        self.cancel_grace
+            + self.servers
+            + self.memory
+            + self.writer
+            + self.pool_close
+            + self.metrics
+    }
+}
+
 /// Time handlers get to wrap up after the drain deadline cancelled them.
-pub const CANCEL_GRACE: Duration = Duration::from_secs(10);
+pub const CANCEL_GRACE: Duration = SHUTDOWN_BUDGET.cancel_grace;
 
 /// Shared drain state: one per pod, cloned into every handler.
 #[derive(Clone)]
@@ -157,5 +211,21 @@ pub async fn shutdown_signal() -> Signal {
     {
         let _ = tokio::signal::ctrl_c().await;
         Signal::Int
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The pod's shutdown phases fit in the time the operator grants after the drain
+    // deadline (terminationGracePeriodSeconds = drain + preStop + this + slack).
+    #[test]
+    fn shutdown_phases_fit_the_operators_grace_period() {
+        assert!(
+            SHUTDOWN_BUDGET.total() <= Duration::from_secs(POD_SHUTDOWN_AFTER_DRAIN_SECONDS),
+            "{:?} > {POD_SHUTDOWN_AFTER_DRAIN_SECONDS} s",
+            SHUTDOWN_BUDGET.total()
+        );
     }
 }

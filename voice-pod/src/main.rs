@@ -91,8 +91,6 @@ fn init_logging() {
         .init();
 }
 
-/// How long shutdown waits for memory summaries, then for the writer's last records.
-const STORE_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How long start-up waits for PostgreSQL (migrations) before serving without it; the
 /// writer keeps buffering and migrates when the database answers.
 const STORE_STARTUP_WAIT: Duration = Duration::from_secs(3);
@@ -182,12 +180,18 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             "no provider keys (DEEPGRAM_API_KEY, CEREBRAS_API_KEY, ELEVENLABS_API_KEY): calls are answered in silence"
         ),
     }
-    let outcome = http::serve(pod, app, metrics, shutdown).await?;
-    if let Some(journal) = journal {
-        // Calls are over: memory notes and buffered records get a last chance.
-        journal.close(STORE_SHUTDOWN_GRACE).await;
-    }
-    match outcome {
+    // Calls are over: memory notes and buffered records get a last chance, each phase
+    // within its own deadline, before the metrics server stops. A server that failed
+    // does not skip this: records are written or counted either way.
+    let finish = async move {
+        if let Some(journal) = journal {
+            let budget = drain::SHUTDOWN_BUDGET;
+            journal
+                .close(budget.memory, budget.writer, budget.pool_close)
+                .await;
+        }
+    };
+    match http::serve_until(pod, app, metrics, shutdown, finish).await? {
         DrainOutcome::Finished => tracing::info!("all calls finished; exiting"),
         DrainOutcome::DeadlineCancelled => {
             tracing::warn!("drain deadline passed; remaining calls were ended")

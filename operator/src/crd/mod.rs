@@ -12,6 +12,13 @@ pub const GROUP: &str = "callmeback.dev";
 /// API version of every callmeback resource.
 pub const VERSION: &str = "v1alpha1";
 
+/// Seconds a voice pod's shutdown may take after its drain deadline: ending the calls
+/// still running, stopping its servers, memory notes and the last database writes.
+/// The operator adds it (plus slack) to the drain deadline for
+/// `terminationGracePeriodSeconds`; the pod splits it into per-phase deadlines
+/// (`voice_pod::drain::ShutdownBudget`), so neither can outgrow the other.
+pub const POD_SHUTDOWN_AFTER_DRAIN_SECONDS: u64 = 25;
+
 /// A status condition, keyed by `type` (the CRD marks the list
 /// `x-kubernetes-list-type: map`, so server-side apply merges conditions by type).
 ///

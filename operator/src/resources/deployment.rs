@@ -42,8 +42,9 @@ use crate::crd::VoiceDeployment;
 
 /// Seconds the preStop hook sleeps so endpoint removal propagates before SIGTERM.
 pub const PRESTOP_SLEEP_SECONDS: i64 = 5;
-/// Extra grace beyond the longest call and the preStop sleep (final writes, goodbye).
-pub const GRACE_MARGIN_SECONDS: i64 = 30;
+/// Extra grace beyond the longest call and the preStop sleep: the pod's own
+/// after-drain shutdown budget (ending calls, final writes) plus 5 s of slack.
+pub const GRACE_MARGIN_SECONDS: i64 = crate::crd::POD_SHUTDOWN_AFTER_DRAIN_SECONDS as i64 + 5;
 /// Longest call assumed when no persona resolved yet (the CRD's default).
 pub const DEFAULT_MAX_CALL_SECONDS: i64 = 900;
 /// UID/GID the voice pod runs as (the distroless `nonroot` user).

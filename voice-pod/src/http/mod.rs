@@ -42,8 +42,6 @@ use crate::twilio::rest::{RestError, TwilioClient};
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// Drain deadline when neither the flag nor any persona sets one (the CRD default).
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(900);
-/// How long each server may take to stop once asked.
-const SERVER_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Everything the handlers share.
 pub struct AppState {
@@ -156,6 +154,19 @@ pub async fn serve(
     app_listener: TcpListener,
     metrics_listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
+) -> Result<DrainOutcome, ServeError> {
+    serve_until(pod, app_listener, metrics_listener, shutdown, async {}).await
+}
+
+/// [`serve`], running `finish` (the store's last writes, bounded by the caller)
+/// after the calls and the app server are done but before the metrics server stops,
+/// so the final counts can still be scraped. A failed server runs it too.
+pub async fn serve_until(
+    pod: Pod,
+    app_listener: TcpListener,
+    metrics_listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    finish: impl Future<Output = ()> + Send,
 ) -> Result<DrainOutcome, ServeError> {
     let Pod {
         config,
@@ -294,12 +305,21 @@ pub async fn serve(
         res = &mut app_server => Some(("app", res)),
         res = &mut metrics_server => Some(("metrics", res)),
     };
-    // A draining pod claims nothing new; other pods take the due callbacks.
+    // Not ready first (within the signal's own handling): Kubernetes stops routing
+    // to this pod while everything else winds down.
+    drain.begin();
+    // A draining pod claims nothing new; other pods take the due callbacks. Its stop
+    // (placements in flight) runs beside the drain, bounded by the cancel grace.
     stop_scheduler.cancel();
+    let budget = crate::drain::SHUTDOWN_BUDGET;
     if let Some((server, res)) = failure {
         stop_watch.cancel();
         stop_app.cancel();
         stop_metrics.cancel();
+        if let Some(task) = scheduler_task {
+            stop_bounded("scheduler", budget.cancel_grace, task).await;
+        }
+        finish.await;
         let source = match res {
             Ok(Ok(())) => std::io::Error::other("stopped unexpectedly"),
             Ok(Err(e)) => e,
@@ -317,30 +337,36 @@ pub async fn serve(
         active_streams = drain.active_streams(),
         "shutdown requested; draining"
     );
-    if let Some(task) = scheduler_task {
-        let grace = config.scheduler.rest_timeout(&config.limits) + SERVER_STOP_TIMEOUT;
-        if tokio::time::timeout(grace, task).await.is_err() {
-            tracing::warn!("scheduler did not stop in time");
+    let scheduler_stopped = async {
+        if let Some(task) = scheduler_task {
+            stop_bounded("scheduler", budget.cancel_grace, task).await;
         }
-    }
-    let outcome = drain.wait_for_calls(deadline).await;
+    };
+    let (outcome, ()) = tokio::join!(drain.wait_for_calls(deadline), scheduler_stopped);
     tracing::info!(?outcome, "drain finished");
 
+    // The app server and the watcher stop together, within one phase deadline.
     stop_app.cancel();
-    if tokio::time::timeout(SERVER_STOP_TIMEOUT, app_server)
-        .await
-        .is_err()
-    {
-        tracing::warn!("app server did not stop in time");
-    }
     stop_watch.cancel();
-    let _ = tokio::time::timeout(SERVER_STOP_TIMEOUT, watcher).await;
+    tokio::join!(
+        stop_bounded("app server", budget.servers, app_server),
+        stop_bounded("persona watcher", budget.servers, watcher),
+    );
+    finish.await;
     stop_metrics.cancel();
-    if tokio::time::timeout(SERVER_STOP_TIMEOUT, metrics_server)
-        .await
-        .is_err()
-    {
-        tracing::warn!("metrics server did not stop in time");
-    }
+    stop_bounded("metrics server", budget.metrics, metrics_server).await;
     Ok(outcome)
+}
+
+/// Waits at most `limit` for `task` to end, then aborts it.
+async fn stop_bounded<T>(what: &str, limit: Duration, task: tokio::task::JoinHandle<T>) {
+    let abort = task.abort_handle();
+    if tokio::time::timeout(limit, task).await.is_err() {
+        abort.abort();
+        tracing::warn!(
+            what,
+            limit_ms = limit.as_millis() as u64,
+            "did not stop in time; aborted"
+        );
+    }
 }

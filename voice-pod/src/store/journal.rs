@@ -37,11 +37,12 @@ impl StoreJournal {
         &self.store
     }
 
-    /// At shutdown: lets running memory summaries finish (at most `grace`), then
-    /// gives the writer `grace` to write what it holds. Whatever is left is counted.
-    pub async fn close(&self, grace: Duration) {
+    /// At shutdown: lets running memory summaries finish (at most `memory`), then
+    /// gives the writer `writer` to write what it holds and the pool `pool_close` to
+    /// close. Whatever is left is counted.
+    pub async fn close(&self, memory: Duration, writer: Duration, pool_close: Duration) {
         self.tasks.close();
-        if tokio::time::timeout(grace, self.tasks.wait())
+        if tokio::time::timeout(memory, self.tasks.wait())
             .await
             .is_err()
         {
@@ -50,7 +51,7 @@ impl StoreJournal {
                 "memory summaries still running at shutdown; their notes are lost"
             );
         }
-        self.store.shutdown(grace).await;
+        self.store.shutdown_within(writer, pool_close).await;
     }
 }
 

@@ -18,7 +18,7 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 use super::error::StoreError;
-use super::metrics::{LookupResult, StoreMetrics};
+use super::metrics::{DropReason, LookupResult, StoreMetrics};
 use super::pricing::PriceTable;
 use super::queries::{self, CallDetail, CallFilter, CallSummary};
 use super::records::{CallRef, CallUpdate, MemoryNote, NewCall, Record, TurnRecord, UsageRecord};
@@ -28,6 +28,9 @@ use crate::metrics::{Metrics, SocketErrorKind};
 
 /// The schema, embedded at compile time from `voice-pod/migrations/`.
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+
+/// How long [`PgStore::shutdown`] waits for the pool to close.
+pub const POOL_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long a call waits for its relationship before starting without it.
 pub const DEFAULT_RELATIONSHIP_WAIT: Duration = Duration::from_millis(150);
@@ -280,16 +283,48 @@ impl PgStore {
     }
 
     /// Stops the writer: records still pending get until `grace` to reach the
-    /// database, the rest are counted as lost. Later submissions are dropped.
+    /// database, the rest are counted as lost. Later submissions are dropped. The pool
+    /// then gets [`POOL_CLOSE_TIMEOUT`] to close.
     pub async fn shutdown(&self, grace: Duration) {
+        self.shutdown_within(grace, POOL_CLOSE_TIMEOUT).await;
+    }
+
+    /// [`PgStore::shutdown`] with its own bound on closing the pool (a hung database
+    /// would hold `close` forever).
+    pub async fn shutdown_within(&self, grace: Duration, pool_close: Duration) {
         let control = match self.inner.control.lock() {
             Ok(mut c) => c.take(),
             Err(poisoned) => poisoned.into_inner().take(),
         };
         if let Some(control) = control {
-            control.shutdown(grace).await;
+            control.shutdown(grace, &self.inner.metrics).await;
+            let m = &self.inner.metrics;
+            let dropped = |r: DropReason| m.dropped.with_label_values(&[r.as_str()]).get();
+            let written: u64 = ["call", "call_update", "turn", "usage", "memory"]
+                .iter()
+                .map(|k| m.written.with_label_values(&[k]).get())
+                .sum();
+            // The pod's last word on its records: the metrics server stops right after.
+            tracing::info!(
+                written,
+                dropped_shutdown = dropped(DropReason::Shutdown),
+                dropped_orphaned = dropped(DropReason::Orphaned),
+                dropped_poison = dropped(DropReason::Poison),
+                dropped_rejected = dropped(DropReason::Rejected),
+                dropped_queue_full = dropped(DropReason::QueueFull),
+                dropped_buffer_full = dropped(DropReason::BufferFull),
+                "store writer stopped"
+            );
         }
-        self.inner.pool.close().await;
+        if tokio::time::timeout(pool_close, self.inner.pool.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                limit_ms = pool_close.as_millis() as u64,
+                "database pool did not close in time; leaving its connections"
+            );
+        }
     }
 
     /// The caller's relationship with a persona, for a call that is starting: waits at
