@@ -6,6 +6,16 @@ cd "$(dirname "$0")/.."
 # Build artifacts live in a cache outside the checkout, so a fresh clone (CI) reuses
 # what an earlier run on this machine compiled. Override with CARGO_TARGET_DIR.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/callmeback/target}"
+# PostgreSQL for the store tests: a running server is reused; on a bare machine
+# Debian's package is installed and a throwaway cluster started (tests/src/postgres.rs).
+# Started before the run's private TMPDIR below, so emptying that never touches it.
+export CALLMEBACK_TEST_DATABASE_URL="$(bash scripts/postgres.sh)"
+# Every temp file and test cache (rendered speech, control-plane dirs) lives in a
+# directory this run owns, emptied at start: nothing left by an earlier run or another
+# checkout's rendering can make a test pass or fail here.
+export TMPDIR="$CARGO_TARGET_DIR/test-tmp"
+rm -rf "$TMPDIR"
+mkdir -p "$TMPDIR"
 # Real caller speech for the provider and call tests (tests/src/speech.rs).
 command -v espeak-ng >/dev/null || (apt-get update -qq && apt-get install -y -qq espeak-ng)
 # Real helm and kubectl for the chart tests (cached outside the repo).
@@ -15,9 +25,6 @@ export CALLMEBACK_TOOLS_DIR="$(bash scripts/helm-tools.sh)"
 export CALLMEBACK_CONTROLPLANE_BIN="$(bash scripts/controlplane-build.sh)"
 # promtool and prometheus (alert-rule unit tests, /metrics lint), built the same way.
 export CALLMEBACK_PROMETHEUS_BIN="$(bash scripts/prometheus-build.sh)"
-# PostgreSQL for the store tests: a running server is reused; on a bare machine
-# Debian's package is installed and a throwaway cluster started (tests/src/postgres.rs).
-export CALLMEBACK_TEST_DATABASE_URL="$(bash scripts/postgres.sh)"
 # Twilio's official helper library in a test-only virtualenv, cached outside the
 # repo (signature cross-checks in tests/tests/twilio_signature.rs).
 bash scripts/twilio-venv.sh >/dev/null

@@ -1,19 +1,30 @@
 //! Real caller speech for tests: espeak-ng renders a line to WAV (22.05 kHz, 16-bit),
 //! the pod's own resampler turns it into mu-law 8 kHz, exactly what Twilio would send.
 //!
-//! Renders are cached on disk (the system temp dir) by a hash of the text and voice, so
-//! a test suite renders each line once. `scripts/test.sh` installs espeak-ng.
+//! Renders are cached on disk (the system temp dir, which `scripts/test.sh` makes private
+//! to the run) under a hash of everything that shapes the bytes: the text, voice and
+//! rate, the installed espeak-ng's version line, and the source of this renderer and of
+//! the resampler. A new espeak-ng or a changed pipeline can never be served an old
+//! render. Temporary files are unique per writer and renamed into place, so concurrent
+//! test threads and processes never see or delete each other's half-written files.
+//! `scripts/test.sh` installs espeak-ng.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 /// Voice used for every render (a plain, deterministic US English voice).
 pub const VOICE: &str = "en-us";
 /// Speaking rate, words per minute (close to a relaxed human caller).
 pub const WORDS_PER_MINUTE: u32 = 165;
-/// Bump when the render pipeline changes, to invalidate old cache files.
-const CACHE_VERSION: u32 = 1;
+/// The code that turns espeak-ng's WAV into the cached bytes: part of the cache key, so
+/// any edit to the pipeline invalidates old renders without anyone remembering to.
+const PIPELINE_SOURCES: [&str; 2] = [
+    include_str!("speech.rs"),
+    include_str!("transcode/resample.rs"),
+];
 /// mu-law silence.
 pub const MULAW_SILENCE: u8 = 0xFF;
 /// Bytes in one 20 ms Twilio frame.
@@ -49,25 +60,62 @@ fn cache_dir() -> PathBuf {
     std::env::temp_dir().join("callmeback-speech")
 }
 
+/// `espeak-ng --version` (its version and data path), read once per process.
+fn espeak_version() -> Result<&'static str, SpeechError> {
+    static VERSION: OnceLock<Result<String, String>> = OnceLock::new();
+    VERSION
+        .get_or_init(|| {
+            let out = Command::new("espeak-ng")
+                .arg("--version")
+                .output()
+                .map_err(|e| e.to_string())?;
+            if !out.status.success() {
+                return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+            }
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        })
+        .as_deref()
+        .map_err(|e| SpeechError::Espeak(e.clone()))
+}
+
+/// The cache file name for `text`: a hash of every input that shapes the render.
+fn cache_key(text: &str) -> Result<String, SpeechError> {
+    let mut key = Vec::new();
+    for part in [
+        espeak_version()?,
+        VOICE,
+        &WORDS_PER_MINUTE.to_string(),
+        text,
+    ]
+    .into_iter()
+    .chain(PIPELINE_SOURCES)
+    {
+        // Length-prefixed, so no two different inputs concatenate to the same bytes.
+        key.extend_from_slice(&(part.len() as u64).to_le_bytes());
+        key.extend_from_slice(part.as_bytes());
+    }
+    Ok(format!("{:016x}", fnv1a(&key)))
+}
+
 /// Renders `text` as mu-law 8 kHz mono (no header, no padding). Blocking; cached.
 pub fn render_mulaw(text: &str) -> Result<Vec<u8>, SpeechError> {
-    let key = format!("{CACHE_VERSION}|{VOICE}|{WORDS_PER_MINUTE}|{text}");
     let dir = cache_dir();
-    let path = dir.join(format!("{:016x}.ulaw", fnv1a(key.as_bytes())));
+    let key = cache_key(text)?;
+    let path = dir.join(format!("{key}.ulaw"));
     if let Ok(bytes) = std::fs::read(&path)
         && !bytes.is_empty()
     {
         return Ok(bytes);
     }
     std::fs::create_dir_all(&dir)?;
-    let wav_path = dir.join(format!(
-        "{:016x}.{}.wav",
-        fnv1a(key.as_bytes()),
-        std::process::id()
-    ));
+    // A name no other writer (thread or process) can hold: created exclusively.
+    let wav_file = tempfile::Builder::new()
+        .prefix(&format!("{key}."))
+        .suffix(".wav")
+        .tempfile_in(&dir)?;
     let out = Command::new("espeak-ng")
         .args(["-v", VOICE, "-s", &WORDS_PER_MINUTE.to_string(), "-w"])
-        .arg(&wav_path)
+        .arg(wav_file.path())
         .arg("--")
         .arg(text)
         .output()
@@ -77,19 +125,18 @@ pub fn render_mulaw(text: &str) -> Result<Vec<u8>, SpeechError> {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         ));
     }
-    let wav = std::fs::read(&wav_path)?;
-    let _ = std::fs::remove_file(&wav_path);
+    let wav = std::fs::read(wav_file.path())?;
+    drop(wav_file);
     let (rate, pcm) = parse_wav(&wav)?;
-    let mulaw = voice_pod::audio::resample::pcm_to_mulaw_8k(rate, &pcm)
+    let mulaw = crate::transcode::pcm_to_mulaw_8k(rate, &pcm)
         .map_err(|e| SpeechError::Resample(e.to_string()))?;
-    // Write atomically so concurrent tests never read half a file.
-    let tmp = dir.join(format!(
-        "{:016x}.{}.tmp",
-        fnv1a(key.as_bytes()),
-        std::process::id()
-    ));
-    std::fs::write(&tmp, &mulaw)?;
-    std::fs::rename(&tmp, &path)?;
+    // Written under a unique name, then renamed into place: readers see all or nothing.
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!("{key}."))
+        .suffix(".tmp")
+        .tempfile_in(&dir)?;
+    tmp.write_all(&mulaw)?;
+    tmp.persist(&path).map_err(|e| SpeechError::Io(e.error))?;
     Ok(mulaw)
 }
 

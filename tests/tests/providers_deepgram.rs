@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use callmeback_tests::emulators::deepgram::{DeepgramEmulator, DeepgramEmulatorConfig};
+use callmeback_tests::emulators::deepgram::{
+    DeepgramEmulator, DeepgramEmulatorConfig, longest_inner_pause,
+};
 use callmeback_tests::speech;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep, timeout};
@@ -15,6 +17,14 @@ use voice_pod::providers::{ApiKey, Bytes, SpeechToText, SttError, SttEvent, SttS
 
 const LINE_1: &str = "Hi, I would like to book a table for two.";
 const LINE_2: &str = "Tomorrow at seven in the evening, please.";
+/// Endpointing for the tests that expect each line as one utterance. Margin: espeak-ng
+/// 1.51 pauses at most 200 ms inside these lines (at the commas), so 600 ms is 3x that,
+/// and the 1.5 s between lines is 2.5x it; [`call_audio`] checks both on the actual
+/// render, so a voice that pauses longer fails with the margin, not a flipped outcome.
+/// Times are audio time in the emulator, so machine load cannot move them.
+const ENDPOINTING_MS: u32 = 600;
+/// Gap between lines in [`call_audio`] when lines must stay separate utterances.
+const LINE_GAP: Duration = Duration::from_millis(1500);
 
 fn session_cfg(endpointing_ms: u32) -> SttSessionConfig {
     SttSessionConfig {
@@ -47,11 +57,31 @@ fn client(
 }
 
 /// Caller audio: lead-in silence, each line followed by a pause, as one buffer.
-fn call_audio(lines: &[&str], lead: Duration, pause: Duration) -> (Vec<u8>, Vec<(f64, f64)>) {
+///
+/// Checks the timing margins on the actual render against `endpointing_ms`: a pause
+/// inside a line is at most half of it (the line stays one utterance), and the pause
+/// after each line is at least twice it (endpointing fires) or at most half of it (it
+/// cannot fire), so no outcome depends on a few milliseconds of espeak-ng's rendering.
+fn call_audio(
+    lines: &[&str],
+    lead: Duration,
+    pause: Duration,
+    endpointing_ms: u32,
+) -> (Vec<u8>, Vec<(f64, f64)>) {
+    let endpointing = Duration::from_millis(u64::from(endpointing_ms));
+    assert!(
+        pause >= endpointing * 2 || pause * 2 <= endpointing,
+        "timing margin lost: a {pause:?} pause after a line is within 2x of endpointing {endpointing:?}"
+    );
     let mut audio = speech::silence(lead);
     let mut spans = Vec::new();
     for line in lines {
         let s = speech::render_mulaw(line).expect("espeak-ng renders");
+        let inner = longest_inner_pause(&s, DeepgramEmulatorConfig::default().energy_threshold);
+        assert!(
+            inner * 2 <= endpointing,
+            "timing margin lost: {line:?} pauses {inner:?} inside, endpointing {endpointing:?} needs 2x headroom"
+        );
         let start = audio.len() as f64 / 8000.0;
         audio.extend_from_slice(&s);
         spans.push((start, audio.len() as f64 / 8000.0));
@@ -127,13 +157,14 @@ async fn real_speech_is_transcribed_with_interims_endpoints_and_utterance_end() 
     let metrics = Arc::new(Metrics::new());
     let dg = client(&emu, metrics.clone(), |_| {});
     let mut s = dg
-        .connect(session_cfg(300), CancellationToken::new())
+        .connect(session_cfg(ENDPOINTING_MS), CancellationToken::new())
         .await
         .expect("connects");
     let (audio, spans) = call_audio(
         &[LINE_1, LINE_2],
         Duration::from_millis(500),
-        Duration::from_millis(1500),
+        LINE_GAP,
+        ENDPOINTING_MS,
     );
     let streamer = spawn_streamer(s.audio.clone(), audio, 4);
     let events = collect(&mut s.events, Duration::from_secs(20), |ev| {
@@ -197,7 +228,10 @@ async fn real_speech_is_transcribed_with_interims_endpoints_and_utterance_end() 
     assert!(conn.authorized);
     assert_eq!(conn.param("encoding"), Some("mulaw"));
     assert_eq!(conn.param("sample_rate"), Some("8000"));
-    assert_eq!(conn.param("endpointing"), Some("300"));
+    assert_eq!(
+        conn.param("endpointing"),
+        Some(ENDPOINTING_MS.to_string().as_str())
+    );
     assert_eq!(conn.param("tag"), Some("CAtest0001"));
     assert!(
         conn.query.iter().all(|(_, v)| !v.contains(emu.api_key())),
@@ -226,7 +260,7 @@ async fn keepalive_holds_the_socket_open_through_silence_without_audio() {
         c.keepalive_interval = Duration::from_millis(250)
     });
     let mut s = dg
-        .connect(session_cfg(300), CancellationToken::new())
+        .connect(session_cfg(ENDPOINTING_MS), CancellationToken::new())
         .await
         .unwrap();
     sleep(Duration::from_millis(2500)).await;
@@ -234,6 +268,7 @@ async fn keepalive_holds_the_socket_open_through_silence_without_audio() {
         &[LINE_1],
         Duration::from_millis(200),
         Duration::from_millis(1200),
+        ENDPOINTING_MS,
     );
     let streamer = spawn_streamer(s.audio.clone(), audio, 4);
     let events = collect(&mut s.events, Duration::from_secs(10), |ev| {
@@ -275,7 +310,7 @@ async fn idle_close_without_keepalive_is_survived_by_reconnecting() {
         c.keepalive_interval = Duration::from_secs(30)
     });
     let mut s = dg
-        .connect(session_cfg(300), CancellationToken::new())
+        .connect(session_cfg(ENDPOINTING_MS), CancellationToken::new())
         .await
         .unwrap();
     sleep(Duration::from_millis(900)).await;
@@ -283,6 +318,7 @@ async fn idle_close_without_keepalive_is_survived_by_reconnecting() {
         &[LINE_1],
         Duration::from_millis(200),
         Duration::from_millis(1200),
+        ENDPOINTING_MS,
     );
     let streamer = spawn_streamer(s.audio.clone(), audio, 4);
     let events = collect(&mut s.events, Duration::from_secs(10), |ev| {
@@ -321,14 +357,15 @@ async fn dropped_socket_mid_utterance_replays_audio_and_loses_no_words() {
     let (audio, spans) = call_audio(
         &[LINE_1, LINE_2],
         Duration::from_millis(500),
-        Duration::from_millis(1500),
+        LINE_GAP,
+        ENDPOINTING_MS,
     );
     // Drop once the socket has heard half of the first line.
     emu.drop_after_audio(Duration::from_secs_f64((spans[0].0 + spans[0].1) / 2.0));
     let metrics = Arc::new(Metrics::new());
     let dg = client(&emu, metrics.clone(), |_| {});
     let mut s = dg
-        .connect(session_cfg(300), CancellationToken::new())
+        .connect(session_cfg(ENDPOINTING_MS), CancellationToken::new())
         .await
         .unwrap();
     let streamer = spawn_streamer(s.audio.clone(), audio, 4);
@@ -409,6 +446,7 @@ async fn finalize_returns_the_pending_words_without_waiting_for_endpointing() {
         &[LINE_1],
         Duration::from_millis(300),
         Duration::from_millis(400),
+        5000,
     );
     let tx = spawn_streamer(s.audio.clone(), audio, 4).await.unwrap();
     // Let the emulator see the trailing silence, then ask for the transcript now.
@@ -444,6 +482,7 @@ async fn close_flushes_the_last_words_then_ends_the_session() {
         &[LINE_1],
         Duration::from_millis(300),
         Duration::from_millis(100),
+        2000,
     );
     let _tx = spawn_streamer(s.audio.clone(), audio, 4).await.unwrap();
     s.control.close().await;
@@ -467,7 +506,7 @@ async fn wrong_key_is_refused_before_any_audio() {
     )
     .unwrap();
     let err = dg
-        .connect(session_cfg(300), CancellationToken::new())
+        .connect(session_cfg(ENDPOINTING_MS), CancellationToken::new())
         .await
         .unwrap_err();
     assert!(matches!(err, SttError::Unauthorized(401)), "{err:?}");
@@ -490,7 +529,7 @@ async fn silent_dead_connection_is_detected_and_replaced_without_losing_words() 
         c.response_timeout = Duration::from_millis(1000)
     });
     let mut s = dg
-        .connect(session_cfg(300), CancellationToken::new())
+        .connect(session_cfg(ENDPOINTING_MS), CancellationToken::new())
         .await
         .unwrap();
     emu.stall_connections();
@@ -498,6 +537,7 @@ async fn silent_dead_connection_is_detected_and_replaced_without_losing_words() 
         &[LINE_1],
         Duration::from_secs(6),
         Duration::from_millis(1500),
+        ENDPOINTING_MS,
     );
     let streamer = spawn_streamer(s.audio.clone(), audio, 2);
     let events = collect(&mut s.events, Duration::from_secs(20), |ev| {

@@ -293,6 +293,45 @@ fn mulaw_to_linear(code: u8) -> i16 {
     (if sign != 0 { -sample } else { sample }) as i16
 }
 
+/// RMS level of a mu-law frame (of 32768): the emulator's only notion of speech.
+fn frame_energy(frame: &[u8]) -> f64 {
+    if frame.is_empty() {
+        return 0.0;
+    }
+    (frame
+        .iter()
+        .map(|&c| {
+            let s = f64::from(mulaw_to_linear(c));
+            s * s
+        })
+        .sum::<f64>()
+        / frame.len() as f64)
+        .sqrt()
+}
+
+/// The longest silence *inside* `audio` (between its first and last voiced 20 ms
+/// frames), as the emulator hears it at `energy_threshold`. A test whose line must stay
+/// one utterance asserts that endpointing leaves headroom over this.
+pub fn longest_inner_pause(audio: &[u8], energy_threshold: f64) -> Duration {
+    let voiced: Vec<bool> = audio
+        .chunks(FRAME)
+        .map(|f| frame_energy(f) > energy_threshold)
+        .collect();
+    let (Some(first), Some(last)) = (
+        voiced.iter().position(|&v| v),
+        voiced.iter().rposition(|&v| v),
+    ) else {
+        return Duration::ZERO;
+    };
+    let mut longest = 0u32;
+    let mut run = 0u32;
+    for &v in voiced.get(first..=last).unwrap_or_default() {
+        run = if v { 0 } else { run + 1 };
+        longest = longest.max(run);
+    }
+    Duration::from_millis(u64::from(longest) * 20)
+}
+
 fn parse_query(query: Option<&str>) -> Vec<(String, String)> {
     url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
@@ -652,16 +691,7 @@ impl Recognizer {
         let t = self.now();
         self.samples += frame.len() as u64;
         let end = self.now();
-        let energy = (frame
-            .iter()
-            .map(|&c| {
-                let s = f64::from(mulaw_to_linear(c));
-                s * s
-            })
-            .sum::<f64>()
-            / frame.len() as f64)
-            .sqrt();
-        let voiced = energy > self.shared.cfg.energy_threshold;
+        let voiced = frame_energy(frame) > self.shared.cfg.energy_threshold;
         match self.utt.as_mut() {
             None => {
                 if voiced {
