@@ -9,4 +9,5 @@ pub mod helm;
 pub mod postgres;
 pub mod prometheus_tools;
 pub mod speech;
+pub mod transcode;
 pub mod twilio_sim;

@@ -1,12 +1,15 @@
 //! MP3 decoding against fixtures encoded by LAME (see tests/fixtures/README.md), the
 //! whole MP3 -> 8 kHz mu-law path, and hostile input.
 
+use callmeback_tests::transcode::TranscodeError;
+use callmeback_tests::transcode::mp3::{
+    DEFAULT_MAX_SAMPLES, decode_mp3, decode_mp3_limited, mp3_to_mulaw_8k,
+};
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use voice_pod::audio::mp3::{DEFAULT_MAX_SAMPLES, decode_mp3, decode_mp3_limited, mp3_to_mulaw_8k};
-use voice_pod::audio::{AudioError, mulaw};
+use voice_pod::audio::mulaw;
 
-const MONO_1KHZ: &[u8] = include_bytes!("fixtures/sine_1000hz_22050_mono.mp3");
-const STEREO_440_1000: &[u8] = include_bytes!("fixtures/tones_440l_1000r_44100_stereo.mp3");
+const MONO_1KHZ: &[u8] = include_bytes!("../fixtures/sine_1000hz_22050_mono.mp3");
+const STEREO_440_1000: &[u8] = include_bytes!("../fixtures/tones_440l_1000r_44100_stereo.mp3");
 
 /// Power of one frequency in a signal (Goertzel), normalised by length.
 fn goertzel_power(samples: &[i16], rate: u32, freq: f64) -> f64 {
@@ -120,7 +123,7 @@ fn mp3_converts_to_8khz_mulaw_for_twilio() {
 fn empty_input_is_a_clear_error() {
     // Proves an empty body is rejected with its own error, not probed.
     let err = decode_mp3(&[]).unwrap_err();
-    assert!(matches!(err, AudioError::Mp3Empty), "{err}");
+    assert!(matches!(err, TranscodeError::Mp3Empty), "{err}");
     assert_eq!(err.metric_label(), "bad_mp3");
 }
 
@@ -204,7 +207,7 @@ fn output_limit_stops_oversized_streams() {
     assert!(
         matches!(
             err,
-            AudioError::Mp3TooLong {
+            TranscodeError::Mp3TooLong {
                 max_samples: 10_000
             }
         ),

@@ -1,19 +1,13 @@
-//! Audio hot paths: mu-law per 20 ms frame, resampling to 8 kHz, MP3 decoding.
+//! Audio hot path: mu-law per 20 ms frame (every frame in and out of a call).
 //!
-//! Run: `cargo bench -p voice-pod --bench audio`. After criterion's report it prints
-//! the resampler's real-time factor per input rate (seconds of audio per second of
-//! one core), measured by a plain timing loop over the same work.
+//! Run: `cargo bench -p voice-pod --bench audio`. Resampling and MP3 decoding, which
+//! the live path never runs, are measured in `tests/benches/transcode.rs`.
 
 use std::hint::black_box;
-use std::time::{Duration, Instant};
 
-use criterion::{BenchmarkId, Criterion, Throughput};
+use criterion::{Criterion, Throughput};
 use voice_pod::audio::frame::FRAME_BYTES;
-use voice_pod::audio::mp3::decode_mp3;
 use voice_pod::audio::mulaw;
-use voice_pod::audio::resample::Resampler;
-
-const RATES: [u32; 4] = [16_000, 22_050, 24_000, 44_100];
 
 /// Speech-band test signal: a few partials plus a deterministic noise floor, so the
 /// benchmark does not ride on an all-zero or single-tone special case.
@@ -66,67 +60,8 @@ fn bench_mulaw(c: &mut Criterion) {
     group.finish();
 }
 
-/// One second of audio through a resampler in 20 ms chunks, flushed at the end.
-fn resample_one_second(resampler: &mut Resampler, input: &[i16], out: &mut Vec<i16>) {
-    out.clear();
-    let chunk = (resampler.input_rate() / 50) as usize;
-    for piece in input.chunks(chunk) {
-        resampler.process(piece, out).expect("supported rate");
-    }
-    resampler.flush(out).expect("supported rate");
-}
-
-fn bench_resample(c: &mut Criterion) {
-    let mut group = c.benchmark_group("resample_1s_to_8k");
-    for rate in RATES {
-        let input = test_signal(rate, 1.0);
-        let mut resampler = Resampler::new(rate).expect("supported rate");
-        let mut out = Vec::with_capacity(8200);
-        group.throughput(Throughput::Elements(input.len() as u64));
-        group.bench_with_input(BenchmarkId::from_parameter(rate), &input, |b, input| {
-            b.iter(|| resample_one_second(&mut resampler, black_box(input), &mut out));
-        });
-    }
-    group.finish();
-}
-
-fn bench_mp3(c: &mut Criterion) {
-    let mp3 = include_bytes!("../tests/fixtures/sine_1000hz_22050_mono.mp3");
-    let mut group = c.benchmark_group("mp3_decode");
-    group.bench_function("1s_22050_mono_32kbps", |b| {
-        b.iter(|| decode_mp3(black_box(mp3)).expect("fixture decodes"));
-    });
-    group.finish();
-}
-
-/// Real-time factor of resampling on one core: audio seconds per wall-clock second.
-fn print_real_time_factors() {
-    println!("\nresampler real-time factor (1 s of audio in 20 ms chunks, one core):");
-    for rate in RATES {
-        let input = test_signal(rate, 1.0);
-        let mut resampler = Resampler::new(rate).expect("supported rate");
-        let mut out = Vec::with_capacity(8200);
-        // Warm up, then run for about two seconds.
-        resample_one_second(&mut resampler, &input, &mut out);
-        let start = Instant::now();
-        let mut seconds_of_audio = 0u32;
-        while start.elapsed() < Duration::from_secs(2) {
-            resample_one_second(&mut resampler, black_box(&input), &mut out);
-            seconds_of_audio += 1;
-        }
-        let rtf = f64::from(seconds_of_audio) / start.elapsed().as_secs_f64();
-        println!("  {rate:>6} Hz -> 8 kHz: {rtf:>8.0}x real time");
-    }
-}
-
 fn main() {
     let mut criterion = Criterion::default().configure_from_args();
     bench_mulaw(&mut criterion);
-    bench_resample(&mut criterion);
-    bench_mp3(&mut criterion);
     criterion.final_summary();
-    // `cargo test --benches` runs this binary without `--bench`: skip the timing loop there.
-    if std::env::args().any(|arg| arg == "--bench") {
-        print_real_time_factors();
-    }
 }

@@ -1,10 +1,10 @@
-//! The audio module's error type.
+//! The test transcoders' error type.
 
 use symphonia::core::errors::Error as SymphoniaError;
 
-/// Everything that can go wrong converting provider audio to Twilio's format.
+/// Everything that can go wrong resampling PCM or decoding MP3.
 #[derive(Debug, thiserror::Error)]
-pub enum AudioError {
+pub enum TranscodeError {
     /// The resampler only takes rates it can convert exactly in 20 ms blocks.
     #[error(
         "unsupported input sample rate {rate} Hz (supported: 8000 to 192000 Hz, a multiple of 50 Hz)"
@@ -62,21 +62,21 @@ pub enum AudioError {
     },
 }
 
-impl AudioError {
+impl TranscodeError {
     /// A short, fixed label for metrics (low cardinality, no payload data).
     pub fn metric_label(&self) -> &'static str {
         match self {
-            AudioError::UnsupportedRate { .. } => "unsupported_rate",
-            AudioError::ResamplerSetup { .. } | AudioError::Resample(_) => "resampler",
-            AudioError::Mp3Empty
-            | AudioError::Mp3Format(_)
-            | AudioError::Mp3NoTrack
-            | AudioError::Mp3MissingParameter(_)
-            | AudioError::Mp3Decoder(_)
-            | AudioError::Mp3RateChanged { .. }
-            | AudioError::Mp3Decode(_)
-            | AudioError::Mp3NoAudio => "bad_mp3",
-            AudioError::Mp3TooLong { .. } => "oversized",
+            TranscodeError::UnsupportedRate { .. } => "unsupported_rate",
+            TranscodeError::ResamplerSetup { .. } | TranscodeError::Resample(_) => "resampler",
+            TranscodeError::Mp3Empty
+            | TranscodeError::Mp3Format(_)
+            | TranscodeError::Mp3NoTrack
+            | TranscodeError::Mp3MissingParameter(_)
+            | TranscodeError::Mp3Decoder(_)
+            | TranscodeError::Mp3RateChanged { .. }
+            | TranscodeError::Mp3Decode(_)
+            | TranscodeError::Mp3NoAudio => "bad_mp3",
+            TranscodeError::Mp3TooLong { .. } => "oversized",
         }
     }
 }

@@ -19,7 +19,7 @@ use symphonia::core::io::{MediaSourceStream, MediaSourceStreamOptions};
 use symphonia::core::meta::MetadataOptions;
 use symphonia::core::probe::Hint;
 
-use super::AudioError;
+use super::TranscodeError;
 
 /// Default cap on decoded mono samples: ten minutes at 48 kHz, far beyond any single
 /// TTS utterance, small enough that a malicious stream cannot exhaust memory.
@@ -46,21 +46,24 @@ impl DecodedAudio {
 }
 
 /// Decodes a complete MP3 buffer to mono i16 with [`DEFAULT_MAX_SAMPLES`] as the limit.
-pub fn decode_mp3(bytes: &[u8]) -> Result<DecodedAudio, AudioError> {
+pub fn decode_mp3(bytes: &[u8]) -> Result<DecodedAudio, TranscodeError> {
     decode_mp3_limited(bytes, DEFAULT_MAX_SAMPLES)
 }
 
 /// Decodes a complete MP3 buffer and converts it to 8 kHz mu-law.
-pub fn mp3_to_mulaw_8k(bytes: &[u8]) -> Result<Vec<u8>, AudioError> {
+pub fn mp3_to_mulaw_8k(bytes: &[u8]) -> Result<Vec<u8>, TranscodeError> {
     let decoded = decode_mp3(bytes)?;
     super::resample::pcm_to_mulaw_8k(decoded.sample_rate, &decoded.samples)
 }
 
-/// Decodes a complete MP3 buffer to mono i16, failing with [`AudioError::Mp3TooLong`]
+/// Decodes a complete MP3 buffer to mono i16, failing with [`TranscodeError::Mp3TooLong`]
 /// once more than `max_samples` samples would be produced.
-pub fn decode_mp3_limited(bytes: &[u8], max_samples: usize) -> Result<DecodedAudio, AudioError> {
+pub fn decode_mp3_limited(
+    bytes: &[u8],
+    max_samples: usize,
+) -> Result<DecodedAudio, TranscodeError> {
     if bytes.is_empty() {
-        return Err(AudioError::Mp3Empty);
+        return Err(TranscodeError::Mp3Empty);
     }
     let source = MediaSourceStream::new(
         Box::new(Cursor::new(bytes.to_vec())),
@@ -76,17 +79,17 @@ pub fn decode_mp3_limited(bytes: &[u8], max_samples: usize) -> Result<DecodedAud
     };
     let probed = symphonia::default::get_probe()
         .format(&hint, source, &format_options, &MetadataOptions::default())
-        .map_err(AudioError::Mp3Format)?;
+        .map_err(TranscodeError::Mp3Format)?;
     let mut format = probed.format;
     let track = format
         .tracks()
         .iter()
         .find(|t| t.codec_params.codec != CODEC_TYPE_NULL)
-        .ok_or(AudioError::Mp3NoTrack)?;
+        .ok_or(TranscodeError::Mp3NoTrack)?;
     let track_id = track.id;
     let mut decoder = symphonia::default::get_codecs()
         .make(&track.codec_params, &DecoderOptions::default())
-        .map_err(AudioError::Mp3Decoder)?;
+        .map_err(TranscodeError::Mp3Decoder)?;
 
     let mut samples: Vec<i16> = Vec::new();
     let mut sample_rate: Option<u32> = None;
@@ -104,7 +107,7 @@ pub fn decode_mp3_limited(bytes: &[u8], max_samples: usize) -> Result<DecodedAud
                 }
                 continue;
             }
-            Err(err) => return Err(AudioError::Mp3Decode(err)),
+            Err(err) => return Err(TranscodeError::Mp3Decode(err)),
         };
         if packet.track_id() != track_id {
             continue;
@@ -119,7 +122,7 @@ pub fn decode_mp3_limited(bytes: &[u8], max_samples: usize) -> Result<DecodedAud
                 }
                 continue;
             }
-            Err(err) => return Err(AudioError::Mp3Decode(err)),
+            Err(err) => return Err(TranscodeError::Mp3Decode(err)),
         };
         consecutive_errors = 0;
         let spec = *buffer.spec();
@@ -129,7 +132,7 @@ pub fn decode_mp3_limited(bytes: &[u8], max_samples: usize) -> Result<DecodedAud
         match sample_rate {
             None => sample_rate = Some(spec.rate),
             Some(rate) if rate != spec.rate => {
-                return Err(AudioError::Mp3RateChanged {
+                return Err(TranscodeError::Mp3RateChanged {
                     from: rate,
                     to: spec.rate,
                 });
@@ -138,10 +141,10 @@ pub fn decode_mp3_limited(bytes: &[u8], max_samples: usize) -> Result<DecodedAud
         }
         let channels = spec.channels.count();
         if channels == 0 {
-            return Err(AudioError::Mp3MissingParameter("channel count"));
+            return Err(TranscodeError::Mp3MissingParameter("channel count"));
         }
         if samples.len() + buffer.frames() > max_samples {
-            return Err(AudioError::Mp3TooLong { max_samples });
+            return Err(TranscodeError::Mp3TooLong { max_samples });
         }
         let needed = buffer.capacity() as u64;
         let interleaved = match &mut scratch {
@@ -158,7 +161,7 @@ pub fn decode_mp3_limited(bytes: &[u8], max_samples: usize) -> Result<DecodedAud
             samples,
             sample_rate,
         }),
-        _ => Err(AudioError::Mp3NoAudio),
+        _ => Err(TranscodeError::Mp3NoAudio),
     }
 }
 

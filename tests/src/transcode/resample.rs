@@ -16,8 +16,8 @@
 
 use rubato::{FftFixedInOut, Resampler as _};
 
-use super::AudioError;
-use super::frame::SAMPLE_RATE as OUTPUT_RATE;
+use super::TranscodeError;
+use voice_pod::audio::frame::SAMPLE_RATE as OUTPUT_RATE;
 
 /// Lowest accepted input rate (8 kHz passes through unchanged).
 pub const MIN_INPUT_RATE: u32 = OUTPUT_RATE;
@@ -85,15 +85,15 @@ fn block_sizes(input_rate: u32) -> Option<(usize, usize)> {
 impl Resampler {
     /// A resampler from `input_rate` to 8 kHz. Rates from 8 to 192 kHz that are a
     /// multiple of 50 Hz are accepted (every rate a TTS provider offers).
-    pub fn new(input_rate: u32) -> Result<Self, AudioError> {
+    pub fn new(input_rate: u32) -> Result<Self, TranscodeError> {
         let (block_in, block_out) =
-            block_sizes(input_rate).ok_or(AudioError::UnsupportedRate { rate: input_rate })?;
+            block_sizes(input_rate).ok_or(TranscodeError::UnsupportedRate { rate: input_rate })?;
         let engine = if input_rate == OUTPUT_RATE {
             Engine::Passthrough
         } else {
             let fft =
                 FftFixedInOut::<f32>::new(input_rate as usize, OUTPUT_RATE as usize, block_in, 1)
-                    .map_err(|source| AudioError::ResamplerSetup {
+                    .map_err(|source| TranscodeError::ResamplerSetup {
                     rate: input_rate,
                     source,
                 })?;
@@ -124,7 +124,7 @@ impl Resampler {
     }
 
     /// Resamples a chunk, appending the 8 kHz samples it completes to `out`.
-    pub fn process(&mut self, input: &[i16], out: &mut Vec<i16>) -> Result<(), AudioError> {
+    pub fn process(&mut self, input: &[i16], out: &mut Vec<i16>) -> Result<(), TranscodeError> {
         self.consumed += input.len() as u64;
         match &mut self.engine {
             Engine::Passthrough => {
@@ -153,7 +153,7 @@ impl Resampler {
     /// Ends the stream: appends the remaining output (the buffered partial block and
     /// the filter's delay) to `out`, so the stream's total output is exactly
     /// `round(input_len * 8000 / input_rate)` samples. Then resets for a new stream.
-    pub fn flush(&mut self, out: &mut Vec<i16>) -> Result<(), AudioError> {
+    pub fn flush(&mut self, out: &mut Vec<i16>) -> Result<(), TranscodeError> {
         let rate = u64::from(self.input_rate);
         let target = (self.consumed * u64::from(OUTPUT_RATE) + rate / 2) / rate;
         if let Engine::Fft(engine) = &mut self.engine {
@@ -188,10 +188,10 @@ impl Resampler {
 impl FftEngine {
     /// Resamples the full input block, appends the output minus any start-up delay to
     /// `out`, and returns how many samples it appended.
-    fn run_block(&mut self, out: &mut Vec<i16>) -> Result<usize, AudioError> {
+    fn run_block(&mut self, out: &mut Vec<i16>) -> Result<usize, TranscodeError> {
         self.fft
             .process_into_buffer(&[&self.input[..]], &mut [&mut self.output[..]], None)
-            .map_err(AudioError::Resample)?;
+            .map_err(TranscodeError::Resample)?;
         self.filled = 0;
         let skip = self.skip.min(self.output.len());
         self.skip -= skip;
@@ -211,7 +211,7 @@ fn to_i16(x: f32) -> i16 {
 }
 
 /// Resamples a whole buffer to 8 kHz.
-pub fn resample_to_8k(input_rate: u32, pcm: &[i16]) -> Result<Vec<i16>, AudioError> {
+pub fn resample_to_8k(input_rate: u32, pcm: &[i16]) -> Result<Vec<i16>, TranscodeError> {
     let mut resampler = Resampler::new(input_rate)?;
     let expected = (pcm.len() as u64 * u64::from(OUTPUT_RATE)).div_ceil(u64::from(input_rate));
     let mut out = Vec::with_capacity(expected as usize);
@@ -221,9 +221,9 @@ pub fn resample_to_8k(input_rate: u32, pcm: &[i16]) -> Result<Vec<i16>, AudioErr
 }
 
 /// Resamples a whole buffer to 8 kHz and encodes it as mu-law, ready for framing.
-pub fn pcm_to_mulaw_8k(input_rate: u32, pcm: &[i16]) -> Result<Vec<u8>, AudioError> {
+pub fn pcm_to_mulaw_8k(input_rate: u32, pcm: &[i16]) -> Result<Vec<u8>, TranscodeError> {
     let pcm_8k = resample_to_8k(input_rate, pcm)?;
-    Ok(super::mulaw::encode(&pcm_8k))
+    Ok(voice_pod::audio::mulaw::encode(&pcm_8k))
 }
 
 #[cfg(test)]
@@ -381,7 +381,7 @@ mod tests {
         // Proves odd rates get a clear error instead of a huge or inexact resampler.
         for rate in [0, 4000, 7999, 44_099, 200_000] {
             let err = Resampler::new(rate).unwrap_err();
-            assert!(matches!(err, AudioError::UnsupportedRate { rate: r } if r == rate));
+            assert!(matches!(err, TranscodeError::UnsupportedRate { rate: r } if r == rate));
             assert_eq!(err.metric_label(), "unsupported_rate");
         }
     }
@@ -417,7 +417,7 @@ mod tests {
         // Proves the convenience pipeline is exactly resampling followed by G.711 encoding.
         let input = sine(16_000, 440.0, 10000.0, 0.25);
         let mulaw = pcm_to_mulaw_8k(16_000, &input).unwrap();
-        let expected = crate::audio::mulaw::encode(&resample_to_8k(16_000, &input).unwrap());
+        let expected = voice_pod::audio::mulaw::encode(&resample_to_8k(16_000, &input).unwrap());
         assert_eq!(mulaw, expected);
         assert_eq!(mulaw.len(), 2000);
     }
