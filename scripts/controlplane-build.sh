@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Builds the Kubernetes control plane the tests run against (etcd,
-# kube-apiserver, kube-controller-manager, kube-scheduler) from the Go module
+# kube-apiserver, kube-controller-manager, kube-scheduler), plus kubelet and
+# kube-proxy for the opt-in real node (tests/src/node.rs), from the Go module
 # in tests/controlplane/, and kwok (fake nodes whose pods report Running and
 # Ready) from tests/controlplane/kwok/, into a cache directory outside the
-# repository keyed by the pinned versions. A warm cache makes this a no-op; a cold one takes a
-# while (see README, "Testing").
+# repository keyed by the pinned versions and the recipe. A warm cache makes
+# this a no-op; a cold one takes a while (see README, "Testing"). Go's own
+# build cache (GOCACHE) is shared, so a recipe change recompiles only what it adds.
 #
 # Prints the binary directory on stdout (all progress goes to stderr), so
 # callers can do: BIN=$(scripts/controlplane-build.sh)
@@ -27,8 +29,10 @@ etcd_version="$(awk '$1 == "go.etcd.io/etcd/server/v3" && $2 ~ /^v/ { print $2; 
 kwok_version="$(awk '$1 == "sigs.k8s.io/kwok" && $2 ~ /^v/ { print $2; exit }' "$mod/kwok/go.mod")"
 [[ -n "$k8s_version" && -n "$etcd_version" && -n "$kwok_version" ]] || { log "cannot read versions from $mod/go.mod and $mod/kwok/go.mod"; exit 1; }
 
-bin="${CALLMEBACK_CONTROLPLANE_BIN:-${XDG_CACHE_HOME:-$HOME/.cache}/callmeback/k8s-${k8s_version}-etcd-${etcd_version}-kwok-${kwok_version}/bin}"
-binaries=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok)
+# "-node": the recipe with kubelet and kube-proxy. A checkout with the older
+# recipe keeps its own directory, so the two never rebuild over each other.
+bin="${CALLMEBACK_CONTROLPLANE_BIN:-${XDG_CACHE_HOME:-$HOME/.cache}/callmeback/k8s-${k8s_version}-etcd-${etcd_version}-kwok-${kwok_version}-node/bin}"
+binaries=(etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kwok)
 
 # The stamp records exactly what was built; a changed go.mod/go.sum or build
 # recipe (this script) rebuilds even when the version key stayed the same.
@@ -55,7 +59,7 @@ if up_to_date; then
   exit 0
 fi
 
-log "building Kubernetes $k8s_version, etcd $etcd_version and kwok $kwok_version into $bin (a cold build takes about 20 minutes on 2 cores)"
+log "building Kubernetes $k8s_version, etcd $etcd_version and kwok $kwok_version into $bin (a cold build takes about 30 minutes on 2 cores; one line per binary follows)"
 start=$SECONDS
 
 # Version stamps, as Kubernetes' hack/lib/version.sh sets them: the apiserver
@@ -74,20 +78,27 @@ rm -rf "$staging"
 mkdir -p "$staging"
 trap 'rm -rf "$staging"' EXIT
 
-(
-  cd "$mod"
+# One `go build` per binary, so progress shows per binary; the packages they
+# share compile once (Go's build cache).
+built=0
+build_one() { # <name> <package>
+  local name="$1" pkg="$2" t0=$SECONDS
+  log "[$((built + 1))/${#binaries[@]}] building $name ($pkg)"
   # The official release builds are static (CGO off) as well; it also avoids
   # needing a C toolchain. -mod=readonly: go.sum is committed and must match.
-  CGO_ENABLED=0 GOFLAGS="${GOFLAGS:-} -mod=readonly" go build -trimpath -ldflags "$ldflags" -o "$staging/" \
-    go.etcd.io/etcd/server/v3 \
-    k8s.io/kubernetes/cmd/kube-apiserver \
-    k8s.io/kubernetes/cmd/kube-controller-manager \
-    k8s.io/kubernetes/cmd/kube-scheduler
-)
-# etcd's main package is the server module's root: go drops the /v3 suffix
-# and names the binary "server".
-mv "$staging/server" "$staging/etcd"
+  (cd "$mod" && CGO_ENABLED=0 GOFLAGS="${GOFLAGS:-} -mod=readonly" go build -trimpath -ldflags "$ldflags" -o "$staging/$name" "$pkg")
+  built=$((built + 1))
+  log "[$built/${#binaries[@]}] $name built in $((SECONDS - t0))s"
+}
+build_one etcd go.etcd.io/etcd/server/v3
+build_one kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver
+build_one kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager
+build_one kube-scheduler k8s.io/kubernetes/cmd/kube-scheduler
+build_one kubelet k8s.io/kubernetes/cmd/kubelet
+build_one kube-proxy k8s.io/kubernetes/cmd/kube-proxy
 
+log "[$((built + 1))/${#binaries[@]}] building kwok"
+t0=$SECONDS
 (
   cd "$mod/kwok"
   CGO_ENABLED=0 GOFLAGS="${GOFLAGS:-} -mod=readonly" go build -trimpath -ldflags "-s -w" -o "$staging/" \
@@ -102,6 +113,7 @@ mv "$staging/server" "$staging/etcd"
     cat "$kwok_dir/kustomize/stage/$stage"
   done >"$staging/kwok-stages.yaml"
 )
+log "[${#binaries[@]}/${#binaries[@]}] kwok built in $((SECONDS - t0))s"
 
 rm -rf "$bin"
 mv "$staging" "$bin"
