@@ -18,6 +18,9 @@ rm -rf "$TMPDIR"
 mkdir -p "$TMPDIR"
 # Real caller speech for the provider and call tests (tests/src/speech.rs).
 command -v espeak-ng >/dev/null || (apt-get update -qq && apt-get install -y -qq espeak-ng)
+# containerd, runc, CNI plugins and iptables for the real test node (tests/src/controlplane/node.rs).
+{ command -v containerd && command -v runc && [ -x /usr/lib/cni/bridge ] && command -v iptables; } >/dev/null ||
+  (apt-get update -qq && apt-get install -y -qq containerd runc containernetworking-plugins iptables)
 # Real helm and kubectl for the chart tests (cached outside the repo).
 export CALLMEBACK_TOOLS_DIR="$(bash scripts/helm-tools.sh)"
 # A real Kubernetes control plane (etcd, kube-apiserver, -controller-manager, -scheduler, kwok)

@@ -134,13 +134,26 @@ impl Emulators {
         reply: ReplyFn,
         profile: ProviderProfile,
     ) -> anyhow::Result<Self> {
+        Self::start_on(std::net::Ipv4Addr::LOCALHOST.into(), script, reply, profile).await
+    }
+
+    /// [`Emulators::start`] listening on `bind`, e.g. the real test node's host
+    /// address, where its pods reach them.
+    pub async fn start_on(
+        bind: std::net::IpAddr,
+        script: Vec<String>,
+        reply: ReplyFn,
+        profile: ProviderProfile,
+    ) -> anyhow::Result<Self> {
         let deepgram = DeepgramEmulator::start(DeepgramEmulatorConfig {
+            bind,
             script,
             extra_latency: profile.stt_delay,
             ..DeepgramEmulatorConfig::default()
         })
         .await?;
         let cerebras = CerebrasEmulator::start(CerebrasEmulatorConfig {
+            bind,
             reply,
             first_token_latency: profile.llm_first_token,
             inter_token_delay: profile.llm_inter_token,
@@ -148,6 +161,7 @@ impl Emulators {
         })
         .await?;
         let elevenlabs = ElevenLabsEmulator::start(ElevenLabsEmulatorConfig {
+            bind,
             first_audio_latency: profile.tts_first_audio,
             ..ElevenLabsEmulatorConfig::default()
         })

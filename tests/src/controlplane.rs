@@ -7,13 +7,22 @@
 //! parallel. Setting `CALLMEBACK_E2E_KUBECONFIG` points the same tests at an
 //! existing cluster instead.
 //!
+//! A test binary that needs containers to really run asks for
+//! [`shared_with_node`] instead: the same control plane plus a real node
+//! (containerd, kubelet, kube-proxy; see [`node`]) in place of kwok's fake one.
+//!
 //! Teardown without `Drop`: statics are never dropped, and a crashed or killed
 //! test binary runs no destructor at all. So the servers run in their own
 //! process group, watched by a tiny `bash` watchdog that holds the read end of
 //! a pipe whose only writer is this process. When this process goes away for
 //! any reason the kernel closes the pipe, the watchdog reads EOF, kills the
-//! group (only the processes started here) and removes the temp dir.
+//! group (only the processes started here), runs the `cleanup.sh` a real
+//! node leaves in the temp dir (containers, mounts, bridge, iptables chains,
+//! cgroups) and removes the temp dir.
 
+pub mod node;
+
+use std::fs::File;
 use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt as _;
@@ -107,6 +116,8 @@ pub struct ControlPlane {
     kubeconfig_path: PathBuf,
     server_url: String,
     pods_run: bool,
+    /// The real node, when started with [`NodeKind::Real`].
+    node: Option<node::Node>,
     /// `None` when wrapping an existing cluster.
     processes: Option<Processes>,
 }
@@ -122,6 +133,16 @@ impl std::fmt::Debug for ControlPlane {
 }
 
 static SHARED: OnceCell<Result<ControlPlane, String>> = OnceCell::const_new();
+static SHARED_WITH_NODE: OnceCell<Result<ControlPlane, String>> = OnceCell::const_new();
+
+/// Which node the pods of a started control plane land on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeKind {
+    /// kwok's fake node: pods report Running and Ready, no container runs.
+    Fake,
+    /// A real kubelet with containerd and kube-proxy ([`node`]).
+    Real,
+}
 
 /// The control plane of this test binary, started on first use (or the
 /// cluster named by `CALLMEBACK_E2E_KUBECONFIG`). Panics with the reason if it
@@ -137,6 +158,26 @@ pub async fn shared() -> &'static ControlPlane {
     match result {
         Ok(control_plane) => control_plane,
         Err(reason) => panic!("the test control plane is unavailable: {reason}"),
+    }
+}
+
+/// Like [`shared`], with a real node ([`node::Node`]) instead of kwok's fake
+/// one: pods run as containers, probes are called, Services route packets.
+/// A test binary uses either this or [`shared`], never both. With
+/// `CALLMEBACK_E2E_KUBECONFIG` set the existing cluster is used as is.
+pub async fn shared_with_node() -> &'static ControlPlane {
+    let result = SHARED_WITH_NODE
+        .get_or_init(|| async {
+            match std::env::var_os(E2E_KUBECONFIG_ENV) {
+                Some(path) if !path.is_empty() => ControlPlane::existing(PathBuf::from(path)).await,
+                _ => ControlPlane::start_with(NodeKind::Real).await,
+            }
+            .map_err(|e| e.to_string())
+        })
+        .await;
+    match result {
+        Ok(control_plane) => control_plane,
+        Err(reason) => panic!("the test control plane with a real node is unavailable: {reason}"),
     }
 }
 
@@ -163,6 +204,7 @@ impl ControlPlane {
             config,
             kubeconfig_path,
             pods_run: true,
+            node: None,
             processes: None,
         })
     }
@@ -171,13 +213,29 @@ impl ControlPlane {
     /// dir and waits until the apiserver reports ready. Building the binaries
     /// first if the cache is cold.
     pub async fn start() -> Result<Self, ControlPlaneError> {
+        Self::start_with(NodeKind::Fake).await
+    }
+
+    /// [`Self::start`] with the given kind of node.
+    pub async fn start_with(kind: NodeKind) -> Result<Self, ControlPlaneError> {
         let bin = binaries_dir().await?;
+        // One real node per machine at a time: kube-proxy's iptables chains
+        // have fixed names. The lock is shared with the watchdog, so the next
+        // node waits until this one's cleanup has finished too.
+        let machine_lock = match kind {
+            NodeKind::Fake => None,
+            NodeKind::Real => Some(node::machine_lock().await?),
+        };
         let mut last_error = None;
         // Free ports are found by binding port 0 and releasing it; another
         // process can grab one before the server binds it, so retry on a
         // startup failure with fresh ports.
         for _ in 0..START_ATTEMPTS {
-            match Self::start_once(&bin).await {
+            let lock = match &machine_lock {
+                Some(lock) => Some(lock.try_clone().map_err(io("sharing the node lock"))?),
+                None => None,
+            };
+            match Self::start_once(&bin, kind, lock).await {
                 Ok(control_plane) => return Ok(control_plane),
                 Err(error) => last_error = Some(error),
             }
@@ -185,7 +243,11 @@ impl ControlPlane {
         Err(last_error.expect("at least one attempt was made"))
     }
 
-    async fn start_once(bin: &Path) -> Result<Self, ControlPlaneError> {
+    async fn start_once(
+        bin: &Path,
+        kind: NodeKind,
+        machine_lock: Option<File>,
+    ) -> Result<Self, ControlPlaneError> {
         let started = Instant::now();
         let dir = tempfile::Builder::new()
             .prefix("callmeback-controlplane-")
@@ -193,13 +255,22 @@ impl ControlPlane {
             .map_err(io("creating the control plane temp dir"))?
             // The watchdog removes it, also when this process dies.
             .keep();
-        let mut processes = Processes::new(dir.clone())?;
+        let mut processes = Processes::new(dir.clone(), machine_lock)?;
 
-        let pki = Pki::generate()?;
+        // A real node's pods reach the apiserver (through the `kubernetes`
+        // Service) at the host end of the node's bridge; kwok needs loopback only.
+        let network = match kind {
+            NodeKind::Fake => None,
+            NodeKind::Real => Some(node::Network::create(&dir).await?),
+        };
+        let api_address = network
+            .as_ref()
+            .map_or(Ipv4Addr::LOCALHOST, |network| network.gateway);
+        let pki = Pki::generate(api_address)?;
         let etcd_port = free_port()?;
         let etcd_peer_port = free_port()?;
         let api_port = free_port()?;
-        let server_url = format!("https://127.0.0.1:{api_port}");
+        let server_url = format!("https://{api_address}:{api_port}");
         let files = pki.write(&dir, &server_url)?;
 
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
@@ -225,8 +296,17 @@ impl ControlPlane {
         let mut apiserver = Command::new(bin.join("kube-apiserver"));
         apiserver.args([
             format!("--etcd-servers={etcd_url}"),
-            "--bind-address=127.0.0.1".to_owned(),
-            "--advertise-address=127.0.0.1".to_owned(),
+            format!("--bind-address={api_address}"),
+            format!("--advertise-address={api_address}"),
+            // `kubectl logs` goes apiserver -> kubelet, which authenticates it
+            // by this certificate (the admin one; a test cluster).
+            format!(
+                "--kubelet-client-certificate={}",
+                files.admin_cert.display()
+            ),
+            format!("--kubelet-client-key={}", files.admin_key.display()),
+            // The node's name resolves nowhere; its InternalIP is the bridge's host end.
+            "--kubelet-preferred-address-types=InternalIP".to_owned(),
             format!("--secure-port={api_port}"),
             format!("--cert-dir={}", dir.join("apiserver-certs").display()),
             format!("--tls-cert-file={}", files.serving_cert.display()),
@@ -281,10 +361,24 @@ impl ControlPlane {
         // get Running, Ready pods (no containers run). Skipped when the
         // binaries directory has no kwok.
         let kwok_stages = bin.join("kwok-stages.yaml");
-        let pods_run = bin.join("kube-scheduler").is_file()
+        let fake_node = kind == NodeKind::Fake
+            && bin.join("kube-scheduler").is_file()
             && bin.join("kwok").is_file()
             && kwok_stages.is_file();
-        if pods_run {
+        let mut real_node = None;
+        if let Some(network) = network {
+            let mut scheduler = Command::new(bin.join("kube-scheduler"));
+            scheduler.args([
+                format!("--kubeconfig={}", files.kubeconfig.display()),
+                "--secure-port=0".to_owned(),
+                "--leader-elect=false".to_owned(),
+            ]);
+            processes.spawn("kube-scheduler", scheduler)?;
+            real_node =
+                Some(node::Node::start(&mut processes, bin, network, &files, &client).await?);
+        }
+        let pods_run = fake_node || real_node.is_some();
+        if fake_node {
             let mut scheduler = Command::new(bin.join("kube-scheduler"));
             scheduler.args([
                 format!("--kubeconfig={}", files.kubeconfig.display()),
@@ -313,7 +407,12 @@ impl ControlPlane {
             .await?;
 
         eprintln!(
-            "callmeback control plane ready at {server_url} in {:.1}s (dir {})",
+            "callmeback control plane{} ready at {server_url} in {:.1}s (dir {})",
+            if real_node.is_some() {
+                " with a real node"
+            } else {
+                ""
+            },
             started.elapsed().as_secs_f64(),
             dir.display()
         );
@@ -322,6 +421,7 @@ impl ControlPlane {
             kubeconfig_path: files.kubeconfig,
             server_url,
             pods_run,
+            node: real_node,
             processes: Some(processes),
         })
     }
@@ -499,6 +599,12 @@ impl ControlPlane {
         self.pods_run
     }
 
+    /// The real node, when this control plane was started with one
+    /// ([`shared_with_node`]).
+    pub fn node(&self) -> Option<&node::Node> {
+        self.node.as_ref()
+    }
+
     /// The directory holding the servers' logs, when this control plane owns them.
     pub fn log_dir(&self) -> Option<&Path> {
         self.processes.as_ref().map(|p| p.dir.as_path())
@@ -632,16 +738,22 @@ struct Processes {
 /// `$1` temp dir, `$2` non-empty to keep it. First line read: the process
 /// group to kill; then it waits for EOF. Read failing early (no group yet)
 /// still cleans the dir. bash, because dash's `kill` cannot signal a group.
+/// `cleanup.sh`, when a real node wrote one, undoes what lives outside the
+/// group (containers, mounts, network, cgroups); it runs even when the dir is
+/// kept. stdout may be the machine-wide node lock (see
+/// [`ControlPlane::start_with`]), held until this script ends.
 const WATCHDOG_SCRIPT: &str = r#"
 if read -r group; then
   read -r _
   kill -KILL -- "-$group" 2>/dev/null
 fi
+[ -f "$1/cleanup.sh" ] && bash "$1/cleanup.sh" >"$1/cleanup.log" 2>&1
 [ -n "$2" ] || rm -rf -- "$1"
 "#;
 
 impl Processes {
-    fn new(dir: PathBuf) -> Result<Self, ControlPlaneError> {
+    /// `lock`: the machine-wide node lock, which the watchdog then holds too.
+    fn new(dir: PathBuf, lock: Option<File>) -> Result<Self, ControlPlaneError> {
         let keep = std::env::var_os(KEEP_ENV)
             .filter(|v| !v.is_empty())
             .map(|_| "keep")
@@ -653,7 +765,8 @@ impl Processes {
             .arg(&dir)
             .arg(keep)
             .stdin(Stdio::piped())
-            .stdout(Stdio::null())
+            // An flock belongs to the open file, which the child shares.
+            .stdout(lock.map_or_else(Stdio::null, Stdio::from))
             .stderr(Stdio::null())
             // Its own group: a Ctrl-C aimed at the test run must not kill it
             // before it has cleaned up.
@@ -836,6 +949,8 @@ struct Pki {
 
 struct PkiFiles {
     ca_cert: PathBuf,
+    admin_cert: PathBuf,
+    admin_key: PathBuf,
     ca_key: PathBuf,
     serving_cert: PathBuf,
     serving_key: PathBuf,
@@ -845,7 +960,8 @@ struct PkiFiles {
 }
 
 impl Pki {
-    fn generate() -> Result<Self, rcgen::Error> {
+    /// `api_address`: the apiserver's address, named in its certificate.
+    fn generate(api_address: Ipv4Addr) -> Result<Self, rcgen::Error> {
         let ca_key = KeyPair::generate()?;
         let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
         ca_params
@@ -872,6 +988,11 @@ impl Pki {
             "kubernetes.default.svc".to_owned(),
             "kubernetes.default.svc.cluster.local".to_owned(),
         ])?;
+        if !api_address.is_loopback() {
+            serving
+                .subject_alt_names
+                .push(rcgen::SanType::IpAddress(api_address.into()));
+        }
         serving
             .distinguished_name
             .push(DnType::CommonName, "kube-apiserver");
@@ -948,6 +1069,8 @@ impl Pki {
             .map_err(io(format!("writing {}", kubeconfig_path.display())))?;
         Ok(PkiFiles {
             ca_cert: write("ca.crt", &self.ca_pem)?,
+            admin_cert: write("admin.crt", &self.admin_cert_pem)?,
+            admin_key: write("admin.key", &self.admin_key_pem)?,
             ca_key: write("ca.key", &self.ca_key_pem)?,
             serving_cert: write("apiserver.crt", &self.serving_cert_pem)?,
             serving_key: write("apiserver.key", &self.serving_key_pem)?,

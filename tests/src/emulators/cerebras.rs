@@ -101,6 +101,9 @@ pub fn echo() -> ReplyFn {
 /// Emulator settings.
 #[derive(Clone)]
 pub struct CerebrasEmulatorConfig {
+    /// The address it listens on (a free port): loopback, or the test node's
+    /// host address when pods on the real node call it.
+    pub bind: std::net::IpAddr,
     /// The key clients must send as `Authorization: Bearer <key>`.
     pub api_key: String,
     /// Models `/v1/models` lists and completions accept.
@@ -116,6 +119,7 @@ pub struct CerebrasEmulatorConfig {
 impl Default for CerebrasEmulatorConfig {
     fn default() -> Self {
         Self {
+            bind: std::net::Ipv4Addr::LOCALHOST.into(),
             api_key: "test-cerebras-key".into(),
             models: vec![
                 "gpt-oss-120b".into(),
@@ -212,9 +216,9 @@ pub struct CerebrasEmulator {
 }
 
 impl CerebrasEmulator {
-    /// Starts the server on 127.0.0.1:0.
+    /// Starts the server on `cfg.bind` (127.0.0.1 by default), a free port.
     pub async fn start(cfg: CerebrasEmulatorConfig) -> std::io::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let listener = TcpListener::bind((cfg.bind, 0)).await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             latency: Mutex::new((cfg.first_token_latency, cfg.inter_token_delay)),

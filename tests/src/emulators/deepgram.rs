@@ -47,6 +47,9 @@ const FRAME_SEC: f64 = 0.02;
 /// Emulator settings. `Default` gives Deepgram's behaviour with no added latency.
 #[derive(Clone, Debug)]
 pub struct DeepgramEmulatorConfig {
+    /// The address it listens on (a free port): loopback, or the test node's
+    /// host address when pods on the real node call it.
+    pub bind: std::net::IpAddr,
     /// The key clients must send as `Authorization: Token <key>`.
     pub api_key: String,
     /// Transcript of each utterance, in order.
@@ -72,6 +75,7 @@ pub struct DeepgramEmulatorConfig {
 impl Default for DeepgramEmulatorConfig {
     fn default() -> Self {
         Self {
+            bind: std::net::Ipv4Addr::LOCALHOST.into(),
             api_key: "test-deepgram-key".into(),
             script: Vec::new(),
             extra_latency: Duration::ZERO,
@@ -170,9 +174,9 @@ pub struct DeepgramEmulator {
 }
 
 impl DeepgramEmulator {
-    /// Starts the server on 127.0.0.1:0.
+    /// Starts the server on `cfg.bind` (127.0.0.1 by default), a free port.
     pub async fn start(cfg: DeepgramEmulatorConfig) -> std::io::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let listener = TcpListener::bind((cfg.bind, 0)).await?;
         let addr = listener.local_addr()?;
         let (drop_epoch, _) = watch::channel(0u64);
         let (stall_epoch, _) = watch::channel(0u64);

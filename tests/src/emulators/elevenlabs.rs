@@ -48,6 +48,9 @@ const SCHEDULE_FIRST: usize = 120;
 /// Emulator settings.
 #[derive(Clone, Debug)]
 pub struct ElevenLabsEmulatorConfig {
+    /// The address it listens on (a free port): loopback, or the test node's
+    /// host address when pods on the real node call it.
+    pub bind: std::net::IpAddr,
     /// The key clients must send as `xi-api-key`.
     pub api_key: String,
     /// Delay from a context's first text to its first audio.
@@ -65,6 +68,7 @@ pub struct ElevenLabsEmulatorConfig {
 impl Default for ElevenLabsEmulatorConfig {
     fn default() -> Self {
         Self {
+            bind: std::net::Ipv4Addr::LOCALHOST.into(),
             api_key: "test-elevenlabs-key".into(),
             first_audio_latency: Duration::ZERO,
             chars_per_sec: 15.0,
@@ -148,9 +152,9 @@ pub struct ElevenLabsEmulator {
 }
 
 impl ElevenLabsEmulator {
-    /// Starts the server on 127.0.0.1:0.
+    /// Starts the server on `cfg.bind` (127.0.0.1 by default), a free port.
     pub async fn start(cfg: ElevenLabsEmulatorConfig) -> std::io::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let listener = TcpListener::bind((cfg.bind, 0)).await?;
         let addr = listener.local_addr()?;
         let (drop_epoch, _) = watch::channel(0u64);
         let (stall_epoch, _) = watch::channel(0u64);

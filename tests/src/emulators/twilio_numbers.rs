@@ -59,7 +59,8 @@ struct Shared {
     next_sid: AtomicU64,
 }
 
-/// A running emulator on 127.0.0.1:0; stops when dropped.
+/// A running emulator on 127.0.0.1:0 (or [`TwilioNumbersEmulator::start_on`]
+/// an address of choice); stops when dropped.
 pub struct TwilioNumbersEmulator {
     addr: SocketAddr,
     shared: Arc<Shared>,
@@ -75,6 +76,17 @@ impl Drop for TwilioNumbersEmulator {
 impl TwilioNumbersEmulator {
     /// Starts an emulator for one account.
     pub async fn start(account_sid: &str, auth_token: &str) -> std::io::Result<Self> {
+        Self::start_on(std::net::Ipv4Addr::LOCALHOST, account_sid, auth_token).await
+    }
+
+    /// Starts an emulator for one account on `ip` (a free port), for callers
+    /// outside this host's loopback: pods on the test node reach it at the
+    /// node's host address.
+    pub async fn start_on(
+        ip: std::net::Ipv4Addr,
+        account_sid: &str,
+        auth_token: &str,
+    ) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             account_sid: account_sid.into(),
             auth_token: auth_token.into(),
@@ -94,7 +106,7 @@ impl TwilioNumbersEmulator {
                 post(update),
             )
             .with_state(shared.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await?;
         let addr = listener.local_addr()?;
         let stop = CancellationToken::new();
         let stopped = stop.clone();
