@@ -326,7 +326,15 @@ async fn chart_runs_the_operator_as_a_real_pod_which_takes_the_lease_and_starts_
     let _turn = ONE_AT_A_TIME.lock().await;
     let cp = controlplane::shared_with_node().await;
     let node = cp.node().expect("a control plane started with a real node");
-    let installed = install_examples(cp, node, "node-chart", example_secret()).await;
+    // The example's placeholders, except what the voice pods refuse or cannot
+    // reach here: a short API token (they exit), a database host that resolves nowhere.
+    let mut secret = example_secret();
+    secret.insert(
+        "CALLMEBACK_API_TOKEN".into(),
+        "node-e2e-api-token-0123456789abcdef".into(),
+    );
+    secret.remove("DATABASE_URL");
+    let installed = install_examples(cp, node, "node-chart", secret).await;
 
     // The operator wired the example's numbers through the emulator on the
     // host: pod -> bridge -> host traffic works, not only the Service.
