@@ -689,7 +689,7 @@ mod tests {
         // Proves the bridge subnet never overlaps a 10.x network already on the machine.
         let used = "inet 10.64.0.5/24\n10.65.0.0/16 dev eth0\n";
         let (second, _) = free_subnet(used, "aaaa").expect("a free subnet");
-        assert!(second >= 64 && second < 128);
+        assert!((64..128).contains(&second));
         assert!(!used.contains(&format!("10.{second}.")));
     }
 }
