@@ -18,7 +18,6 @@ use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::core::{PartialObjectMeta, Selector, SelectorExt};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, Recorder, Reporter};
@@ -47,7 +46,8 @@ pub const REPORTER: &str = "callmeback-operator";
 /// Operator settings (from flags in `voice-operator run`).
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Twilio REST base when the Secret has no `TWILIO_API_URL`.
+    /// The Twilio REST base for every number wiring. Only the operator sets it; a
+    /// tenant Secret's `TWILIO_API_URL` reaches the pods, never the operator's requests.
     pub twilio_api_url: String,
     /// How long deletion keeps trying to restore Twilio numbers before releasing.
     pub twilio_restore_deadline: Duration,
@@ -271,8 +271,6 @@ pub async fn run(client: Client, config: Config, metrics: Metrics, shutdown: Can
         .owns(api::<Service>(&client, ns), owned.clone())
         .owns(api::<ConfigMap>(&client, ns), owned.clone())
         .owns(api::<ServiceAccount>(&client, ns), owned.clone())
-        .owns(api::<Role>(&client, ns), owned.clone())
-        .owns(api::<RoleBinding>(&client, ns), owned.clone())
         .owns(api::<HorizontalPodAutoscaler>(&client, ns), owned.clone())
         .owns(api::<PodDisruptionBudget>(&client, ns), owned.clone())
         .owns(api::<Ingress>(&client, ns), owned)

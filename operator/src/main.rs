@@ -55,7 +55,8 @@ struct RunArgs {
     /// Watch only this namespace (default: all).
     #[arg(long, env = "OPERATOR_WATCH_NAMESPACE")]
     watch_namespace: Option<String>,
-    /// Twilio REST base when a Secret has no TWILIO_API_URL.
+    /// Twilio REST base for pointing numbers at voice pods (emulators, a proxy). Only
+    /// the operator chooses it: a tenant Secret's TWILIO_API_URL is for the pods.
     #[arg(long, env = "TWILIO_API_URL", default_value = voice_operator::twilio_numbers::DEFAULT_TWILIO_API_URL)]
     twilio_api_url: String,
     /// Seconds deletion keeps retrying to restore Twilio numbers before giving up.
@@ -129,6 +130,8 @@ async fn main() -> anyhow::Result<()> {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     init_logs(&args.log_format);
+    let twilio_api_url = voice_operator::twilio_numbers::validate_api_base(&args.twilio_api_url)
+        .context("--twilio-api-url / TWILIO_API_URL")?;
     let client = kube::Client::try_default()
         .await
         .context("connecting to Kubernetes")?;
@@ -162,7 +165,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| format!("voice-operator-{}", std::process::id()));
     let config = Config {
-        twilio_api_url: args.twilio_api_url,
+        twilio_api_url,
         twilio_restore_deadline: Duration::from_secs(args.twilio_restore_deadline_seconds),
         namespace: args.watch_namespace,
         concurrency: args.concurrency,

@@ -220,19 +220,13 @@ fn service_pdb_and_rbac_match_golden() {
     let v = vd(vd_spec());
     golden("service", &service::service(&v).unwrap());
     golden("pdb", &pdb::pdb(&v).unwrap());
-    golden(
-        "rbac",
-        &(
-            rbac::service_account(&v).unwrap(),
-            rbac::role(&v).unwrap(),
-            rbac::role_binding(&v).unwrap(),
-        ),
-    );
-    let role = rbac::role(&v).unwrap();
-    let rules = role.rules.unwrap();
-    assert_eq!(rules.len(), 1);
-    assert_eq!(rules[0].resources, Some(vec!["pods".to_string()]));
-    assert_eq!(rules[0].verbs, vec!["get".to_string(), "patch".to_string()]);
+    let sa = rbac::service_account(&v).unwrap();
+    golden("rbac", &sa);
+    // The pods get no Kubernetes API access: no token mounted, by the account or the pod.
+    assert_eq!(sa.automount_service_account_token, Some(false));
+    let d = deployment(&v, &inputs()).unwrap();
+    let pod = d.spec.unwrap().template.spec.unwrap();
+    assert_eq!(pod.automount_service_account_token, Some(false));
 }
 
 #[test]
@@ -255,6 +249,38 @@ fn ingress_defaults_its_host_to_the_public_url() {
         Some("voice.example.com")
     );
     assert!(ingress::ingress(&vd(vd_spec())).unwrap().is_none());
+}
+
+#[test]
+fn an_ingress_never_carries_a_snippet_annotation() {
+    // Proves a VoiceDeployment's snippet annotation is dropped from the built Ingress (and named as rejected) while an allowed timeout passes.
+    let mut spec = vd_spec();
+    spec.ingress = Some(IngressSpec {
+        host: None,
+        class_name: Some("nginx".into()),
+        tls_secret_name: None,
+        annotations: BTreeMap::from([
+            (
+                "nginx.ingress.kubernetes.io/server-snippet".into(),
+                "location /metrics { proxy_pass http://10.0.0.1; }".into(),
+            ),
+            (
+                "nginx.ingress.kubernetes.io/proxy-read-timeout".into(),
+                "3600".into(),
+            ),
+        ]),
+    });
+    let v = vd(spec);
+    let ing = ingress::ingress(&v).unwrap().unwrap();
+    let annotations = ing.metadata.annotations.unwrap();
+    assert_eq!(
+        annotations.keys().collect::<Vec<_>>(),
+        ["nginx.ingress.kubernetes.io/proxy-read-timeout"]
+    );
+    assert_eq!(
+        ingress::rejected_annotations(&v),
+        ["nginx.ingress.kubernetes.io/server-snippet"]
+    );
 }
 
 #[test]
@@ -324,7 +350,7 @@ fn every_object_is_owned_by_the_voice_deployment() {
         .unwrap()
         .to_json_values()
         .unwrap();
-    assert_eq!(objects.len(), 9);
+    assert_eq!(objects.len(), 7);
     for o in objects {
         let owners = &o["metadata"]["ownerReferences"];
         assert_eq!(owners[0]["uid"], "uid-vd-front-desk", "{}", o["kind"]);

@@ -13,7 +13,7 @@ use callmeback_tests::controlplane::{self, ControlPlane};
 use callmeback_tests::emulators::twilio_numbers::TwilioNumbersEmulator;
 use callmeback_tests::helm::{Helm, chart_dir, kubectl, parse_manifests, repo_root};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ApiResource, DynamicObject, ListParams};
@@ -33,6 +33,7 @@ const ALL_TOGGLES: &[&str] = &[
     "monitoring.prometheusRule.enabled=true",
     "monitoring.dashboard.enabled=true",
     "podDisruptionBudget.enabled=true",
+    "networkPolicy.enabled=true",
 ];
 
 /// Installs the ServiceMonitor, PodMonitor and PrometheusRule CRDs from the
@@ -236,8 +237,7 @@ async fn chart_installs_and_upgrades_with_every_object_validated_by_the_apiserve
     let role: Api<ClusterRole> = Api::all(cp.client());
     let rules = serde_json::to_value(role.get(&fullname).await.unwrap().rules).unwrap();
     let file_rules: Value = serde_saphyr::from_str(
-        &std::fs::read_to_string(chart_dir().join("files/operator-clusterrole-rules.yaml"))
-            .unwrap(),
+        &std::fs::read_to_string(chart_dir().join("files/operator-rules.yaml")).unwrap(),
     )
     .unwrap();
     assert_eq!(
@@ -500,4 +500,140 @@ async fn operator_as_the_charts_service_account_reconciles_the_examples() {
         .await
         .expect("the operator stops on shutdown")
         .unwrap();
+}
+
+#[tokio::test]
+async fn namespace_scoped_chart_rbac_confines_the_operator_to_its_namespace() {
+    // Proves operator.watchNamespace: the real operator, authenticated as the chart's
+    // ServiceAccount, reconciles a VoiceDeployment in the watched namespace with the
+    // chart's Role alone, yet cannot read a Secret in any other namespace (its own
+    // included) nor list Secrets cluster-wide.
+    let cp = controlplane::shared().await;
+    let op_ns = cp.new_namespace("chart-scoped-op").await;
+    let calls_ns = cp.new_namespace("chart-scoped-calls").await;
+    let other_ns = cp.new_namespace("chart-scoped-other").await;
+    let release = op_ns.clone();
+    let watch = format!("operator.watchNamespace={calls_ns}");
+    install(&helm_for(cp), &release, &op_ns, &[watch.as_str()]);
+    established(cp, "personas.callmeback.dev").await;
+    established(cp, "voicedeployments.callmeback.dev").await;
+
+    let admin = cp.client();
+    let secret = |name: &str| -> Secret {
+        serde_json::from_value(serde_json::json!({
+            "metadata": { "name": name },
+            "stringData": { "DATABASE_URL": "postgres://u:hunter2@db/x" },
+        }))
+        .unwrap()
+    };
+    for ns in [&op_ns, &other_ns] {
+        Api::<Secret>::namespaced(admin.clone(), ns)
+            .create(&Default::default(), &secret("elsewhere"))
+            .await
+            .unwrap();
+    }
+    kubectl(
+        cp.kubeconfig_path(),
+        [
+            "apply",
+            "--namespace",
+            calls_ns.as_str(),
+            "-f",
+            example("secret.yaml").to_str().unwrap(),
+            "-f",
+            example("persona.yaml").to_str().unwrap(),
+        ],
+    )
+    .unwrap_or_else(|e| panic!("examples apply cleanly: {e}"));
+    let persona: Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(example("persona.yaml")).unwrap()).unwrap();
+    let persona_name = persona["metadata"]["name"].as_str().unwrap().to_string();
+    let secret_name = secret_value_name(&example("secret.yaml"));
+    let vd: VoiceDeployment = serde_json::from_value(serde_json::json!({
+        "apiVersion": "callmeback.dev/v1alpha1",
+        "kind": "VoiceDeployment",
+        "metadata": { "name": "desk" },
+        "spec": {
+            "personas": [persona_name],
+            "secretRef": { "name": secret_name },
+            "publicUrl": "https://voice.example.com",
+            "replicas": 1,
+        }
+    }))
+    .unwrap();
+    Api::<VoiceDeployment>::namespaced(admin.clone(), &calls_ns)
+        .create(&Default::default(), &vd)
+        .await
+        .unwrap();
+
+    let client = cp
+        .client_for_service_account(&op_ns, &format!("{release}-callmeback"))
+        .await;
+    // RBAC takes effect at once for a new binding, but allow the cache a moment.
+    eventually(
+        "the Role grants Secret read in the watched namespace",
+        || async {
+            Api::<Secret>::namespaced(client.clone(), &calls_ns)
+                .get(&secret_name)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        },
+    )
+    .await;
+    let forbidden = |r: Result<Secret, kube::Error>| match r {
+        Err(kube::Error::Api(s)) => s.code == 403,
+        _ => false,
+    };
+    for ns in [&other_ns, &op_ns] {
+        let r = Api::<Secret>::namespaced(client.clone(), ns)
+            .get("elsewhere")
+            .await;
+        assert!(forbidden(r), "the operator read a Secret in {ns}");
+    }
+    let all = Api::<Secret>::all(client.clone())
+        .list(&ListParams::default())
+        .await;
+    assert!(
+        matches!(all, Err(kube::Error::Api(ref s)) if s.code == 403),
+        "the operator listed Secrets cluster-wide"
+    );
+
+    // And the Role is enough to do the job.
+    let shutdown = CancellationToken::new();
+    let config = voice_operator::controller::Config {
+        twilio_api_url: "http://127.0.0.1:9".into(),
+        namespace: Some(calls_ns.clone()),
+        instance: Some("chart-scoped-test".into()),
+        ..Default::default()
+    };
+    let operator = tokio::spawn(voice_operator::controller::run(
+        client,
+        config,
+        voice_operator::metrics::Metrics::new(),
+        shutdown.clone(),
+    ));
+    let deployments: Api<Deployment> = Api::namespaced(admin.clone(), &calls_ns);
+    eventually(
+        "the voice pods' Deployment in the watched namespace",
+        || async {
+            deployments
+                .get("desk")
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        },
+    )
+    .await;
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(30), operator)
+        .await
+        .expect("the operator stops on shutdown")
+        .unwrap();
+}
+
+/// The `metadata.name` of a Secret manifest.
+fn secret_value_name(path: &Path) -> String {
+    let doc: Value = serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    doc["metadata"]["name"].as_str().unwrap().to_string()
 }

@@ -33,6 +33,13 @@ const TOGGLES: &[&[(&str, &str)]] = &[
         ("operator.watchNamespace", "voice"),
         ("operator.twilioApiUrl", "http://twilio.internal:8080"),
     ],
+    &[("networkPolicy.enabled", "true")],
+    &[
+        ("networkPolicy.enabled", "true"),
+        ("networkPolicy.voicePods.namespaces[0]", "calls-a"),
+        ("networkPolicy.voicePods.namespaces[1]", "calls-b"),
+        ("networkPolicy.operator.apiServerCidrs[0]", "10.0.0.1/32"),
+    ],
     &[
         ("monitoring.serviceMonitor.enabled", "true"),
         ("monitoring.podMonitor.enabled", "true"),
@@ -97,6 +104,9 @@ fn helm_template_renders_exactly_the_objects_each_toggle_asks_for() {
         "PrometheusRule",
         "ConfigMap",
         "PodDisruptionBudget",
+        "NetworkPolicy",
+        "Role",
+        "RoleBinding",
     ] {
         assert_eq!(count(&default, kind), 0, "{kind} is off by default");
     }
@@ -301,8 +311,15 @@ fn chart_app_version() -> String {
 }
 
 fn rules_file() -> Value {
-    let text =
-        std::fs::read_to_string(chart_dir().join("files/operator-clusterrole-rules.yaml")).unwrap();
+    chart_file("files/operator-rules.yaml")
+}
+
+fn lease_rules_file() -> Value {
+    chart_file("files/operator-leader-election-rules.yaml")
+}
+
+fn chart_file(path: &str) -> Value {
+    let text = std::fs::read_to_string(chart_dir().join(path)).unwrap();
     serde_saphyr::from_str(&text).unwrap()
 }
 
@@ -320,7 +337,11 @@ fn cluster_role_grants_exactly_the_operator_rules_file() {
         json!([{"kind": "ServiceAccount", "name": "cmb-callmeback", "namespace": "voice"}])
     );
     // No wildcard anywhere: least privilege is spelled out.
-    for rule in rules_file().as_array().unwrap() {
+    let all_rules: Vec<Value> = [rules_file(), lease_rules_file()]
+        .iter()
+        .flat_map(|r| r.as_array().unwrap().clone())
+        .collect();
+    for rule in &all_rules {
         for field in ["apiGroups", "resources", "verbs"] {
             assert!(
                 !rule[field].as_array().unwrap().iter().any(|v| v == "*"),
@@ -331,10 +352,137 @@ fn cluster_role_grants_exactly_the_operator_rules_file() {
 }
 
 #[test]
+fn watch_namespace_turns_the_operators_rbac_into_roles_in_that_namespace() {
+    // Proves operator.watchNamespace grants the operator's rules as a Role in that namespace and nothing cluster-wide (no Secret read or Deployment write outside it), and the Lease rules only in the release namespace, only with leader election.
+    let objs = helm()
+        .template(
+            "cmb",
+            "voice",
+            &[("operator.watchNamespace", "calls"), ("replicaCount", "2")],
+        )
+        .unwrap();
+    assert_eq!(all_of(&objs, "ClusterRole").count(), 0);
+    assert_eq!(all_of(&objs, "ClusterRoleBinding").count(), 0);
+    let role = find(&objs, "Role", "cmb-callmeback").unwrap();
+    assert_eq!(role["metadata"]["namespace"], "calls");
+    assert_eq!(role["rules"], rules_file());
+    let binding = find(&objs, "RoleBinding", "cmb-callmeback").unwrap();
+    assert_eq!(binding["metadata"]["namespace"], "calls");
+    assert_eq!(
+        binding["roleRef"],
+        json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "cmb-callmeback"})
+    );
+    assert_eq!(
+        binding["subjects"],
+        json!([{"kind": "ServiceAccount", "name": "cmb-callmeback", "namespace": "voice"}])
+    );
+    let lease = find(&objs, "Role", "cmb-callmeback-leader-election").unwrap();
+    assert_eq!(lease["metadata"]["namespace"], "voice");
+    assert_eq!(lease["rules"], lease_rules_file());
+    let lease_binding = find(&objs, "RoleBinding", "cmb-callmeback-leader-election").unwrap();
+    assert_eq!(lease_binding["metadata"]["namespace"], "voice");
+
+    // One replica without forced election needs no Lease, so gets no Lease rights.
+    let single = helm()
+        .template("cmb", "voice", &[("operator.watchNamespace", "calls")])
+        .unwrap();
+    assert!(find(&single, "Role", "cmb-callmeback-leader-election").is_none());
+    // Cluster-wide mode grants the same rules as a ClusterRole, the Lease still as a Role.
+    let wide = helm()
+        .template("cmb", "voice", &[("leaderElection.enabled", "true")])
+        .unwrap();
+    assert_eq!(
+        find(&wide, "ClusterRole", "cmb-callmeback").unwrap()["rules"],
+        rules_file()
+    );
+    assert!(find(&wide, "Role", "cmb-callmeback").is_none());
+    assert_eq!(
+        find(&wide, "Role", "cmb-callmeback-leader-election").unwrap()["metadata"]["namespace"],
+        "voice"
+    );
+    // Neither mode lets the operator grant or touch RBAC, pods or nodes.
+    for rule in rules_file().as_array().unwrap() {
+        for res in rule["resources"].as_array().unwrap() {
+            assert!(
+                !["roles", "rolebindings", "clusterroles", "pods", "nodes"]
+                    .contains(&res.as_str().unwrap()),
+                "{rule}"
+            );
+        }
+    }
+}
+
+#[test]
+fn network_policies_are_off_by_default_and_open_only_the_documented_ports() {
+    // Proves the optional NetworkPolicies: voice pods take 8080 from the ingress controller's namespace and 9090 from monitoring, reach only DNS and 443; the operator takes 8080 from monitoring and reaches DNS and the API ports.
+    let objs = helm()
+        .template(
+            "cmb",
+            "voice",
+            &[
+                ("networkPolicy.enabled", "true"),
+                ("operator.watchNamespace", "calls"),
+            ],
+        )
+        .unwrap();
+    let pods = find(&objs, "NetworkPolicy", "cmb-callmeback-voice-pods").unwrap();
+    assert_eq!(pods["metadata"]["namespace"], "calls");
+    let spec = &pods["spec"];
+    assert_eq!(
+        spec["podSelector"]["matchLabels"],
+        json!({"app.kubernetes.io/name": "voice-pod", "app.kubernetes.io/managed-by": "callmeback-operator"})
+    );
+    assert_eq!(spec["policyTypes"], json!(["Ingress", "Egress"]));
+    let ingress = spec["ingress"].as_array().unwrap();
+    assert_eq!(ingress.len(), 2);
+    assert_eq!(
+        ingress[0]["ports"],
+        json!([{"port": 8080, "protocol": "TCP"}])
+    );
+    assert_eq!(
+        ingress[0]["from"][0]["namespaceSelector"],
+        json!({"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}})
+    );
+    assert_eq!(
+        ingress[1]["ports"],
+        json!([{"port": 9090, "protocol": "TCP"}])
+    );
+    assert_eq!(
+        ingress[1]["from"][0]["namespaceSelector"],
+        json!({"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}})
+    );
+    assert_eq!(
+        spec["egress"],
+        json!([
+            {"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]},
+            {"ports": [{"port": 443, "protocol": "TCP"}]},
+        ])
+    );
+    let op = find(&objs, "NetworkPolicy", "cmb-callmeback-operator").unwrap();
+    assert_eq!(op["metadata"]["namespace"], "voice");
+    assert_eq!(
+        op["spec"]["podSelector"]["matchLabels"],
+        all_of(&objs, "Deployment").next().unwrap()["spec"]["selector"]["matchLabels"]
+    );
+    assert_eq!(
+        op["spec"]["ingress"][0]["ports"],
+        json!([{"port": 8080, "protocol": "TCP"}])
+    );
+    assert_eq!(
+        op["spec"]["egress"][1]["ports"],
+        json!([{"port": 443, "protocol": "TCP"}, {"port": 6443, "protocol": "TCP"}])
+    );
+}
+
+#[test]
 fn chart_readme_lists_every_resource_the_operator_may_touch() {
     // Proves the chart README's permission table names every resource in the rules file.
     let readme = std::fs::read_to_string(chart_dir().join("README.md")).unwrap();
-    for rule in rules_file().as_array().unwrap() {
+    let all_rules: Vec<Value> = [rules_file(), lease_rules_file()]
+        .iter()
+        .flat_map(|r| r.as_array().unwrap().clone())
+        .collect();
+    for rule in &all_rules {
         for res in rule["resources"].as_array().unwrap() {
             let res = res.as_str().unwrap();
             assert!(

@@ -1,7 +1,7 @@
 //! The operator's real `Controller` loop (`voice_operator::controller::run`, the code
 //! behind `voice-operator run`) against the real control plane, running under exactly
-//! the chart's ClusterRole rules (`charts/callmeback/files/operator-clusterrole-rules.yaml`)
-//! with a ServiceAccount token, never as admin. Each test has its own namespace and its
+//! the chart's cluster-wide rules (`charts/callmeback/files/operator-rules.yaml` as a
+//! ClusterRole, the Lease rules as a Role) with a ServiceAccount token, never as admin. Each test has its own namespace and its
 //! own namespace-scoped operator, so tests run in parallel.
 
 use std::collections::BTreeMap;
@@ -127,15 +127,51 @@ impl Drop for Operator {
     }
 }
 
-/// A client holding exactly the chart's operator rules (ClusterRole + binding to a
-/// ServiceAccount in `ns`), like the chart installs.
+fn chart_rules(file: &str) -> Vec<PolicyRule> {
+    yaml_docs(&format!("charts/callmeback/files/{file}"))
+        .into_iter()
+        .flat_map(|doc| serde_json::from_value::<Vec<PolicyRule>>(doc).unwrap())
+        .collect()
+}
+
+/// A client holding exactly the chart's operator rules in cluster-wide mode
+/// (ClusterRole + binding to a ServiceAccount in `ns`, the Lease Role in `ns`), like
+/// the chart installs.
 async fn operator_client(cp: &ControlPlane, ns: &str) -> Client {
     let admin = cp.client();
-    let rules: Vec<PolicyRule> =
-        yaml_docs("charts/callmeback/files/operator-clusterrole-rules.yaml")
-            .into_iter()
-            .flat_map(|doc| serde_json::from_value::<Vec<PolicyRule>>(doc).unwrap())
-            .collect();
+    let rules = chart_rules("operator-rules.yaml");
+    let lease_role = Role {
+        metadata: ObjectMeta {
+            name: Some("operator-leader-election".into()),
+            ..Default::default()
+        },
+        rules: Some(chart_rules("operator-leader-election-rules.yaml")),
+    };
+    Api::<Role>::namespaced(admin.clone(), ns)
+        .create(&PostParams::default(), &lease_role)
+        .await
+        .unwrap();
+    let lease_binding = RoleBinding {
+        metadata: ObjectMeta {
+            name: Some("operator-leader-election".into()),
+            ..Default::default()
+        },
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "Role".into(),
+            name: "operator-leader-election".into(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: "operator".into(),
+            namespace: Some(ns.into()),
+            api_group: None,
+        }]),
+    };
+    Api::<RoleBinding>::namespaced(admin.clone(), ns)
+        .create(&PostParams::default(), &lease_binding)
+        .await
+        .unwrap();
     let sa = ServiceAccount {
         metadata: ObjectMeta {
             name: Some("operator".into()),
@@ -184,14 +220,17 @@ async fn operator_client(cp: &ControlPlane, ns: &str) -> Client {
     cp.client_for_service_account(ns, "operator").await
 }
 
-async fn start_operator(cp: &ControlPlane, ns: &str) -> Operator {
+/// Where an operator without a Twilio emulator sends Twilio requests: a closed port.
+const NO_TWILIO: &str = "http://127.0.0.1:9";
+
+async fn start_operator(cp: &ControlPlane, ns: &str, twilio_api_url: &str) -> Operator {
     let client = operator_client(cp, ns).await;
     let metrics = Metrics::new();
     let stop = CancellationToken::new();
     let config = Config {
         namespace: Some(ns.into()),
         twilio_restore_deadline: Duration::from_secs(5),
-        twilio_api_url: "http://127.0.0.1:9".into(),
+        twilio_api_url: twilio_api_url.into(),
         concurrency: 4,
         instance: Some("test".into()),
     };
@@ -208,12 +247,20 @@ async fn start_operator(cp: &ControlPlane, ns: &str) -> Operator {
     }
 }
 
-/// Namespace, admin client, CRDs and a running operator.
+/// Namespace, admin client, CRDs and a running operator with no Twilio.
 async fn setup(prefix: &str) -> (&'static ControlPlane, String, Client, Operator) {
+    setup_with_twilio(prefix, NO_TWILIO).await
+}
+
+/// The same, with the operator's own Twilio base (the `--twilio-api-url` setting).
+async fn setup_with_twilio(
+    prefix: &str,
+    twilio_api_url: &str,
+) -> (&'static ControlPlane, String, Client, Operator) {
     let cp = controlplane::shared().await;
     install_crds(cp).await;
     let ns = cp.new_namespace(prefix).await;
-    let op = start_operator(cp, &ns).await;
+    let op = start_operator(cp, &ns, twilio_api_url).await;
     (cp, ns, cp.client(), op)
 }
 
@@ -239,11 +286,12 @@ async fn apply_json(client: &Client, ns: &str, doc: serde_json::Value) {
     result.unwrap_or_else(|e| panic!("applying {kind}/{name}: {e}"));
 }
 
-fn secret_doc(twilio_url: &str) -> serde_json::Value {
+/// The example Secret with the emulators' Twilio credentials. Where the operator
+/// sends Twilio requests is the operator's setting ([`setup_with_twilio`]), not this.
+fn secret_doc() -> serde_json::Value {
     let mut doc = yaml_docs("examples/secret.yaml").remove(0);
     doc["stringData"]["TWILIO_ACCOUNT_SID"] = ACCOUNT_SID.into();
     doc["stringData"]["TWILIO_AUTH_TOKEN"] = AUTH_TOKEN.into();
-    doc["stringData"]["TWILIO_API_URL"] = twilio_url.into();
     doc
 }
 
@@ -369,8 +417,6 @@ async fn resource_versions(
     rv::<Service>(client, ns, vd, &mut out).await;
     rv::<PodDisruptionBudget>(client, ns, vd, &mut out).await;
     rv::<ServiceAccount>(client, ns, &sa, &mut out).await;
-    rv::<Role>(client, ns, &sa, &mut out).await;
-    rv::<RoleBinding>(client, ns, &sa, &mut out).await;
     rv::<ConfigMap>(client, ns, &format!("{vd}-routes"), &mut out).await;
     for p in personas {
         rv::<Persona>(client, ns, p, &mut out).await;
@@ -382,17 +428,17 @@ async fn resource_versions(
 #[tokio::test]
 async fn examples_reconcile_into_owned_objects_and_wire_twilio() {
     // Proves examples/ apply cleanly and the operator builds every object, status and the Twilio wiring from them.
-    let (_cp, ns, client, op) = setup("op-examples").await;
     let twilio = TwilioNumbersEmulator::start(ACCOUNT_SID, AUTH_TOKEN)
         .await
         .unwrap();
+    let (_cp, ns, client, op) = setup_with_twilio("op-examples", &twilio.base_url()).await;
     twilio.add_number(
         "+14155550100",
         "https://old.example.com/voice",
         "https://old.example.com/status",
     );
     twilio.add_number("+14155550101", "", "");
-    apply_json(&client, &ns, secret_doc(&twilio.base_url())).await;
+    apply_json(&client, &ns, secret_doc()).await;
     let personas = example_personas();
     let longest = personas
         .iter()
@@ -495,18 +541,13 @@ async fn examples_reconcile_into_owned_objects_and_wire_twilio() {
             .unwrap()
             .metadata
     ));
-    assert!(owned(
-        &get::<Role>(&client, &ns, "front-desk-voice-pod")
+    // The voice pods get no Kubernetes API access: no Role, no RoleBinding, no token.
+    assert!(
+        get::<Role>(&client, &ns, "front-desk-voice-pod")
             .await
-            .unwrap()
-            .metadata
-    ));
-    assert!(owned(
-        &get::<RoleBinding>(&client, &ns, "front-desk-voice-pod")
-            .await
-            .unwrap()
-            .metadata
-    ));
+            .is_none()
+    );
+    assert_eq!(pod.automount_service_account_token, Some(false));
     let routes: ConfigMap = get(&client, &ns, "front-desk-routes").await.unwrap();
     assert!(routes.data.unwrap()["routes.yaml"].contains("+14155550101"));
 
@@ -540,7 +581,7 @@ async fn examples_reconcile_into_owned_objects_and_wire_twilio() {
 async fn persona_edit_reaches_the_configmap_without_rolling_the_pods() {
     // Proves a persona edit lands in its ConfigMap (hot reload) and leaves the Deployment's pod template alone.
     let (_cp, ns, client, op) = setup("op-persona-edit").await;
-    apply_json(&client, &ns, secret_doc("http://127.0.0.1:9")).await;
+    apply_json(&client, &ns, secret_doc()).await;
     apply_json(&client, &ns, persona_doc("sam", "Hi, it's Sam!")).await;
     apply_json(&client, &ns, vd_doc("desk", &["sam"], "callmeback-keys")).await;
     let before: Deployment = eventually("Deployment", || get(&client, &ns, "desk")).await;
@@ -599,7 +640,7 @@ async fn missing_secret_degrades_with_an_event_and_recovers_when_created() {
     assert!(get::<Deployment>(&client, &ns, "desk").await.is_none());
 
     // A Secret without the required keys: SecretKeyMissing names them.
-    let mut partial = secret_doc("http://127.0.0.1:9");
+    let mut partial = secret_doc();
     partial["stringData"]
         .as_object_mut()
         .unwrap()
@@ -615,7 +656,7 @@ async fn missing_secret_degrades_with_an_event_and_recovers_when_created() {
     assert!(message.contains("DEEPGRAM_API_KEY"), "{message}");
     wait_event(&client, &ns, "desk", "SecretKeyMissing").await;
 
-    apply_json(&client, &ns, secret_doc("http://127.0.0.1:9")).await;
+    apply_json(&client, &ns, secret_doc()).await;
     eventually("healed", || async {
         vd_condition(&client, &ns, "desk", "Degraded")
             .await
@@ -630,7 +671,7 @@ async fn missing_secret_degrades_with_an_event_and_recovers_when_created() {
 async fn missing_and_invalid_personas_are_reported() {
     // Proves PersonaNotFound and PersonaInvalid (a blank prompt the schema allows) reach status and Events.
     let (_cp, ns, client, op) = setup("op-personas").await;
-    apply_json(&client, &ns, secret_doc("http://127.0.0.1:9")).await;
+    apply_json(&client, &ns, secret_doc()).await;
     apply_json(&client, &ns, vd_doc("desk", &["ghost"], "callmeback-keys")).await;
     eventually("PersonaNotFound", || async {
         vd_condition(&client, &ns, "desk", "Degraded")
@@ -675,7 +716,7 @@ async fn missing_and_invalid_personas_are_reported() {
 async fn a_second_reconcile_writes_nothing() {
     // Proves idempotency: after convergence a triggered reconcile changes no resourceVersion anywhere.
     let (_cp, ns, client, op) = setup("op-idempotent").await;
-    apply_json(&client, &ns, secret_doc("http://127.0.0.1:9")).await;
+    apply_json(&client, &ns, secret_doc()).await;
     apply_json(&client, &ns, persona_doc("sam", "Hi!")).await;
     apply_json(&client, &ns, vd_doc("desk", &["sam"], "callmeback-keys")).await;
     eventually("converged", || async {
@@ -720,7 +761,7 @@ async fn a_second_reconcile_writes_nothing() {
 async fn drifted_objects_are_put_back() {
     // Proves owned objects edited or deleted behind the operator's back are restored.
     let (_cp, ns, client, op) = setup("op-drift").await;
-    apply_json(&client, &ns, secret_doc("http://127.0.0.1:9")).await;
+    apply_json(&client, &ns, secret_doc()).await;
     apply_json(&client, &ns, persona_doc("sam", "Hi!")).await;
     apply_json(&client, &ns, vd_doc("desk", &["sam"], "callmeback-keys")).await;
     let d: Deployment = eventually("Deployment", || get(&client, &ns, "desk")).await;
@@ -770,7 +811,7 @@ async fn drifted_objects_are_put_back() {
 async fn deleting_a_voice_deployment_garbage_collects_what_it_made() {
     // Proves owner references let the garbage collector remove the Deployment, Service and the rest.
     let (_cp, ns, client, op) = setup("op-gc").await;
-    apply_json(&client, &ns, secret_doc("http://127.0.0.1:9")).await;
+    apply_json(&client, &ns, secret_doc()).await;
     apply_json(&client, &ns, persona_doc("sam", "Hi!")).await;
     apply_json(&client, &ns, vd_doc("desk", &["sam"], "callmeback-keys")).await;
     eventually("Deployment", || get::<Deployment>(&client, &ns, "desk")).await;
@@ -786,9 +827,6 @@ async fn deleting_a_voice_deployment_garbage_collects_what_it_made() {
                 .await
                 .is_none()
             && get::<ServiceAccount>(&client, &ns, "desk-voice-pod")
-                .await
-                .is_none()
-            && get::<RoleBinding>(&client, &ns, "desk-voice-pod")
                 .await
                 .is_none()
             && get::<ConfigMap>(&client, &ns, "desk-routes")
@@ -807,6 +845,183 @@ async fn deleting_a_voice_deployment_garbage_collects_what_it_made() {
     op.stop().await;
 }
 
+/// Someone else's object, created by the admin before the operator sees a name clash.
+async fn create_unrelated<K>(client: &Client, ns: &str, doc: serde_json::Value) -> K
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+{
+    let obj: K = serde_json::from_value(doc).unwrap();
+    Api::<K>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &obj)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn same_named_objects_of_others_are_never_adopted_nor_garbage_collected() {
+    // Proves a VoiceDeployment or Persona named like existing unrelated objects leaves them untouched (Degraded/Ready=False NotOwned plus an Event), and deleting it deletes none of them.
+    let (_cp, ns, client, op) = setup("op-not-owned").await;
+    let service: Service = create_unrelated(
+        &client,
+        &ns,
+        serde_json::json!({
+            "metadata": { "name": "desk", "labels": { "team": "db" } },
+            "spec": { "selector": { "app": "db" }, "ports": [{ "port": 5432 }] },
+        }),
+    )
+    .await;
+    let routes: ConfigMap = create_unrelated(
+        &client,
+        &ns,
+        serde_json::json!({ "metadata": { "name": "desk-routes" }, "data": { "owner": "db team" } }),
+    )
+    .await;
+    let persona_cm: ConfigMap = create_unrelated(
+        &client,
+        &ns,
+        serde_json::json!({ "metadata": { "name": "persona-sam" }, "data": { "owner": "web team" } }),
+    )
+    .await;
+    apply_json(&client, &ns, secret_doc()).await;
+    apply_json(&client, &ns, persona_doc("sam", "Hi!")).await;
+    apply_json(&client, &ns, vd_doc("desk", &["sam"], "callmeback-keys")).await;
+
+    let (_, _, message) = eventually("Degraded NotOwned", || async {
+        vd_condition(&client, &ns, "desk", "Degraded")
+            .await
+            .filter(|c| c.0 == "True" && c.1 == "NotOwned")
+    })
+    .await;
+    assert!(
+        message.contains("Service desk") && message.contains("ConfigMap desk-routes"),
+        "{message}"
+    );
+    wait_event(&client, &ns, "desk", "NotOwned").await;
+    let ready = eventually("persona Ready=False NotOwned", || async {
+        let p: Persona = get(&client, &ns, "sam").await?;
+        find_condition(&p.status?.conditions, "Ready")
+            .cloned()
+            .filter(|c| c.reason == "NotOwned")
+    })
+    .await;
+    assert!(ready.message.contains("ConfigMap persona-sam"), "{ready:?}");
+    wait_event(&client, &ns, "sam", "NotOwned").await;
+    assert!(get::<Deployment>(&client, &ns, "desk").await.is_none());
+
+    let unchanged = |before: &ObjectMeta, after: &ObjectMeta| {
+        assert_eq!(
+            before.resource_version,
+            after.resource_version,
+            "{} was written",
+            after.name.as_deref().unwrap_or_default()
+        );
+        assert!(after.owner_references.is_none(), "{after:?}");
+    };
+    let deleted = |what: &str| format!("{what} was deleted");
+    unchanged(
+        &service.metadata,
+        &get::<Service>(&client, &ns, "desk")
+            .await
+            .expect(&deleted("Service"))
+            .metadata,
+    );
+    unchanged(
+        &routes.metadata,
+        &get::<ConfigMap>(&client, &ns, "desk-routes")
+            .await
+            .expect(&deleted("ConfigMap"))
+            .metadata,
+    );
+    unchanged(
+        &persona_cm.metadata,
+        &get::<ConfigMap>(&client, &ns, "persona-sam")
+            .await
+            .expect(&deleted("ConfigMap"))
+            .metadata,
+    );
+
+    Api::<VoiceDeployment>::namespaced(client.clone(), &ns)
+        .delete("desk", &DeleteParams::foreground())
+        .await
+        .unwrap();
+    Api::<Persona>::namespaced(client.clone(), &ns)
+        .delete("sam", &DeleteParams::foreground())
+        .await
+        .unwrap();
+    eventually("VoiceDeployment and Persona gone", || async {
+        (get::<VoiceDeployment>(&client, &ns, "desk").await.is_none()
+            && get::<Persona>(&client, &ns, "sam").await.is_none())
+        .then_some(())
+    })
+    .await;
+    // The garbage collector had nothing of theirs to collect.
+    unchanged(
+        &service.metadata,
+        &get::<Service>(&client, &ns, "desk")
+            .await
+            .expect(&deleted("Service"))
+            .metadata,
+    );
+    unchanged(
+        &routes.metadata,
+        &get::<ConfigMap>(&client, &ns, "desk-routes")
+            .await
+            .expect(&deleted("ConfigMap"))
+            .metadata,
+    );
+    unchanged(
+        &persona_cm.metadata,
+        &get::<ConfigMap>(&client, &ns, "persona-sam")
+            .await
+            .expect(&deleted("ConfigMap"))
+            .metadata,
+    );
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn an_update_asking_for_an_existing_unrelated_object_does_not_take_it_over() {
+    // Proves the update path: a running VoiceDeployment that newly asks for an Ingress named like someone else's leaves that Ingress alone and says NotOwned.
+    let (_cp, ns, client, op) = setup("op-not-owned-update").await;
+    apply_json(&client, &ns, secret_doc()).await;
+    apply_json(&client, &ns, persona_doc("sam", "Hi!")).await;
+    apply_json(&client, &ns, vd_doc("desk", &["sam"], "callmeback-keys")).await;
+    eventually("Deployment", || get::<Deployment>(&client, &ns, "desk")).await;
+    let theirs: Ingress = create_unrelated(
+        &client,
+        &ns,
+        serde_json::json!({
+            "metadata": { "name": "desk" },
+            "spec": { "defaultBackend": { "service": { "name": "web", "port": { "number": 80 } } } },
+        }),
+    )
+    .await;
+    let mut doc = vd_doc("desk", &["sam"], "callmeback-keys");
+    doc["spec"]["ingress"] = serde_json::json!({ "className": "nginx" });
+    apply_json(&client, &ns, doc).await;
+    let (_, _, message) = eventually("Degraded NotOwned", || async {
+        vd_condition(&client, &ns, "desk", "Degraded")
+            .await
+            .filter(|c| c.1 == "NotOwned")
+    })
+    .await;
+    assert!(message.contains("Ingress desk"), "{message}");
+    wait_event(&client, &ns, "desk", "NotOwned").await;
+    let after: Ingress = get(&client, &ns, "desk").await.unwrap();
+    assert_eq!(
+        theirs.metadata.resource_version,
+        after.metadata.resource_version
+    );
+    assert!(after.metadata.owner_references.is_none());
+    // The deployment's own objects stay as they were.
+    assert!(get::<Deployment>(&client, &ns, "desk").await.is_some());
+    op.stop().await;
+}
+
 fn twilio_vd(name: &str, number: &str) -> serde_json::Value {
     let mut doc = vd_doc(name, &["sam"], "callmeback-keys");
     doc["spec"]["twilio"] = serde_json::json!({ "phoneNumbers": [number] });
@@ -816,16 +1031,16 @@ fn twilio_vd(name: &str, number: &str) -> serde_json::Value {
 #[tokio::test]
 async fn deletion_restores_twilio_numbers_then_releases_the_finalizer() {
     // Proves the finalizer restores each number's previous webhook on delete, with an Event.
-    let (_cp, ns, client, op) = setup("op-twilio").await;
     let twilio = TwilioNumbersEmulator::start(ACCOUNT_SID, AUTH_TOKEN)
         .await
         .unwrap();
+    let (_cp, ns, client, op) = setup_with_twilio("op-twilio", &twilio.base_url()).await;
     twilio.add_number(
         "+14155550123",
         "https://old.example.com/voice",
         "https://old.example.com/status",
     );
-    apply_json(&client, &ns, secret_doc(&twilio.base_url())).await;
+    apply_json(&client, &ns, secret_doc()).await;
     apply_json(&client, &ns, persona_doc("sam", "Hi!")).await;
     apply_json(&client, &ns, twilio_vd("desk", "+14155550123")).await;
     eventually("wired", || async {
@@ -853,14 +1068,59 @@ async fn deletion_restores_twilio_numbers_then_releases_the_finalizer() {
 }
 
 #[tokio::test]
-async fn deletion_with_twilio_down_gives_up_after_the_deadline() {
-    // Proves an unreachable Twilio never wedges deletion: bounded retries, a Warning Event, then release.
-    let (_cp, ns, client, op) = setup("op-twilio-down").await;
+async fn a_tenant_secret_cannot_redirect_the_operators_twilio_requests() {
+    // Proves the operator sends Twilio requests (with the tenant's credentials) only to its own configured base: a Secret's TWILIO_API_URL, plain or ending in `?`/`#`, receives nothing.
     let twilio = TwilioNumbersEmulator::start(ACCOUNT_SID, AUTH_TOKEN)
         .await
         .unwrap();
+    // A server the tenant controls, holding the same number so a request to it would succeed.
+    let trap = TwilioNumbersEmulator::start(ACCOUNT_SID, AUTH_TOKEN)
+        .await
+        .unwrap();
+    trap.add_number("+14155550125", "https://old.example.com/voice", "");
+    twilio.add_number("+14155550125", "https://old.example.com/voice", "");
+    let (_cp, ns, client, op) = setup_with_twilio("op-twilio-base", &twilio.base_url()).await;
+    let mut secret = secret_doc();
+    secret["stringData"]["TWILIO_API_URL"] = format!("{}/?", trap.base_url()).into();
+    apply_json(&client, &ns, secret).await;
+    apply_json(&client, &ns, persona_doc("sam", "Hi!")).await;
+    apply_json(&client, &ns, twilio_vd("desk", "+14155550125")).await;
+    eventually("wired through the operator's own base", || async {
+        twilio
+            .number("+14155550125")
+            .filter(|n| n.voice_url == "https://voice.example.com/twilio/voice")
+    })
+    .await;
+    // Point it at a plain base too and make the operator wire again.
+    let mut secret = secret_doc();
+    secret["stringData"]["TWILIO_API_URL"] = trap.base_url().into();
+    apply_json(&client, &ns, secret).await;
+    let looked = twilio.lookups();
+    eventually("a Twilio lookup after the Secret change", || async {
+        (twilio.lookups() > looked).then_some(())
+    })
+    .await;
+    assert_eq!(
+        (trap.lookups(), trap.updates()),
+        (0, 0),
+        "the tenant's base received requests"
+    );
+    assert_eq!(
+        trap.number("+14155550125").unwrap().voice_url,
+        "https://old.example.com/voice"
+    );
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn deletion_with_twilio_down_gives_up_after_the_deadline() {
+    // Proves an unreachable Twilio never wedges deletion: bounded retries, a Warning Event, then release.
+    let twilio = TwilioNumbersEmulator::start(ACCOUNT_SID, AUTH_TOKEN)
+        .await
+        .unwrap();
+    let (_cp, ns, client, op) = setup_with_twilio("op-twilio-down", &twilio.base_url()).await;
     twilio.add_number("+14155550124", "https://old.example.com/voice", "");
-    apply_json(&client, &ns, secret_doc(&twilio.base_url())).await;
+    apply_json(&client, &ns, secret_doc()).await;
     apply_json(&client, &ns, persona_doc("sam", "Hi!")).await;
     apply_json(&client, &ns, twilio_vd("desk", "+14155550124")).await;
     eventually("wired", || async {
@@ -1032,6 +1292,10 @@ async fn the_operator_identity_is_not_admin() {
     assert!(!can("create", "", "pods").await);
     assert!(!can("delete", "", "pods").await);
     assert!(!can("escalate", "rbac.authorization.k8s.io", "roles").await);
+    // The voice pods get no API access, so the operator grants none and holds none.
+    assert!(!can("create", "rbac.authorization.k8s.io", "roles").await);
+    assert!(!can("create", "rbac.authorization.k8s.io", "rolebindings").await);
+    assert!(!can("patch", "", "pods").await);
 }
 
 #[tokio::test]

@@ -165,7 +165,9 @@ pub struct IngressSpec {
     /// TLS secret for the host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_secret_name: Option<String>,
-    /// Extra annotations (e.g. WebSocket timeouts for the ingress controller).
+    /// Extra annotations (e.g. WebSocket timeouts for the ingress controller). Only an
+    /// allowlist passes (no snippets, auth, mirror or redirect annotations; see the
+    /// README, "Security"); others are dropped and reported in Degraded.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
 }

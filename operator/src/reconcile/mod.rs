@@ -1,12 +1,19 @@
 //! Reconcilers: one per custom resource, plus the helpers they share (server-side
-//! apply under one field manager, condition bookkeeping that keeps
-//! `lastTransitionTime` stable so unchanged status is never rewritten).
+//! apply under one field manager, the ownership check that comes before it,
+//! condition bookkeeping that keeps `lastTransitionTime` stable so unchanged status
+//! is never rewritten).
+//!
+//! Ownership: a forced server-side apply takes over any same-named object, and the
+//! owner reference it adds makes the garbage collector delete that object with its
+//! new owner. So before writing, [`foreign`] reads the existing object, and the
+//! reconcilers refuse (a condition and an Event) to touch one they do not own.
 
 pub mod persona;
 pub mod voice_deployment;
 
 use std::fmt::Debug;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Resource};
 use serde::Serialize;
@@ -14,10 +21,63 @@ use serde::de::DeserializeOwned;
 
 use crate::crd::Condition;
 use crate::error::Result;
-use crate::resources::FIELD_MANAGER;
+use crate::resources::{FIELD_MANAGER, MANAGED_BY, PERSONA_LABEL, VOICE_DEPLOYMENT_LABEL};
 
-/// Server-side apply `obj` (forcing ownership: the operator is the single writer of
-/// what it manages). A no-op apply leaves the object and its resourceVersion alone.
+/// How soon a reconcile blocked by someone else's object looks again (that object's
+/// removal triggers no watch: it lacks the operator's labels).
+pub const NOT_OWNED_RECHECK: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Whether the operator may write `existing` as `desired` (same name): it carries
+/// the owner reference `desired` carries, or it is an orphan of ours (no controller,
+/// our `managed-by` label and the same owner-name label, as an object left by
+/// `kubectl delete --cascade=orphan` is). Anything else belongs to someone else.
+pub fn may_write(existing: &ObjectMeta, desired: &ObjectMeta) -> bool {
+    let owners = existing.owner_references.as_deref().unwrap_or_default();
+    let ours = desired
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|want| owners.iter().any(|o| o.uid == want.uid));
+    if ours {
+        return true;
+    }
+    if owners.iter().any(|o| o.controller == Some(true)) {
+        return false;
+    }
+    fn label<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
+        meta.labels
+            .as_ref()
+            .and_then(|l| l.get(key))
+            .map(String::as_str)
+    }
+    let owner_labels: Vec<&str> = [VOICE_DEPLOYMENT_LABEL, PERSONA_LABEL]
+        .into_iter()
+        .filter(|k| label(desired, k).is_some())
+        .collect();
+    label(existing, "app.kubernetes.io/managed-by") == Some(MANAGED_BY)
+        && !owner_labels.is_empty()
+        && owner_labels
+            .iter()
+            .all(|k| label(existing, k) == label(desired, k))
+}
+
+/// `Some("Kind name")` when an object named like `desired` exists and the operator
+/// may not write it ([`may_write`]); `None` when it is absent or ours.
+pub async fn foreign<K>(api: &Api<K>, desired: &K) -> Result<Option<String>>
+where
+    K: Resource<DynamicType = ()> + DeserializeOwned + Clone + Debug,
+{
+    let name = desired.meta().name.clone().unwrap_or_default();
+    Ok(api
+        .get_opt(&name)
+        .await?
+        .filter(|existing| !may_write(existing.meta(), desired.meta()))
+        .map(|_| format!("{} {name}", K::kind(&()))))
+}
+
+/// Server-side apply `obj` (forcing field ownership: the operator is the single writer
+/// of what it manages; call [`foreign`] first). A no-op apply leaves the object and
+/// its resourceVersion alone.
 pub async fn apply<K>(api: &Api<K>, obj: &K) -> Result<K>
 where
     K: Resource + Serialize + DeserializeOwned + Clone + Debug,
@@ -84,5 +144,69 @@ pub fn condition(
         message: message.into(),
         observed_generation: generation,
         last_transition_time,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+
+    use super::*;
+
+    fn owner(uid: &str, controller: bool) -> OwnerReference {
+        OwnerReference {
+            api_version: "callmeback.dev/v1alpha1".into(),
+            kind: "VoiceDeployment".into(),
+            name: "desk".into(),
+            uid: uid.into(),
+            controller: Some(controller),
+            block_owner_deletion: Some(true),
+        }
+    }
+
+    fn meta(owners: Vec<OwnerReference>, labels: &[(&str, &str)]) -> ObjectMeta {
+        ObjectMeta {
+            name: Some("desk".into()),
+            owner_references: (!owners.is_empty()).then_some(owners),
+            labels: Some(
+                labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect::<BTreeMap<_, _>>(),
+            )
+            .filter(|l| !l.is_empty()),
+            ..ObjectMeta::default()
+        }
+    }
+
+    #[test]
+    fn only_owned_objects_and_our_own_orphans_may_be_written() {
+        // Proves the adoption rule: our owner reference or our orphan labels, never someone else's object.
+        let ours_labels = [
+            ("app.kubernetes.io/managed-by", MANAGED_BY),
+            (VOICE_DEPLOYMENT_LABEL, "desk"),
+        ];
+        let desired = meta(vec![owner("uid-1", true)], &ours_labels);
+        assert!(may_write(&meta(vec![owner("uid-1", true)], &[]), &desired));
+        // Someone's plain Service, or one labelled like ours but controlled by another owner.
+        assert!(!may_write(&meta(vec![], &[("team", "db")]), &desired));
+        assert!(!may_write(
+            &meta(vec![owner("uid-2", true)], &ours_labels),
+            &desired
+        ));
+        // An orphan left by --cascade=orphan is ours again; one naming another deployment is not.
+        assert!(may_write(&meta(vec![], &ours_labels), &desired));
+        let other = [
+            ("app.kubernetes.io/managed-by", MANAGED_BY),
+            (VOICE_DEPLOYMENT_LABEL, "other"),
+        ];
+        assert!(!may_write(&meta(vec![], &other), &desired));
+        // The label alone without managed-by is not enough.
+        assert!(!may_write(
+            &meta(vec![], &[(VOICE_DEPLOYMENT_LABEL, "desk")]),
+            &desired
+        ));
     }
 }

@@ -1,10 +1,13 @@
 //! `VoiceDeployment` -> personas resolved, Secret checked, the desired set applied
-//! (ServiceAccount, Role, RoleBinding, routes ConfigMap, Deployment, Service, HPA,
-//! PDB, Ingress), Twilio numbers wired, status and Events.
+//! (ServiceAccount, routes ConfigMap, Deployment, Service, HPA, PDB, Ingress), Twilio
+//! numbers wired, status and Events.
 //!
 //! Rules that keep it calm and safe:
 //! - Desired objects come from [`crate::resources`] and are applied with server-side
 //!   apply; unchanged objects are not rewritten.
+//! - Same-named objects the deployment does not own are never taken over: with any
+//!   of them present nothing is applied, `Degraded` says `NotOwned` with their names,
+//!   and an Event tells the user ([`super::foreign`]).
 //! - With the Secret missing/incomplete or no persona resolved, the Deployment and
 //!   HPA are not touched: new pods could not start, and running ones keep going.
 //! - Status is written only when it differs; Events only when the Degraded reason or
@@ -23,7 +26,6 @@ use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Patch, PatchParams};
 use kube::core::{Selector, SelectorExt};
 use kube::runtime::controller::Action;
@@ -31,14 +33,14 @@ use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Resource, ResourceExt};
 
-use super::{apply, apply_status, condition, delete_if_exists};
+use super::{apply, apply_status, condition, delete_if_exists, foreign, may_write};
 use crate::controller::Context;
 use crate::crd::{Condition, Persona, VoiceDeployment, VoiceDeploymentStatus, find_condition};
 use crate::error::{Error, Result};
 use crate::resources::deployment::{SECRET_ENV_KEYS, required_secret_keys};
 use crate::resources::{
-    DeploymentInputs, FIELD_MANAGER, ResolvedPersona, desired_objects, name_ns, selector_string,
-    short_hash,
+    DeploymentInputs, DesiredObjects, FIELD_MANAGER, ResolvedPersona, desired_objects, name_ns,
+    selector_string, short_hash,
 };
 use crate::twilio_numbers::{PreviousWiring, TwilioError, TwilioNumbers, wanted_wiring};
 
@@ -217,6 +219,27 @@ pub async fn reconcile(vd: Arc<VoiceDeployment>, ctx: Arc<Context>) -> Result<Ac
             ),
         ));
     }
+    let rejected = crate::resources::ingress::rejected_annotations(&vd);
+    if !rejected.is_empty() {
+        let shown: Vec<String> = rejected
+            .iter()
+            .take(10)
+            .map(|k| k.chars().take(100).collect())
+            .collect();
+        problems.push((
+            "IngressAnnotationRejected",
+            format!(
+                "ingress.annotations outside the allowlist (or with a value of the wrong \
+                 shape) are not applied: {}{}",
+                shown.join(", "),
+                if rejected.len() > shown.len() {
+                    ", ..."
+                } else {
+                    ""
+                }
+            ),
+        ));
+    }
     if personas.resolved.is_empty() && personas.missing.is_empty() && personas.invalid.is_empty() {
         problems.push((
             "NoPersonas",
@@ -229,52 +252,39 @@ pub async fn reconcile(vd: Arc<VoiceDeployment>, ctx: Arc<Context>) -> Result<Ac
         secret_hash: secret_hash.clone().unwrap_or_default(),
     };
     let desired = desired_objects(&vd, &inputs)?;
-    apply(
-        &Api::<ServiceAccount>::namespaced(client.clone(), &ns),
-        &desired.service_account,
-    )
-    .await?;
-    apply(&Api::<Role>::namespaced(client.clone(), &ns), &desired.role).await?;
-    apply(
-        &Api::<RoleBinding>::namespaced(client.clone(), &ns),
-        &desired.role_binding,
-    )
-    .await?;
-    apply(
-        &Api::<ConfigMap>::namespaced(client.clone(), &ns),
-        &desired.routes,
-    )
-    .await?;
-    apply(
-        &Api::<Service>::namespaced(client.clone(), &ns),
-        &desired.service,
-    )
-    .await?;
-    apply(
-        &Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns),
-        &desired.pdb,
-    )
-    .await?;
-    let ingress_api = Api::<Ingress>::namespaced(client.clone(), &ns);
-    match &desired.ingress {
-        Some(ing) => drop(apply(&ingress_api, ing).await?),
-        None => delete_owned(&ingress_api, &name, &vd).await?,
+    let apis = Apis::new(&client, &ns);
+    let foreign_objects = apis.foreign(&desired).await?;
+    if !foreign_objects.is_empty() {
+        problems.insert(
+            0,
+            (
+                "NotOwned",
+                format!(
+                    "not managed by this VoiceDeployment, so the operator will not take them \
+                     over: {}. Rename the VoiceDeployment or remove them",
+                    foreign_objects.join(", ")
+                ),
+            ),
+        );
     }
-
-    let blocked = secret_hash.is_none() || personas.resolved.is_empty();
-    let deploy_api = Api::<Deployment>::namespaced(client.clone(), &ns);
-    let deployment = if blocked {
-        deploy_api.get_opt(&name).await?
+    let blocked =
+        secret_hash.is_none() || personas.resolved.is_empty() || !foreign_objects.is_empty();
+    let deployment = if !foreign_objects.is_empty() {
+        // Nothing is written; the Deployment is reported only when it is ours.
+        apis.deployment
+            .get_opt(&name)
+            .await?
+            .filter(|d| may_write(d.meta(), desired.deployment.meta()))
     } else {
-        let hpa_api = Api::<HorizontalPodAutoscaler>::namespaced(client.clone(), &ns);
-        match &desired.hpa {
-            Some(hpa) => drop(apply(&hpa_api, hpa).await?),
-            None => delete_owned(&hpa_api, &name, &vd).await?,
-        }
-        Some(apply(&deploy_api, &desired.deployment).await?)
+        apis.apply_all(&desired, &vd, blocked).await?
     };
 
-    let mut requeue = RESYNC;
+    let mut requeue = if foreign_objects.is_empty() {
+        RESYNC
+    } else {
+        // Their removal triggers no watch of ours (they lack our labels).
+        super::NOT_OWNED_RECHECK
+    };
     if let SecretCheck::Ok { data, .. } = &secret_check
         && let Err(e) = wire_twilio(&vd, &ctx, data).await
     {
@@ -301,6 +311,75 @@ pub async fn reconcile(vd: Arc<VoiceDeployment>, ctx: Arc<Context>) -> Result<Ac
         .await?;
     }
     Ok(Action::requeue(requeue))
+}
+
+/// The namespaced APIs of everything a VoiceDeployment makes.
+struct Apis {
+    service_account: Api<ServiceAccount>,
+    config_map: Api<ConfigMap>,
+    service: Api<Service>,
+    pdb: Api<PodDisruptionBudget>,
+    ingress: Api<Ingress>,
+    hpa: Api<HorizontalPodAutoscaler>,
+    deployment: Api<Deployment>,
+}
+
+impl Apis {
+    fn new(client: &kube::Client, ns: &str) -> Self {
+        Self {
+            service_account: Api::namespaced(client.clone(), ns),
+            config_map: Api::namespaced(client.clone(), ns),
+            service: Api::namespaced(client.clone(), ns),
+            pdb: Api::namespaced(client.clone(), ns),
+            ingress: Api::namespaced(client.clone(), ns),
+            hpa: Api::namespaced(client.clone(), ns),
+            deployment: Api::namespaced(client.clone(), ns),
+        }
+    }
+
+    /// The desired objects that exist under someone else's ownership ("Kind name").
+    async fn foreign(&self, desired: &DesiredObjects) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        out.extend(foreign(&self.service_account, &desired.service_account).await?);
+        out.extend(foreign(&self.config_map, &desired.routes).await?);
+        out.extend(foreign(&self.service, &desired.service).await?);
+        out.extend(foreign(&self.pdb, &desired.pdb).await?);
+        if let Some(ing) = &desired.ingress {
+            out.extend(foreign(&self.ingress, ing).await?);
+        }
+        if let Some(hpa) = &desired.hpa {
+            out.extend(foreign(&self.hpa, hpa).await?);
+        }
+        out.extend(foreign(&self.deployment, &desired.deployment).await?);
+        Ok(out)
+    }
+
+    /// Applies the desired set (checked by [`Apis::foreign`] first). With `blocked`
+    /// the Deployment and HPA are left as they are. Returns the Deployment.
+    async fn apply_all(
+        &self,
+        desired: &DesiredObjects,
+        vd: &VoiceDeployment,
+        blocked: bool,
+    ) -> Result<Option<Deployment>> {
+        let name = vd.name_any();
+        apply(&self.service_account, &desired.service_account).await?;
+        apply(&self.config_map, &desired.routes).await?;
+        apply(&self.service, &desired.service).await?;
+        apply(&self.pdb, &desired.pdb).await?;
+        match &desired.ingress {
+            Some(ing) => drop(apply(&self.ingress, ing).await?),
+            None => delete_owned(&self.ingress, &name, vd).await?,
+        }
+        if blocked {
+            return Ok(self.deployment.get_opt(&name).await?);
+        }
+        match &desired.hpa {
+            Some(hpa) => drop(apply(&self.hpa, hpa).await?),
+            None => delete_owned(&self.hpa, &name, vd).await?,
+        }
+        Ok(Some(apply(&self.deployment, &desired.deployment).await?))
+    }
 }
 
 /// Deletes an object only when this deployment controls it (never someone else's).
@@ -558,17 +637,14 @@ fn twilio_client(
         .get("TWILIO_AUTH_TOKEN")
         .filter(|v| !v.is_empty())
         .ok_or(TwilioError::MissingCredential("TWILIO_AUTH_TOKEN"))?;
-    let base = data
-        .get("TWILIO_API_URL")
-        .filter(|v| !v.is_empty())
-        .cloned()
-        .unwrap_or_else(|| ctx.config.twilio_api_url.clone());
-    Ok(TwilioNumbers::new(
+    // The base is the operator's own setting; the Secret's TWILIO_API_URL is for the
+    // pods (see `twilio_numbers`: a tenant must not choose where the operator sends).
+    TwilioNumbers::new(
         ctx.http.clone(),
-        &base,
+        &ctx.config.twilio_api_url,
         sid.clone(),
         token.clone(),
-    ))
+    )
 }
 
 /// Points the spec's numbers at this deployment and restores numbers it dropped.

@@ -136,7 +136,7 @@ fn container_env(vd: &VoiceDeployment, inputs: &DeploymentInputs) -> Vec<EnvVar>
             "CALLMEBACK_DRAIN_TIMEOUT",
             format!("{}s", longest_call_seconds(inputs)),
         ),
-        // The pod patches its own deletion cost; it needs to know who it is.
+        // The pod names itself on call records and scheduler claims.
         field_env("POD_NAME", "metadata.name"),
         field_env("POD_NAMESPACE", "metadata.namespace"),
     ];
@@ -315,7 +315,8 @@ pub fn deployment(
     };
     let pod = PodSpec {
         service_account_name: Some(super::rbac::service_account_name(&name)),
-        automount_service_account_token: Some(true),
+        // No code in the pod talks to Kubernetes: no token to steal.
+        automount_service_account_token: Some(false),
         termination_grace_period_seconds: Some(grace_period_seconds(inputs)),
         enable_service_links: Some(false),
         security_context: Some(PodSecurityContext {

@@ -1,7 +1,7 @@
 //! The HorizontalPodAutoscaler (`autoscaling/v2`): CPU utilisation by default, or
 //! `voice_active_calls` per pod (a Pods metric served by a metrics adapter) when
 //! `targetActiveCallsPerPod` is set. Scale-down is slow on purpose: calls last
-//! minutes, and pods with calls carry a higher deletion cost.
+//! minutes.
 
 use k8s_openapi::api::autoscaling::v2::{
     CrossVersionObjectReference, HPAScalingPolicy, HPAScalingRules, HorizontalPodAutoscaler,

@@ -7,7 +7,8 @@
 //!   routes ConfigMap (`routes.yaml`, `prices.yaml`).
 //! - [`deployment`]: the voice pod Deployment (projected config volume, env from
 //!   the Secret, probes, restricted security, grace period, preStop).
-//! - [`service`], [`hpa`], [`pdb`], [`rbac`], [`ingress`]: the rest of the set.
+//! - [`service`], [`hpa`], [`pdb`], [`ingress`]: the rest of the set; [`rbac`]: the
+//!   pods' ServiceAccount (no Role: the pods get no API access).
 
 pub mod configmap;
 pub mod deployment;
@@ -24,7 +25,6 @@ use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Resource;
 use sha2::{Digest, Sha256};
@@ -168,12 +168,8 @@ pub struct ResolvedPersona {
 /// Everything a reconcile of one `VoiceDeployment` wants to exist.
 #[derive(Clone, Debug)]
 pub struct DesiredObjects {
-    /// The pods' identity.
+    /// The pods' identity (no API access: no Role, no mounted token).
     pub service_account: ServiceAccount,
-    /// Pods may get and patch pods (their own deletion cost).
-    pub role: Role,
-    /// Binds `role` to `service_account`.
-    pub role_binding: RoleBinding,
     /// `routes.yaml` (and `prices.yaml`).
     pub routes: ConfigMap,
     /// The voice pods.
@@ -205,8 +201,6 @@ pub fn desired_objects(
 ) -> Result<DesiredObjects, BuildError> {
     Ok(DesiredObjects {
         service_account: rbac::service_account(vd)?,
-        role: rbac::role(vd)?,
-        role_binding: rbac::role_binding(vd)?,
         routes: configmap::routes_config_map(vd, &inputs.personas)?,
         deployment: deployment::deployment(vd, inputs)?,
         service: service::service(vd)?,
@@ -221,8 +215,6 @@ impl DesiredObjects {
     pub fn to_json_values(&self) -> Result<Vec<serde_json::Value>, serde_json::Error> {
         let mut out = vec![
             serde_json::to_value(&self.service_account)?,
-            serde_json::to_value(&self.role)?,
-            serde_json::to_value(&self.role_binding)?,
             serde_json::to_value(&self.routes)?,
             serde_json::to_value(&self.deployment)?,
             serde_json::to_value(&self.service)?,
