@@ -1375,7 +1375,7 @@ async fn operator_metrics_endpoint_passes_promtool_check_metrics() {
     use voice_operator::web::{WebState, app};
 
     let (_cp, ns, client, op) = setup("op-metrics").await;
-    apply_json(&client, &ns, secret_doc("http://127.0.0.1:9")).await;
+    apply_json(&client, &ns, secret_doc()).await;
     apply_json(&client, &ns, persona_doc("sam", "Hi!")).await;
     apply_json(&client, &ns, twilio_vd("desk", "+14155550123")).await;
     let errors = op
