@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/callmeback/target}"
 command -v espeak-ng >/dev/null || (apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null)
 export CALLMEBACK_PROMETHEUS_BIN="$(bash scripts/prometheus-build.sh)"
-cargo build -q -p voice-pod -p callmeback-tests --bin voice-pod --bin call-bench --bin render_dashboard
+cargo build -p voice-pod -p callmeback-tests --bin voice-pod --bin call-bench --bin render_dashboard
 bin="$CARGO_TARGET_DIR/debug"
 export CALLMEBACK_POD_BIN="$bin/voice-pod"
 # The title shows the arguments, minus any password in a URL (--database-url).

@@ -20,12 +20,18 @@ if [[ "${1:-}" == "serve" ]]; then
   export CALLMEBACK_METRICS_LISTEN="${CALLMEBACK_METRICS_LISTEN:-127.0.0.1:9090}"
   export CALLMEBACK_PERSONA_DIR="${CALLMEBACK_PERSONA_DIR:-$PWD/examples}"
   echo "voice-pod serving $CALLMEBACK_PERSONA_DIR; try: curl -s http://$CALLMEBACK_METRICS_LISTEN/readyz" >&2
-  exec cargo run -q -p voice-pod -- serve
+  echo "demo: building voice-pod (a first build compiles every dependency: minutes)" >&2
+  exec cargo run -p voice-pod -- serve
 fi
 
 # The caller's voice.
-command -v espeak-ng >/dev/null || (apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null)
+command -v espeak-ng >/dev/null || {
+  echo "demo: installing espeak-ng (the simulated caller's voice)" >&2
+  apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null
+}
 # One build of both binaries, so the pod the simulation starts is this checkout's.
-cargo build -q -p voice-pod -p callmeback-tests --bin voice-pod --bin local-call
+# cargo's own progress is shown: a first build compiles every dependency (minutes).
+echo "demo: building voice-pod and the local-call simulator" >&2
+cargo build -p voice-pod -p callmeback-tests --bin voice-pod --bin local-call
 export CALLMEBACK_POD_BIN="$CARGO_TARGET_DIR/debug/voice-pod"
 exec "$CARGO_TARGET_DIR/debug/local-call" "$@"
