@@ -635,9 +635,26 @@ pub struct Caller {
 
 impl Caller {
     /// An inbound call: the signed webhook, the media stream, `connected`, `start`.
+    /// Twilio has verified the caller's number (full STIR/SHAKEN attestation).
     pub async fn dial(sim: &TwilioSim, from: &str, to: &str) -> anyhow::Result<Self> {
+        Self::dial_attested(sim, from, to, Some("TN-Validation-Passed-A")).await
+    }
+
+    /// An inbound call whose number Twilio attested as `verstat` (`None`: Twilio
+    /// sent no `StirVerstat`, as for a spoofed or unsigned caller ID).
+    pub async fn dial_attested(
+        sim: &TwilioSim,
+        from: &str,
+        to: &str,
+        verstat: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let call_sid = new_call_sid();
-        let answer = sim.inbound_call(&call_sid, from, to).await?;
+        let mut params = sim.inbound_call_params(&call_sid, from, to);
+        params.retain(|(k, _)| k != "StirVerstat");
+        if let Some(v) = verstat {
+            params.push(("StirVerstat".into(), v.into()));
+        }
+        let answer = sim.post_signed("/twilio/voice", &params).await?;
         if answer.status != 200 {
             bail!("webhook answered {}: {}", answer.status, answer.body);
         }

@@ -303,7 +303,8 @@ impl TwilioSim {
         self.post_form(path_and_query, params, Some(&sig)).await
     }
 
-    /// The form Twilio posts to the voice URL for an inbound call.
+    /// The form Twilio posts to the voice URL for an inbound call from a number it
+    /// verified (STIR/SHAKEN full attestation, `StirVerstat=TN-Validation-Passed-A`).
     pub fn inbound_call_params(
         &self,
         call_sid: &str,
@@ -320,6 +321,7 @@ impl TwilioSim {
             ("Direction", "inbound"),
             ("From", from),
             ("FromCountry", "US"),
+            ("StirVerstat", "TN-Validation-Passed-A"),
             ("To", to),
             ("ToCountry", "US"),
         ])

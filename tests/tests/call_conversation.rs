@@ -269,5 +269,11 @@ async fn key_presses_reach_the_model_as_a_caller_turn() {
             .any(|m| m.last().is_some_and(|(_, c)| c == "[caller pressed 1 2]")),
         "{requests:?}"
     );
+    // Keys can be a PIN or a card number: the log never holds them.
+    let log = pod.log();
+    assert!(
+        !log.contains("\"digit\"") && !log.contains("pressed 1 2"),
+        "DTMF digits in the log"
+    );
     pod.stop().await.unwrap();
 }

@@ -212,9 +212,10 @@ print(json.dumps({p.get("name"): p.get("value") for p in root.iter("Parameter")}
 }
 
 #[tokio::test]
-async fn context_too_long_for_inline_twiml_falls_back_to_a_signed_answer_url() {
-    // Proves a pretext whose TwiML exceeds 4000 characters goes as Url with a signed
-    // context; Twilio fetching it gets the stream TwiML with the pretext intact.
+async fn context_too_long_for_inline_twiml_falls_back_to_a_sealed_answer_url() {
+    // Proves a pretext whose TwiML exceeds 4000 characters goes as Url with a sealed
+    // context that shows no personal data; Twilio fetching it gets the stream TwiML
+    // with the pretext intact, bound to the CallSid it answered.
     let s = setup().await;
     let pretext: String = "&<>\"'".chars().cycle().take(1000).collect();
     let (status, body) = s
@@ -229,6 +230,24 @@ async fn context_too_long_for_inline_twiml_falls_back_to_a_signed_answer_url() {
         "{url}"
     );
     assert!(!url.contains(TEST_AUTH_TOKEN));
+    // No personal data in the URL proxies and Twilio's logs keep: the context is
+    // sealed, so neither numbers nor the pretext nor even the field names show.
+    let query: Vec<(String, String)> = url::Url::parse(url)
+        .unwrap()
+        .query_pairs()
+        .into_owned()
+        .collect();
+    assert_eq!(query.len(), 1, "{query:?}");
+    assert_eq!(query[0].0, "ctx");
+    for personal in [
+        &CALLEE[2..],
+        &TEST_FROM_NUMBER[2..],
+        "&<>",
+        "pretext",
+        "persona",
+    ] {
+        assert!(!query[0].1.contains(personal), "{personal} in {url}");
+    }
 
     let sim = s.pod.sim();
     let answer = sim
@@ -256,10 +275,20 @@ async fn context_too_long_for_inline_twiml_falls_back_to_a_signed_answer_url() {
         Some(pretext.as_str())
     );
 
-    // A tampered answer URL is rejected.
-    let tampered = url.replacen("persona=ada", "persona=eve", 1);
+    // A tampered answer URL is rejected (one character of the sealed context changed).
+    let last = url.chars().last().unwrap();
+    let tampered = format!(
+        "{}{}",
+        &url[..url.len() - last.len_utf8()],
+        if last == 'A' { 'B' } else { 'A' }
+    );
     let answer = sim
-        .answer_outbound(&tampered, "CA99", TEST_FROM_NUMBER, CALLEE)
+        .answer_outbound(
+            &tampered,
+            &callmeback_tests::twilio_sim::new_call_sid(),
+            TEST_FROM_NUMBER,
+            CALLEE,
+        )
         .await
         .unwrap();
     assert_eq!(answer.verbs().unwrap(), [Verb::Reject]);
@@ -327,6 +356,63 @@ async fn invalid_requests_get_400_naming_the_field() {
             .unwrap(),
         9.0
     );
+}
+
+#[tokio::test]
+async fn out_of_range_times_get_400_with_a_reason_and_are_counted() {
+    // Proves times and durations far outside their range (the `"in": "9000000000000"`
+    // that overflowed the clock and dropped the connection) are refused with 400 naming
+    // the field and the bound, counted in voice_refusals_total, and never reach Twilio.
+    let s = setup().await;
+    let cases = [
+        (json!({"in": "9000000000000"}), "in", "at most"),
+        (json!({"in": "18446744073709551615"}), "in", "at most"),
+        (json!({"in": "100000000000000y"}), "in", ""),
+        (json!({"at": "9999-12-31T23:59:59Z"}), "at", "ahead"),
+        (json!({"at": "0001-01-01T00:00:00Z"}), "at", "past"),
+        (
+            json!({"in": "5m", "maxLateness": "9000000000000"}),
+            "maxLateness",
+            "at most",
+        ),
+        (
+            json!({"in": "5m", "retries": 1, "retryDelay": "9000000000000s"}),
+            "retryDelay",
+            "at most",
+        ),
+    ];
+    for (extra, field, reason) in &cases {
+        let mut body = json!({"to": CALLEE, "persona": "ada"});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let (status, answer) = s.call(body.clone()).await;
+        assert_eq!(status, 400, "{body} -> {answer}");
+        let problem = answer["problems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["field"] == *field)
+            .unwrap_or_else(|| panic!("{body} -> {answer}"));
+        assert!(
+            problem["problem"].as_str().unwrap().contains(reason),
+            "{body} -> {answer}"
+        );
+    }
+    assert!(s.rest.calls().is_empty(), "Twilio was never called");
+    // Six range refusals; "100000000000000y" does not parse at all (a plain 400).
+    assert_eq!(
+        s.pod
+            .metric("voice_refusals_total", &[("reason", "time_out_of_range")])
+            .await
+            .unwrap(),
+        6.0
+    );
+    // The pod is still serving.
+    let (status, _) = s
+        .call(json!({"to": CALLEE, "persona": "ada", "in": "bogus"}))
+        .await;
+    assert_eq!(status, 400);
 }
 
 #[tokio::test]

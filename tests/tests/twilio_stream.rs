@@ -56,6 +56,7 @@ fn signed_context(call_sid: Option<&str>, expires_at: u64) -> BTreeMap<String, S
         user: None,
         call_id: "c-1".into(),
         call_sid: call_sid.map(str::to_string),
+        caller_verstat: None,
         expires_at,
     };
     signer
@@ -489,4 +490,79 @@ async fn socket_closed_without_stop_is_counted_and_ends_the_call() {
     assert!(eventually(T, || async { probe.calls()[0].ended }).await);
     assert!(eventually(T, || async { socket_errors(&pod, "closed").await == 1.0 }).await);
     assert_eq!(pod.metric("voice_active_calls", &[]).await.unwrap(), 0.0);
+}
+
+#[tokio::test]
+async fn a_second_stream_with_an_answered_calls_context_is_closed_while_the_first_lives() {
+    // Proves a stream context is single-use: the TwiML parameters of one answered call,
+    // presented again (same CallSid) while the first stream is live, close the second
+    // stream with 1008 before any handler or provider runs; the first call goes on.
+    let probe = ProbeHandler::new();
+    let pod = pod_with(probe.clone()).await;
+    let sim = pod.sim();
+    let call_sid = new_call_sid();
+    let answer = sim.inbound_call(&call_sid, FROM, TO).await.unwrap();
+    let twiml = answer.stream().unwrap();
+    let mut first = sim.open_stream(&twiml).await.unwrap();
+    first.send_connected().await.unwrap();
+    first
+        .send_start(&call_sid, TEST_ACCOUNT_SID, &twiml.custom_parameters())
+        .await
+        .unwrap();
+    assert!(eventually(T, || async { probe.calls().len() == 1 }).await);
+
+    let mut second = sim.open_stream(&twiml).await.unwrap();
+    second.send_connected().await.unwrap();
+    second
+        .send_start(&call_sid, TEST_ACCOUNT_SID, &twiml.custom_parameters())
+        .await
+        .unwrap();
+    let (code, reason) = second.wait_closed(T).await.expect("second stream closed");
+    assert_eq!(code, Some(1008));
+    assert!(reason.contains("already used"), "{reason}");
+    assert_eq!(probe.calls().len(), 1, "no second call ran");
+    assert_eq!(
+        pod.metric("voice_refusals_total", &[("reason", "context_reused")])
+            .await
+            .unwrap(),
+        1.0
+    );
+    assert_eq!(pod.metric("voice_active_calls", &[]).await.unwrap(), 1.0);
+    let audio: Vec<u8> = vec![0xff; 10 * 160];
+    first.send_audio(&audio, Pace::Burst).await.unwrap();
+    first.send_stop().await.unwrap();
+    assert!(eventually(T, || async { probe.calls()[0].ended }).await);
+}
+
+#[tokio::test]
+async fn a_malformed_call_sid_in_start_is_refused_before_it_reaches_a_rest_path() {
+    // Proves start.callSid must be CA + 32 hex digits: a path-like or short SID closes
+    // the stream (1008), is counted, and no call starts.
+    let probe = ProbeHandler::new();
+    let pod = pod_with(probe.clone()).await;
+    for (i, sid) in [
+        "CA../../Accounts/AC1/Calls",
+        "CA123",
+        "XY0123456789abcdef0123456789abcdef",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let params = signed_context(None, unix_now() + 60);
+        let mut stream = raw_stream(&pod).await;
+        stream.send_connected().await.unwrap();
+        stream
+            .send_start(sid, TEST_ACCOUNT_SID, &params)
+            .await
+            .unwrap();
+        let (code, _) = stream.wait_closed(T).await.expect("closed");
+        assert_eq!(code, Some(1008), "{sid}");
+        assert_eq!(
+            pod.metric("voice_refusals_total", &[("reason", "bad_call_sid")])
+                .await
+                .unwrap(),
+            (i + 1) as f64
+        );
+    }
+    assert!(probe.calls().is_empty());
 }

@@ -80,6 +80,20 @@ pub struct ServeArgs {
     /// `maxLateness` overrides it).
     #[arg(long, env = "CALLMEBACK_MAX_LATENESS")]
     pub max_lateness: Option<String>,
+    /// Open connections on the app port at most (default 1024); more are closed at once.
+    #[arg(long, env = "CALLMEBACK_MAX_CONNECTIONS")]
+    pub max_connections: Option<String>,
+    /// Time a client has to send its request headers, also the keep-alive idle time
+    /// (default 10s).
+    #[arg(long, env = "CALLMEBACK_HEADER_TIMEOUT")]
+    pub header_timeout: Option<String>,
+    /// Time a client has to send its request body (default 10s).
+    #[arg(long, env = "CALLMEBACK_BODY_TIMEOUT")]
+    pub body_timeout: Option<String>,
+    /// Concurrent calls this pod takes at most (default 100); beyond it inbound calls
+    /// are rejected (busy), `POST /v1/calls` answers 503 and extra streams are closed.
+    #[arg(long, env = "CALLMEBACK_MAX_CALLS")]
+    pub max_calls: Option<String>,
 }
 
 /// A secret string: never printed by `Debug` or `Display`.
@@ -192,7 +206,8 @@ pub struct Limits {
     /// How long Twilio lets an outbound call ring (`Timeout` on the Calls API).
     pub ring_timeout: Duration,
     /// Validity of the signed call context in `<Parameter>`s after the webhook
-    /// answered (Twilio opens the stream within a second or two).
+    /// answered (Twilio opens the stream within a second or two; the context is
+    /// single-use and bound to the CallSid besides).
     pub inbound_context_ttl: Duration,
     /// Extra validity of an outbound call's context beyond the ring timeout.
     pub outbound_context_grace: Duration,
@@ -209,7 +224,7 @@ impl Default for Limits {
             stream_start_timeout: Duration::from_secs(5),
             persona_rescan_interval: Duration::from_secs(2),
             ring_timeout: Duration::from_secs(30),
-            inbound_context_ttl: Duration::from_secs(120),
+            inbound_context_ttl: Duration::from_secs(10),
             outbound_context_grace: Duration::from_secs(600),
             rest_timeout: Duration::from_secs(10),
             handler_finish_grace: Duration::from_secs(5),
@@ -242,7 +257,14 @@ pub struct Config {
     pub limits: Limits,
     /// Scheduled callbacks.
     pub scheduler: crate::scheduler::SchedulerConfig,
+    /// Connection limits and timeouts of the app server.
+    pub server: crate::http::server::ServerLimits,
+    /// Concurrent calls at most.
+    pub max_calls: usize,
 }
+
+/// Default of `CALLMEBACK_MAX_CALLS`.
+pub const DEFAULT_MAX_CALLS: usize = 100;
 
 /// A setting that failed validation. The message names the variable and the flag.
 #[derive(Debug, thiserror::Error)]
@@ -358,6 +380,27 @@ impl Config {
                 .and_then(|d| positive(d, "the lateness limit"))
                 .map_err(|r| ConfigError::new("CALLMEBACK_MAX_LATENESS", "max-lateness", r))?;
         }
+        let mut server = crate::http::server::ServerLimits::default();
+        if let Some(n) = non_empty(args.max_connections) {
+            server.max_connections = parse_count(&n, 1_000_000).map_err(|r| {
+                ConfigError::new("CALLMEBACK_MAX_CONNECTIONS", "max-connections", r)
+            })?;
+        }
+        if let Some(t) = non_empty(args.header_timeout) {
+            server.header_timeout = parse_duration(&t)
+                .and_then(|d| bounded(d, Duration::from_millis(100), Duration::from_secs(3600)))
+                .map_err(|r| ConfigError::new("CALLMEBACK_HEADER_TIMEOUT", "header-timeout", r))?;
+        }
+        if let Some(t) = non_empty(args.body_timeout) {
+            server.body_timeout = parse_duration(&t)
+                .and_then(|d| bounded(d, Duration::from_millis(100), Duration::from_secs(3600)))
+                .map_err(|r| ConfigError::new("CALLMEBACK_BODY_TIMEOUT", "body-timeout", r))?;
+        }
+        let max_calls = match non_empty(args.max_calls) {
+            Some(n) => parse_count(&n, 100_000)
+                .map_err(|r| ConfigError::new("CALLMEBACK_MAX_CALLS", "max-calls", r))?,
+            None => DEFAULT_MAX_CALLS,
+        };
         Ok(Self {
             listen,
             metrics_listen,
@@ -375,6 +418,8 @@ impl Config {
             database_url: non_empty(args.database_url).map(Secret),
             limits: Limits::default(),
             scheduler,
+            server,
+            max_calls,
         })
     }
 
@@ -394,6 +439,27 @@ impl Config {
 fn positive(d: Duration, what: &str) -> Result<Duration, String> {
     if d.is_zero() {
         Err(format!("{what} must be longer than zero"))
+    } else {
+        Ok(d)
+    }
+}
+
+/// A whole number from 1 to `max`.
+fn parse_count(raw: &str, max: usize) -> Result<usize, String> {
+    match raw.trim().parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!("{raw:?} is not a whole number from 1 to {max}")),
+    }
+}
+
+/// `d` within `min..=max`.
+fn bounded(d: Duration, min: Duration, max: Duration) -> Result<Duration, String> {
+    if d < min || d > max {
+        Err(format!(
+            "must be between {} and {}",
+            humantime::format_duration(min),
+            humantime::format_duration(max)
+        ))
     } else {
         Ok(d)
     }
@@ -439,6 +505,14 @@ pub fn pod_name() -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        // Any text as a duration: a Duration or an error, never a panic.
+        #[test]
+        fn arbitrary_durations_never_panic(raw in "(?s).{0,40}|[0-9]{0,30}[a-z ]{0,6}") {
+            let _ = parse_duration(&raw);
+        }
+    }
 
     fn args() -> ServeArgs {
         ServeArgs {

@@ -18,9 +18,11 @@
 //! - [`store`]: PostgreSQL persistence of calls, turns, costs and relationships.
 //! - [`metrics`]: the Prometheus metrics (names are the dashboard's contract).
 //! - [`drain`]: graceful shutdown: readiness off, refuse new calls, finish active ones.
+//! - [`capacity`]: the per-pod call cap (`CALLMEBACK_MAX_CALLS`).
 #![forbid(unsafe_code)]
 
 pub mod audio;
+pub mod capacity;
 pub mod config;
 pub mod drain;
 pub mod engine;

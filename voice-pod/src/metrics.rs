@@ -95,6 +95,44 @@ impl SocketErrorKind {
     }
 }
 
+/// Reasons for `voice_refusals_total{reason}`: requests and connections the pod
+/// turned away to protect itself or its callers (see the README's Security section).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// A time or duration in a request outside its allowed range.
+    TimeOutOfRange,
+    /// A connection beyond `CALLMEBACK_MAX_CONNECTIONS`.
+    ConnectionLimit,
+    /// A client that did not send its request headers in time.
+    HeaderTimeout,
+    /// A client that did not send its request body in time.
+    BodyTimeout,
+    /// A new call beyond `CALLMEBACK_MAX_CALLS`.
+    CallLimit,
+    /// A stream context used a second time.
+    ContextReused,
+    /// A `start.callSid` that is not `CA` + 32 hex digits.
+    BadCallSid,
+    /// A caller whose number Twilio did not vouch for: the call runs without memory.
+    UnverifiedCaller,
+}
+
+impl Refusal {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::TimeOutOfRange => "time_out_of_range",
+            Refusal::ConnectionLimit => "connection_limit",
+            Refusal::HeaderTimeout => "header_timeout",
+            Refusal::BodyTimeout => "body_timeout",
+            Refusal::CallLimit => "call_limit",
+            Refusal::ContextReused => "context_reused",
+            Refusal::BadCallSid => "bad_call_sid",
+            Refusal::UnverifiedCaller => "unverified_caller",
+        }
+    }
+}
+
 /// Stages of `voice_turn_latency_seconds{stage}`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stage {
@@ -172,6 +210,8 @@ pub struct Metrics {
     /// `voice_scheduled_placement_failures_total{reason}`: see
     /// [`crate::scheduler::FailureReason`].
     pub placement_failures: IntCounterVec,
+    /// `voice_refusals_total{reason}`: see [`Refusal`].
+    pub refusals: IntCounterVec,
 }
 
 impl Metrics {
@@ -286,6 +326,14 @@ impl Metrics {
                 &["reason"],
             )
             .expect("static metric definition"),
+            refusals: IntCounterVec::new(
+                Opts::new(
+                    "voice_refusals_total",
+                    "Requests and connections refused to protect the pod or its callers, by reason",
+                ),
+                &["reason"],
+            )
+            .expect("static metric definition"),
             registry,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -310,6 +358,7 @@ impl Metrics {
             Box::new(m.scheduled_placed.clone()),
             Box::new(m.scheduled_adopted.clone()),
             Box::new(m.placement_failures.clone()),
+            Box::new(m.refusals.clone()),
         ];
         for c in collectors {
             m.registry
@@ -324,6 +373,11 @@ impl Metrics {
         self.socket_errors
             .with_label_values(&[peer.as_str(), kind.as_str()])
             .inc();
+    }
+
+    /// Counts one refusal.
+    pub fn refused(&self, reason: Refusal) {
+        self.refusals.with_label_values(&[reason.as_str()]).inc();
     }
 
     /// Records one stage of one turn.

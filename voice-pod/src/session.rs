@@ -72,6 +72,9 @@ pub struct CallContext {
     pub pretext: Option<String>,
     /// Opaque id of the user this call is for.
     pub user: Option<String>,
+    /// Twilio's STIR/SHAKEN verdict on the caller's number (inbound), signed into
+    /// the stream context by the answer webhook.
+    pub caller_verstat: Option<String>,
     /// When the valid `start` arrived.
     pub started_at: Instant,
 }
@@ -227,7 +230,8 @@ impl CallHandler for RecordingHandler {
                     }
                     Some(CallInput::Dtmf(d)) => {
                         rec.dtmf.push(d);
-                        tracing::info!(digit = %d, "dtmf");
+                        // Keys can be a PIN or a card number: never logged.
+                        tracing::debug!("dtmf key pressed");
                     }
                     Some(CallInput::Mark(name)) => {
                         rec.marks += 1;

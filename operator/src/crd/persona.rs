@@ -231,6 +231,39 @@ pub struct MemorySpec {
     #[serde(default = "default_memory_chars")]
     #[schemars(range(min = 100, max = 20000))]
     pub max_chars: u32,
+    /// Which inbound callers are recognised by their number (their memory read
+    /// and written). Caller ID is not identity: `verified` (default) recognises a
+    /// caller only when Twilio vouches for the number (its `StirVerstat` is one of
+    /// `acceptedAttestations`); `callerId` trusts the number as presented (opting out
+    /// of the check); `off` recognises no inbound caller. Withheld numbers are never
+    /// recognised. An unrecognised caller's call runs without memory and writes none.
+    #[serde(default)]
+    pub caller_recognition: CallerRecognition,
+    /// Twilio `StirVerstat` values that count as verified for `callerRecognition:
+    /// verified` (default: full attestation only).
+    #[serde(default = "default_accepted_attestations")]
+    #[schemars(length(max = 8))]
+    pub accepted_attestations: Vec<String>,
+}
+
+/// How inbound callers are recognised (see [`MemorySpec::caller_recognition`]).
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum CallerRecognition {
+    /// Only numbers Twilio vouches for (STIR/SHAKEN attestation).
+    #[default]
+    Verified,
+    /// Any number as presented (spoofable: for trusted lines only).
+    CallerId,
+    /// No inbound caller is recognised.
+    Off,
+}
+
+/// STIR/SHAKEN full attestation as Twilio reports it.
+pub const FULL_ATTESTATION: &str = "TN-Validation-Passed-A";
+
+fn default_accepted_attestations() -> Vec<String> {
+    vec![FULL_ATTESTATION.to_string()]
 }
 
 /// Scheduled callbacks of a persona.
@@ -370,6 +403,8 @@ impl Default for MemorySpec {
         Self {
             enabled: true,
             max_chars: default_memory_chars(),
+            caller_recognition: CallerRecognition::default(),
+            accepted_attestations: default_accepted_attestations(),
         }
     }
 }

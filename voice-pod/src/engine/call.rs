@@ -251,6 +251,8 @@ pub(crate) struct Call {
     playout: Playout,
     history: History,
     system: String,
+    /// Memory notes as quoted data (the first user message), never in `system`.
+    memory: Option<String>,
 
     active: Option<Reply>,
     spec: Option<Reply>,
@@ -298,6 +300,7 @@ impl Call {
             )) as Arc<dyn TurnJudge>
         });
         let system = prompt::system_prompt(&persona, ctx.pretext.as_deref(), relationship);
+        let memory = prompt::memory_message(relationship);
         // The max duration counts from the stream's start, which may predate this task.
         let elapsed = ctx.started_at.elapsed();
         let max = Duration::from_secs(persona.max_call_duration_seconds.into());
@@ -327,6 +330,7 @@ impl Call {
             turn,
             judge,
             system,
+            memory,
             active: None,
             spec: None,
             next_reply: 0,
@@ -572,7 +576,8 @@ impl Call {
                 }
             }
             CallInput::Dtmf(d) => {
-                info!(digit = %d, "dtmf");
+                // Keys can be a PIN or a card number: never logged, only counted.
+                debug!("dtmf key pressed");
                 self.idle_from = now;
                 if !self.dtmf.is_empty() {
                     self.dtmf.push(' ');
@@ -1019,7 +1024,7 @@ impl Call {
         );
         let mut messages: Vec<ChatMessage> = self
             .history
-            .messages(&self.system)
+            .messages(&self.system, self.memory.as_deref())
             .into_iter()
             .map(|m| ChatMessage::new(role(m.role), m.content))
             .collect();

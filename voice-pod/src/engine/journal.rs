@@ -24,7 +24,7 @@ use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use tokio::time::Instant;
 use uuid::Uuid;
-use voice_operator::crd::PersonaSpec;
+use voice_operator::crd::{CallerRecognition, PersonaSpec};
 
 use super::prompt::RelationshipContext;
 use crate::providers::ChatModel;
@@ -74,8 +74,10 @@ pub struct FinishedCall {
     pub llm_tokens: (u64, u64),
 }
 
-/// Who a call's relationship belongs to: the outbound call's `user`, or the inbound
-/// caller's number in E.164. `None`: nobody to remember.
+/// Who a call's relationship belongs to: the outbound call's `user` (the API caller
+/// vouched for it), or the inbound caller's number in E.164 when the persona
+/// recognises this caller ([`caller_identity`]). `None`: nobody to remember; the
+/// call runs without memory and writes none.
 pub fn relationship_user(ctx: &CallContext) -> Option<String> {
     match ctx.direction {
         Direction::Outbound => ctx
@@ -84,7 +86,55 @@ pub fn relationship_user(ctx: &CallContext) -> Option<String> {
             .map(str::trim)
             .filter(|u| !u.is_empty())
             .map(str::to_owned),
-        Direction::Inbound => ctx.from.as_deref().and_then(normalize_e164),
+        Direction::Inbound => caller_identity(
+            &ctx.persona,
+            ctx.from.as_deref(),
+            ctx.caller_verstat.as_deref(),
+        ),
+    }
+}
+
+/// What Twilio puts in `From` when the caller withheld their number: the words and
+/// their keypad spellings (ANONYMOUS, RESTRICTED, UNKNOWN, UNAVAILABLE). Every such
+/// caller would otherwise share one memory.
+const WITHHELD_NUMBERS: &[&str] = &[
+    "anonymous",
+    "restricted",
+    "unknown",
+    "unavailable",
+    "private",
+    "+266696687",
+    "+7378742833",
+    "+8656696",
+    "+86282452253",
+];
+
+/// The inbound caller's number as a relationship key, when the persona recognises
+/// callers this way: never for a withheld number; with `callerRecognition:
+/// verified` only when Twilio's `StirVerstat` is one of the persona's accepted
+/// attestations; with `off` never.
+pub fn caller_identity(
+    persona: &PersonaSpec,
+    from: Option<&str>,
+    verstat: Option<&str>,
+) -> Option<String> {
+    let from = from?.trim();
+    if WITHHELD_NUMBERS
+        .iter()
+        .any(|w| from.eq_ignore_ascii_case(w))
+    {
+        return None;
+    }
+    let number = normalize_e164(from)?;
+    if WITHHELD_NUMBERS.contains(&number.as_str()) {
+        return None;
+    }
+    match persona.memory.caller_recognition {
+        CallerRecognition::Off => None,
+        CallerRecognition::CallerId => Some(number),
+        CallerRecognition::Verified => verstat
+            .filter(|v| persona.memory.accepted_attestations.iter().any(|a| a == v))
+            .map(|_| number),
     }
 }
 
@@ -408,6 +458,78 @@ mod tests {
             "sip:a@b",
         ] {
             assert_eq!(normalize_e164(bad), None, "{bad}");
+        }
+    }
+
+    fn persona_with(recognition: &str) -> PersonaSpec {
+        serde_json::from_value(serde_json::json!({
+            "displayName": "Ava",
+            "systemPrompt": "You are Ava.",
+            "greeting": "Hi!",
+            "voice": {"voiceId": "v1"},
+            "memory": {"callerRecognition": recognition}
+        }))
+        .expect("static persona")
+    }
+
+    // Spoofable caller ID alone never opens a memory: only a number Twilio vouches for
+    // (full attestation by default), or a persona that explicitly trusts caller ID;
+    // withheld numbers in every form Twilio reports them never share one.
+    #[test]
+    fn callers_are_recognised_only_when_verified_and_never_when_withheld() {
+        let verified = persona_with("verified");
+        let full = Some("TN-Validation-Passed-A");
+        let n = Some("+14155550123");
+        assert_eq!(
+            caller_identity(&verified, n, full).as_deref(),
+            Some("+14155550123")
+        );
+        for spoofable in [
+            None,
+            Some("TN-Validation-Passed-B"),
+            Some("TN-Validation-Passed-C"),
+            Some("TN-Validation-Failed-A"),
+            Some("No-TN-Validation"),
+            Some("tn-validation-passed-a"),
+        ] {
+            assert_eq!(
+                caller_identity(&verified, n, spoofable),
+                None,
+                "{spoofable:?}"
+            );
+        }
+        let mut accepts_b = verified.clone();
+        accepts_b
+            .memory
+            .accepted_attestations
+            .push("TN-Validation-Passed-B".into());
+        assert!(caller_identity(&accepts_b, n, Some("TN-Validation-Passed-B")).is_some());
+
+        let trusting = persona_with("callerId");
+        assert!(caller_identity(&trusting, n, None).is_some());
+        let off = persona_with("off");
+        assert_eq!(caller_identity(&off, n, full), None);
+
+        for withheld in [
+            "anonymous",
+            "Anonymous",
+            "restricted",
+            "unavailable",
+            "unknown",
+            "+266696687",
+            "+7378742833",
+            "+8656696",
+            "+86282452253",
+            "+86 282 452 253",
+            "",
+        ] {
+            for persona in [&verified, &trusting] {
+                assert_eq!(
+                    caller_identity(persona, Some(withheld), full),
+                    None,
+                    "{withheld}"
+                );
+            }
         }
     }
 

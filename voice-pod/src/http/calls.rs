@@ -30,6 +30,7 @@ use subtle::ConstantTimeEq;
 use super::AppState;
 use super::error::{ApiError, Problem};
 use crate::config::{is_e164, parse_duration};
+use crate::metrics::Refusal;
 use crate::scheduler::queries::{self as schedule_sql, CancelOutcome, ScheduledCall};
 use crate::session::PreparedCall;
 use crate::store::queries::{CallFilter, MAX_LIST_LIMIT};
@@ -38,7 +39,7 @@ use crate::store::{CallCreated, PgStore, RecordError, call_key};
 use crate::twilio::context::Direction;
 use crate::twilio::outbound::{self, OutboundPlan};
 use crate::twilio::rest::RestError;
-use crate::twilio::{mask_number, normalize_e164, twiml};
+use crate::twilio::{mask_number, mask_numbers_in, normalize_e164, twiml};
 
 /// Bound on the API's own database statements.
 const DB_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -96,14 +97,37 @@ struct Timing {
     max_lateness_seconds: Option<i32>,
     retries: u32,
     retry_delay_seconds: Option<i32>,
+    /// A time or duration was outside its range (counted as
+    /// `voice_refusals_total{reason="time_out_of_range"}`).
+    out_of_range: bool,
 }
 
+/// A duration field, range-checked before any arithmetic uses it: `min..=max`.
 fn duration_field(
     field: &'static str,
     raw: &str,
+    min: std::time::Duration,
+    max: std::time::Duration,
     problems: &mut Vec<Problem>,
+    out_of_range: &mut bool,
 ) -> Option<std::time::Duration> {
     match parse_duration(raw) {
+        Ok(d) if d < min => {
+            *out_of_range = true;
+            problems.push(Problem {
+                field,
+                problem: format!("must be at least {}", humantime::format_duration(min)),
+            });
+            None
+        }
+        Ok(d) if d > max => {
+            *out_of_range = true;
+            problems.push(Problem {
+                field,
+                problem: format!("must be at most {}", humantime::format_duration(max)),
+            });
+            None
+        }
         Ok(d) => Some(d),
         Err(e) => {
             problems.push(Problem { field, problem: e });
@@ -112,12 +136,19 @@ fn duration_field(
     }
 }
 
+/// Whole seconds of a duration already bounded by [`MAX_SCHEDULE_AHEAD`] (fits an `i32`).
 fn seconds_i32(d: std::time::Duration) -> i32 {
     i32::try_from(d.as_secs()).unwrap_or(i32::MAX)
 }
 
-/// Reads `at` / `in` / `maxLateness` / `retries` / `retryDelay`.
+/// Reads `at` / `in` / `maxLateness` / `retries` / `retryDelay`. Every time and
+/// duration is range-checked before it meets a clock: `in` and `at` within
+/// [`MAX_SCHEDULE_AHEAD`] of `now` (either way for `at`), `maxLateness` and
+/// `retryDelay` from one second to the same bound.
 fn timing(req: &CallRequest, now: DateTime<Utc>, problems: &mut Vec<Problem>) -> Timing {
+    let mut out_of_range = false;
+    let ahead = chrono::Duration::seconds(MAX_SCHEDULE_AHEAD.as_secs() as i64);
+    let one_second = std::time::Duration::from_secs(1);
     let due = match (&req.at, &req.in_) {
         (Some(_), Some(_)) => {
             problems.push(Problem {
@@ -127,7 +158,28 @@ fn timing(req: &CallRequest, now: DateTime<Utc>, problems: &mut Vec<Problem>) ->
             None
         }
         (Some(at), None) => match DateTime::parse_from_rfc3339(at) {
-            Ok(t) => Some(t.with_timezone(&Utc)),
+            Ok(t) => {
+                let t = t.with_timezone(&Utc);
+                let (earliest, latest) =
+                    (now.checked_sub_signed(ahead), now.checked_add_signed(ahead));
+                if latest.is_none_or(|l| t > l) {
+                    out_of_range = true;
+                    problems.push(Problem {
+                        field: "at",
+                        problem: "more than 90 days ahead".into(),
+                    });
+                    None
+                } else if earliest.is_none_or(|e| t < e) {
+                    out_of_range = true;
+                    problems.push(Problem {
+                        field: "at",
+                        problem: "more than 90 days in the past".into(),
+                    });
+                    None
+                } else {
+                    Some(t)
+                }
+            }
             Err(e) => {
                 problems.push(Problem {
                     field: "at",
@@ -136,35 +188,43 @@ fn timing(req: &CallRequest, now: DateTime<Utc>, problems: &mut Vec<Problem>) ->
                 None
             }
         },
-        (None, Some(after)) => duration_field("in", after, problems)
-            .and_then(|d| chrono::Duration::from_std(d).ok())
-            .map(|d| now + d),
+        (None, Some(after)) => duration_field(
+            "in",
+            after,
+            std::time::Duration::ZERO,
+            MAX_SCHEDULE_AHEAD,
+            problems,
+            &mut out_of_range,
+        )
+        .and_then(|d| {
+            let due = chrono::Duration::from_std(d)
+                .ok()
+                .and_then(|d| now.checked_add_signed(d));
+            if due.is_none() {
+                out_of_range = true;
+                problems.push(Problem {
+                    field: "in",
+                    problem: "is past the end of the calendar".into(),
+                });
+            }
+            due
+        }),
         (None, None) => None,
     };
-    if let Some(d) = due
-        && let Ok(ahead) = chrono::Duration::from_std(MAX_SCHEDULE_AHEAD)
-        && d > now + ahead
-    {
-        problems.push(Problem {
-            field: if req.at.is_some() { "at" } else { "in" },
-            problem: "more than 90 days ahead".into(),
-        });
-    }
     let max_lateness_seconds = req
         .max_lateness
         .as_deref()
-        .and_then(|m| duration_field("maxLateness", m, problems))
-        .and_then(|d| {
-            if d.as_secs() == 0 {
-                problems.push(Problem {
-                    field: "maxLateness",
-                    problem: "must be at least one second".into(),
-                });
-                None
-            } else {
-                Some(seconds_i32(d))
-            }
-        });
+        .and_then(|m| {
+            duration_field(
+                "maxLateness",
+                m,
+                one_second,
+                MAX_SCHEDULE_AHEAD,
+                problems,
+                &mut out_of_range,
+            )
+        })
+        .map(seconds_i32);
     let retries = req.retries.unwrap_or(0);
     if retries > MAX_RETRIES {
         problems.push(Problem {
@@ -175,21 +235,23 @@ fn timing(req: &CallRequest, now: DateTime<Utc>, problems: &mut Vec<Problem>) ->
     let retry_delay_seconds = req
         .retry_delay
         .as_deref()
-        .and_then(|r| duration_field("retryDelay", r, problems))
+        .and_then(|r| {
+            duration_field(
+                "retryDelay",
+                r,
+                std::time::Duration::ZERO,
+                MAX_SCHEDULE_AHEAD,
+                problems,
+                &mut out_of_range,
+            )
+        })
         .map(seconds_i32);
-    if max_lateness_seconds.is_some_and(|s| i64::from(s) > MAX_SCHEDULE_AHEAD.as_secs() as i64)
-        || retry_delay_seconds.is_some_and(|s| i64::from(s) > MAX_SCHEDULE_AHEAD.as_secs() as i64)
-    {
-        problems.push(Problem {
-            field: "maxLateness",
-            problem: "maxLateness and retryDelay must be at most 90 days".into(),
-        });
-    }
     Timing {
         due,
         max_lateness_seconds,
         retries,
         retry_delay_seconds,
+        out_of_range,
     }
 }
 
@@ -275,6 +337,17 @@ async fn create_inner(
             "this pod is shutting down; retry (another pod will take the call)",
         ));
     }
+    if state.call_slots.is_full() {
+        state.metrics.refused(Refusal::CallLimit);
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "at_capacity",
+            format!(
+                "this pod is at its call capacity ({} calls, CALLMEBACK_MAX_CALLS); retry",
+                state.call_slots.max()
+            ),
+        ));
+    }
     let req: CallRequest = serde_json::from_slice(body).map_err(|e| {
         ApiError::invalid(vec![Problem {
             field: "body",
@@ -346,6 +419,9 @@ async fn create_inner(
         check_text("user", u, MAX_USER_CHARS, &mut problems);
     }
     let mut timing = timing(&req, Utc::now(), &mut problems);
+    if timing.out_of_range {
+        state.metrics.refused(Refusal::TimeOutOfRange);
+    }
     let (Some(persona), Some(persona_name), Some(from), Some(to), true) =
         (persona, persona_name, from, to, problems.is_empty())
     else {
@@ -438,7 +514,7 @@ fn twilio_error(err: &RestError) -> ApiError {
                 429 => StatusCode::TOO_MANY_REQUESTS,
                 _ => StatusCode::BAD_GATEWAY,
             };
-            tracing::warn!(code = ?e.code, http_status = e.status, message = %e.message, "twilio refused the call");
+            tracing::warn!(code = ?e.code, http_status = e.status, message = %mask_numbers_in(&e.message), "twilio refused the call");
             ApiError::new(
                 status,
                 "twilio_error",
@@ -770,6 +846,79 @@ mod tests {
             (t.max_lateness_seconds, t.retries, t.retry_delay_seconds),
             (Some(1800), 2, Some(120))
         );
+    }
+
+    // Times and durations at the edges of the calendar are refused, never added to a
+    // clock: `now + 9000000000000 s` used to panic the handler.
+    #[test]
+    fn times_beyond_their_range_are_refused_without_overflow() {
+        let now = Utc::now();
+        for (body, field) in [
+            (json!({"in": "9000000000000"}), "in"),
+            (json!({"in": "18446744073709551615"}), "in"),
+            (json!({"in": "91d"}), "in"),
+            (json!({"at": "9999-12-31T23:59:59Z"}), "at"),
+            (json!({"at": "0001-01-01T00:00:00Z"}), "at"),
+            (json!({"at": "+262143-12-31T23:59:59Z"}), "at"),
+            (json!({"maxLateness": "9000000000000"}), "maxLateness"),
+            (json!({"retryDelay": "9000000000000"}), "retryDelay"),
+        ] {
+            let mut problems = Vec::new();
+            let t = timing(&request(body.clone()), now, &mut problems);
+            assert_eq!(fields(&problems), [field], "{body}");
+            assert_eq!(t.due, None, "{body}");
+        }
+        let mut problems = Vec::new();
+        let t = timing(&request(json!({"in": "90d"})), now, &mut problems);
+        assert!(problems.is_empty() && t.due.is_some() && !t.out_of_range);
+        // The extremes of the clock itself.
+        for now in [DateTime::<Utc>::MAX_UTC, DateTime::<Utc>::MIN_UTC] {
+            let mut problems = Vec::new();
+            timing(
+                &request(json!({"in": "90d", "at": null})),
+                now,
+                &mut problems,
+            );
+            timing(
+                &request(json!({"at": "2030-01-01T00:00:00Z"})),
+                now,
+                &mut problems,
+            );
+            assert!(!problems.is_empty());
+        }
+    }
+
+    proptest::proptest! {
+        // Any strings in every timing field, at any instant: a Timing or problems, no panic.
+        #[test]
+        fn any_timing_input_never_panics(
+            at in proptest::option::of(".{0,40}"),
+            in_ in proptest::option::of("[0-9]{0,25}[a-z]{0,3}|.{0,30}"),
+            lateness in proptest::option::of(".{0,30}"),
+            delay in proptest::option::of("[0-9]{0,25}[smhdy]?"),
+            retries in proptest::option::of(proptest::prelude::any::<u32>()),
+            secs in proptest::prelude::any::<i64>(),
+        ) {
+            let now = DateTime::<Utc>::from_timestamp(secs % 8_000_000_000_000, 0).unwrap_or_default();
+            let req = CallRequest {
+                to: "+14155550100".into(),
+                persona: None,
+                pretext: None,
+                user: None,
+                from: None,
+                at,
+                in_,
+                max_lateness: lateness,
+                retries,
+                retry_delay: delay,
+            };
+            let mut problems = Vec::new();
+            let t = timing(&req, now, &mut problems);
+            if let Some(due) = t.due {
+                let ahead = chrono::Duration::days(90);
+                proptest::prop_assert!(due <= now + ahead && due >= now - ahead);
+            }
+        }
     }
 
     // Unknown fields are refused rather than ignored (a typo in `at` must not call now).

@@ -12,10 +12,12 @@
 //! - [`calls`] - `/v1/calls`: place now, schedule, list, cancel.
 //! - [`probes`] - the metrics port.
 //! - [`error`] - JSON errors.
+//! - [`server`] - the app port's connections: limits and timeouts against abuse.
 
 pub mod calls;
 pub mod error;
 pub mod probes;
+pub mod server;
 pub mod twilio;
 
 use std::sync::Arc;
@@ -27,6 +29,7 @@ use axum::routing::{get, post};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::capacity::CallSlots;
 use crate::config::Config;
 use crate::drain::{Drain, DrainOutcome};
 use crate::metrics::Metrics;
@@ -37,6 +40,7 @@ use crate::store::{CallRecords, NoPersistence, PgStore};
 use crate::twilio::context::ContextSigner;
 use crate::twilio::media_stream::StreamDeps;
 use crate::twilio::rest::{RestError, TwilioClient};
+use crate::twilio::stream_claims::StreamClaims;
 
 /// Largest webhook or API body accepted (Twilio's forms are a few kB).
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -65,10 +69,18 @@ pub struct AppState {
     pub drain: Drain,
     /// What media streams need (needs the auth token).
     pub stream: Option<Arc<StreamDeps>>,
+    /// The per-pod call cap.
+    pub call_slots: CallSlots,
 }
 
-/// The app router (port 8080).
+/// The app router (port 8080). Every body is read under the configured deadline
+/// before a handler runs (see [`server`]).
 pub fn app(state: Arc<AppState>) -> Router {
+    let body_deadline = server::BodyDeadline {
+        timeout: state.config.server.body_timeout,
+        max_bytes: MAX_BODY_BYTES,
+        metrics: Arc::clone(&state.metrics),
+    };
     Router::new()
         .route("/twilio/voice", post(twilio::voice))
         .route("/twilio/status", post(twilio::status))
@@ -76,6 +88,10 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/v1/calls", post(calls::create).get(calls::list))
         .route("/v1/calls/{sid}", get(calls::get).delete(calls::cancel))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(
+            body_deadline,
+            server::read_body_in_time,
+        ))
         .with_state(state)
 }
 
@@ -209,8 +225,14 @@ pub async fn serve_until(
     if !missing.is_empty() {
         tracing::warn!(missing = ?missing, "Twilio endpoints answer 503 until these are set");
     }
+    let call_slots = CallSlots::new(config.max_calls);
     let stream = signer.clone().map(|signer| {
         Arc::new(StreamDeps {
+            call_slots: call_slots.clone(),
+            claims: StreamClaims::new(
+                store.as_ref().map(|s| s.pool().clone()),
+                Arc::clone(&metrics),
+            ),
             metrics: Arc::clone(&metrics),
             personas: Arc::clone(&personas),
             signer,
@@ -269,6 +291,7 @@ pub async fn serve_until(
         signer,
         drain: drain.clone(),
         stream,
+        call_slots,
     });
 
     let stop_watch = CancellationToken::new();
@@ -293,11 +316,13 @@ pub async fn serve_until(
     );
     let stop_app = CancellationToken::new();
     let app_addr = app_listener.local_addr().ok();
-    let mut app_server = tokio::spawn(
-        axum::serve(app_listener, app(state))
-            .with_graceful_shutdown(stop_app.clone().cancelled_owned())
-            .into_future(),
-    );
+    let mut app_server = tokio::spawn(server::run(
+        app_listener,
+        app(state),
+        config.server.clone(),
+        Arc::clone(&metrics),
+        stop_app.clone(),
+    ));
     tracing::info!(app = ?app_addr, metrics = ?metrics_addr, personas = personas.snapshot().len(), "voice pod serving");
 
     let failure = tokio::select! {

@@ -16,9 +16,12 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use super::AppState;
+use crate::metrics::Refusal;
 use crate::session::PreparedCall;
 use crate::store::{CallCreated, CallStatusChange};
-use crate::twilio::context::{CallContextParams, Direction, Purpose, StatusContext, unix_now};
+use crate::twilio::context::{
+    CallContextParams, Direction, Purpose, SEALED_PARAM, StatusContext, is_call_sid, unix_now,
+};
 use crate::twilio::media_stream::{self, MAX_TRANSPORT_MESSAGE_BYTES, UpgradeSignature};
 use crate::twilio::signature::{self, Algorithm, SIGNATURE_HEADER, SIGNATURE_SETTINGS_HEADER};
 use crate::twilio::{mask_number, twiml};
@@ -137,6 +140,16 @@ pub async fn voice(
         tracing::info!("draining: refusing the call politely");
         return xml(twiml::say_and_hangup(DRAINING_MESSAGE));
     }
+    if state.call_slots.is_full() {
+        // Rejected, Twilio plays busy: the caller can try again; other pods may be free.
+        count(&state, "voice", "at_capacity");
+        state.metrics.refused(Refusal::CallLimit);
+        tracing::warn!(
+            max_calls = state.call_slots.max(),
+            "every call slot is taken; rejecting the call"
+        );
+        return xml(twiml::reject());
+    }
     // Both were checked by verify_webhook.
     let (Some(public), Some(signer)) = (&state.config.public_url, &state.signer) else {
         return (
@@ -150,9 +163,16 @@ pub async fn voice(
     let from = param(&params, "From").map(|s| twiml::xml_safe(s).into_owned());
     let to = param(&params, "To").map(|s| twiml::xml_safe(s).into_owned());
 
-    let ctx = if query.contains_key("sig") {
-        // An outbound call whose TwiML did not fit inline: the context is in our URL.
-        match signer.verify_call(Purpose::Answer, &query, now) {
+    if !is_call_sid(&call_sid) {
+        count(&state, "voice", "bad_call_sid");
+        state.metrics.refused(Refusal::BadCallSid);
+        tracing::warn!("answer webhook without a valid CallSid; rejecting");
+        return xml(twiml::reject());
+    }
+    let ctx = if let Some(sealed) = query.get(SEALED_PARAM) {
+        // An outbound call whose TwiML did not fit inline: the context is in our URL,
+        // sealed; the stream context it becomes is bound to this CallSid.
+        match signer.open_answer(sealed, now) {
             Ok(mut c) => {
                 c.call_sid = Some(call_sid.clone());
                 c.expires_at = now + state.config.limits.inbound_context_ttl.as_secs();
@@ -178,6 +198,10 @@ pub async fn voice(
                 user: None,
                 call_id: uuid::Uuid::new_v4().to_string(),
                 call_sid: Some(call_sid.clone()),
+                // Twilio's values are short words; anything longer is not one of them.
+                caller_verstat: param(&params, "StirVerstat")
+                    .filter(|v| v.len() <= 64)
+                    .map(|v| twiml::xml_safe(v).into_owned()),
                 expires_at: now + state.config.limits.inbound_context_ttl.as_secs(),
             },
             (inbound, _) => {
@@ -196,6 +220,22 @@ pub async fn voice(
         tracing::warn!(persona = %ctx.persona, "persona not loaded; rejecting");
         return xml(twiml::reject());
     };
+    if ctx.direction == Direction::Inbound
+        && ctx.from.is_some()
+        && crate::engine::journal::caller_identity(
+            &persona,
+            ctx.from.as_deref(),
+            ctx.caller_verstat.as_deref(),
+        )
+        .is_none()
+    {
+        // Counted once per call: the call goes on, without the caller's memory.
+        state.metrics.refused(Refusal::UnverifiedCaller);
+        tracing::info!(
+            verstat = ctx.caller_verstat.as_deref(),
+            "caller not recognised (number not verified or withheld): no memory this call"
+        );
+    }
     let stream_params = signer.sign_call(Purpose::Stream, &ctx);
     let doc = match twiml::connect_stream(&public.stream_url(), &stream_params) {
         Ok(d) => d,
@@ -370,5 +410,26 @@ fn upgrade_signature(
         UpgradeSignature::Valid
     } else {
         UpgradeSignature::Invalid
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    proptest::proptest! {
+        // Any bytes as a webhook form body, any query string: parameters or nothing,
+        // never a panic (the signature check then refuses what is not Twilio's).
+        #[test]
+        fn arbitrary_webhook_forms_never_panic(
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..500),
+            query in "[ -~]{0,200}",
+        ) {
+            let params = form_params(&body);
+            let _ = param(&params, "CallSid");
+            if let Ok(uri) = format!("/twilio/voice?{query}").parse::<axum::http::Uri>() {
+                let _ = query_params(&uri);
+            }
+        }
     }
 }

@@ -189,6 +189,28 @@ pub fn parse_routes(text: &str) -> Result<Routes, LoadError> {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        // Any text as a persona or routes file (YAML or JSON): a persona, a skip or a
+        // clear error, never a panic.
+        #[test]
+        fn arbitrary_persona_and_routes_files_never_panic(
+            text in "(?s).{0,400}",
+            value in "(?s).{0,40}",
+            n in proptest::prelude::any::<i64>(),
+        ) {
+            let _ = parse_persona(Path::new("/p/x.yaml"), &text);
+            let _ = parse_persona(Path::new("/p/x.json"), &text);
+            let _ = parse_routes(&text);
+            let shaped = format!(
+                "displayName: {value:?}\nsystemPrompt: {value:?}\ngreeting: {value:?}\nvoice:\n  voiceId: {value:?}\nmaxCallDurationSeconds: {n}\nidleTimeoutSeconds: {n}\nllm:\n  maxTokens: {n}\n"
+            );
+            if let Ok(PersonaFile::Persona(_, spec)) = parse_persona(Path::new("/p/x.yaml"), &shaped) {
+                let _ = validate_spec(&spec);
+            }
+            let _ = parse_routes(&format!("default: {value:?}\nnumbers:\n  {value:?}: {value:?}\n"));
+        }
+    }
+
     const SPEC: &str =
         "displayName: Ada\nsystemPrompt: You are Ada.\ngreeting: Hi!\nvoice:\n  voiceId: abc123\n";
 

@@ -607,9 +607,8 @@ impl SessionTask {
                 let end = base + r.start + r.duration;
                 if r.is_final {
                     // This audio is transcribed for good: no need to replay it.
-                    let pos =
-                        self.socket_base + ((r.start + r.duration) * BYTES_PER_SEC as f64) as u64;
-                    self.replay.trim_to(pos);
+                    self.replay
+                        .trim_to(final_audio_end(self.socket_base, r.start, r.duration));
                     SttEvent::Final {
                         text: alt.transcript,
                         words,
@@ -643,6 +642,20 @@ impl SessionTask {
         };
         self.events.send(event).await.map_err(|_| Phase::Cancelled)
     }
+}
+
+/// Byte position in the socket's audio where a final result ends. The times come
+/// from the peer: negative, absurd or non-finite ones saturate instead of
+/// overflowing (`trim_to` clamps to the audio actually buffered).
+fn final_audio_end(socket_base: u64, start: f64, duration: f64) -> u64 {
+    let end_seconds = start + duration;
+    let bytes = if end_seconds.is_finite() && end_seconds > 0.0 {
+        // `as` saturates for floats beyond u64.
+        (end_seconds * BYTES_PER_SEC as f64) as u64
+    } else {
+        0
+    };
+    socket_base.saturating_add(bytes)
 }
 
 fn control_msg(kind: &str) -> Message {
@@ -718,6 +731,39 @@ struct SpeechStartedMsg {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn absurd_result_times_saturate_instead_of_overflowing() {
+        // Proves a final result with start/duration of 1e300, negative or huge values
+        // (the peer's numbers) cannot overflow the replay position.
+        assert_eq!(final_audio_end(u64::MAX - 5, 1e300, 1e300), u64::MAX);
+        assert_eq!(final_audio_end(100, -5.0, 1.0), 100);
+        assert_eq!(final_audio_end(100, f64::NAN, 1.0), 100);
+        assert_eq!(final_audio_end(0, 1.0, 0.0), BYTES_PER_SEC as u64);
+    }
+
+    proptest::proptest! {
+        // Any text as a Deepgram message: decoded or refused, no panic; any times in
+        // a result give a position without overflow.
+        #[test]
+        fn arbitrary_deepgram_messages_never_panic(
+            text in ".{0,400}",
+            start in proptest::prelude::any::<f64>(),
+            duration in proptest::prelude::any::<f64>(),
+            base in proptest::prelude::any::<u64>(),
+        ) {
+            let _ = serde_json::from_str::<ServerMsg>(&text);
+            let shaped = format!(
+                "{{\"type\":\"Results\",\"start\":{},\"duration\":{},\"channel\":{{\"alternatives\":[{{\"transcript\":{:?},\"words\":[{{\"word\":\"a\",\"start\":{}}}]}}]}}}}",
+                if start.is_finite() { start } else { 0.0 },
+                if duration.is_finite() { duration } else { 0.0 },
+                text,
+                start,
+            );
+            let _ = serde_json::from_str::<ServerMsg>(&shaped);
+            let _ = final_audio_end(base, start, duration);
+        }
+    }
 
     #[test]
     fn replay_trims_to_final_end_and_splits_chunks() {

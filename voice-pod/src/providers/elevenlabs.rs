@@ -850,6 +850,18 @@ struct Alignment {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        // Any text as an ElevenLabs message: decoded or refused, never a panic.
+        #[test]
+        fn arbitrary_elevenlabs_messages_never_panic(text in ".{0,400}", audio in ".{0,64}") {
+            let _ = serde_json::from_str::<ServerMsg>(&text);
+            let shaped = format!(
+                "{{\"contextId\":{text:?},\"audio\":{audio:?},\"isFinal\":true,\"alignment\":{{\"chars\":[{text:?}]}}}}"
+            );
+            let _ = serde_json::from_str::<ServerMsg>(&shaped);
+        }
+    }
+
     fn ctx(text: &str, aligned: usize) -> Ctx {
         let mut c = Ctx::new("c".into());
         c.text = text.into();

@@ -182,6 +182,25 @@ impl SseParser {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        // Arbitrary bytes in arbitrary chunks: events or an Oversized error, never a
+        // panic, and the parser never holds more than the event limit.
+        #[test]
+        fn arbitrary_bytes_never_panic_and_memory_stays_bounded(
+            chunks in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300), 0..20),
+        ) {
+            let mut p = SseParser::new();
+            let mut out = Vec::new();
+            for c in &chunks {
+                if p.push(c, &mut out).is_err() {
+                    break;
+                }
+                proptest::prop_assert!(p.line.len() <= MAX_EVENT_BYTES + 1);
+                proptest::prop_assert!(p.data.len() <= MAX_EVENT_BYTES + 1);
+            }
+        }
+    }
+
     fn parse_all(chunks: &[&[u8]]) -> Vec<SseEvent> {
         let mut p = SseParser::new();
         let mut out = Vec::new();

@@ -7,8 +7,11 @@
 //! - [`Purpose::Stream`]: the `<Parameter>`s of `<Connect><Stream>`, which come back in
 //!   `start.customParameters`. The stream endpoint trusts nothing before this
 //!   signature and its expiry check pass.
-//! - [`Purpose::Answer`]: the query string of an outbound call's answer URL (used only
-//!   when the inline TwiML would exceed Twilio's 4000-character cap).
+//! - The answer URL of an outbound call (used only when the inline TwiML would exceed
+//!   Twilio's 4000-character cap) carries the context **sealed**, not signed:
+//!   ChaCha20-Poly1305 under a key derived like the others
+//!   ([`ContextSigner::seal_answer`]), so the from and to numbers, the pretext and the
+//!   user never appear in a URL that proxies and Twilio's logs keep.
 //! - [`Purpose::Status`]: the query string of the `StatusCallback` URL (persona and call
 //!   id for metrics and the call record; no expiry, since calls last hours).
 //!
@@ -65,8 +68,6 @@ impl Direction {
 pub enum Purpose {
     /// `<Parameter>`s of the media stream.
     Stream,
-    /// Query string of an outbound call's answer URL.
-    Answer,
     /// Query string of the status callback URL.
     Status,
 }
@@ -75,7 +76,6 @@ impl Purpose {
     fn label(self) -> &'static [u8] {
         match self {
             Purpose::Stream => b"callmeback/stream-context/v1",
-            Purpose::Answer => b"callmeback/answer-context/v1",
             Purpose::Status => b"callmeback/status-context/v1",
         }
     }
@@ -101,6 +101,9 @@ pub struct CallContextParams {
     /// Twilio's call SID when known at signing time (inbound webhooks); the stream
     /// endpoint then requires `start.callSid` to match.
     pub call_sid: Option<String>,
+    /// Twilio's STIR/SHAKEN verdict on the caller's number (`StirVerstat` of an
+    /// inbound webhook), which decides whether the caller is recognised.
+    pub caller_verstat: Option<String>,
     /// Unix seconds after which the context is refused.
     pub expires_at: u64,
 }
@@ -145,9 +148,19 @@ impl ContextError {
 #[derive(Clone)]
 pub struct ContextSigner {
     stream: [u8; 32],
-    answer: [u8; 32],
     status: [u8; 32],
+    /// ChaCha20-Poly1305 key of sealed answer-URL contexts.
+    seal: [u8; 32],
 }
+
+/// Label of the sealing key's derivation.
+const SEAL_LABEL: &[u8] = b"callmeback/answer-seal/v1";
+/// Associated data of sealed contexts (binds the ciphertext to its use).
+const SEAL_AAD: &[u8] = b"callmeback answer context v1";
+/// Query parameter of a sealed answer-URL context.
+pub const SEALED_PARAM: &str = "ctx";
+/// Largest sealed context accepted (a 1000-character pretext seals to ~1.5 kB).
+const MAX_SEALED_CHARS: usize = 16 * 1024;
 
 impl std::fmt::Debug for ContextSigner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -158,23 +171,22 @@ impl std::fmt::Debug for ContextSigner {
 impl ContextSigner {
     /// Derives the three keys from the auth token.
     pub fn new(auth_token: &Secret) -> Self {
-        let derive = |p: Purpose| -> [u8; 32] {
+        let derive = |label: &[u8]| -> [u8; 32] {
             let mut mac = Hmac::<Sha256>::new_from_slice(auth_token.expose().as_bytes())
                 .expect("HMAC accepts keys of any length");
-            mac.update(p.label());
+            mac.update(label);
             mac.finalize().into_bytes().into()
         };
         Self {
-            stream: derive(Purpose::Stream),
-            answer: derive(Purpose::Answer),
-            status: derive(Purpose::Status),
+            stream: derive(Purpose::Stream.label()),
+            status: derive(Purpose::Status.label()),
+            seal: derive(SEAL_LABEL),
         }
     }
 
     fn key(&self, p: Purpose) -> &[u8; 32] {
         match p {
             Purpose::Stream => &self.stream,
-            Purpose::Answer => &self.answer,
             Purpose::Status => &self.status,
         }
     }
@@ -249,6 +261,67 @@ impl ContextSigner {
     }
 }
 
+impl ContextSigner {
+    /// The context sealed for an answer URL's query (`ctx=<this>`): unpadded
+    /// base64url of a random 96-bit nonce, then the ChaCha20-Poly1305 ciphertext
+    /// and tag of the context's parameters. Nothing in it is readable without the
+    /// auth token, and any change to it fails [`ContextSigner::open_answer`].
+    pub fn seal_answer(&self, ctx: &CallContextParams) -> String {
+        use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
+        let mut plain = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(ctx.to_params())
+            .finish()
+            .into_bytes();
+        let nonce_bytes: [u8; 12] = rand::random();
+        let key = LessSafeKey::new(
+            UnboundKey::new(&CHACHA20_POLY1305, &self.seal).expect("a 32-byte key"),
+        );
+        key.seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nonce_bytes),
+            Aad::from(SEAL_AAD),
+            &mut plain,
+        )
+        .expect("sealing in memory cannot fail for inputs under 256 GB");
+        let mut out = nonce_bytes.to_vec();
+        out.extend_from_slice(&plain);
+        URL_SAFE_NO_PAD.encode(out)
+    }
+
+    /// Opens a sealed answer-URL context and checks its expiry.
+    pub fn open_answer(
+        &self,
+        sealed: &str,
+        now_unix: u64,
+    ) -> Result<CallContextParams, ContextError> {
+        use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
+        if sealed.len() > MAX_SEALED_CHARS {
+            return Err(ContextError::BadSignature);
+        }
+        let raw = URL_SAFE_NO_PAD
+            .decode(sealed)
+            .map_err(|_| ContextError::BadSignature)?;
+        let (nonce, sealed_bytes) = raw.split_at_checked(12).ok_or(ContextError::BadSignature)?;
+        let nonce =
+            Nonce::try_assume_unique_for_key(nonce).map_err(|_| ContextError::BadSignature)?;
+        let key = LessSafeKey::new(
+            UnboundKey::new(&CHACHA20_POLY1305, &self.seal).expect("a 32-byte key"),
+        );
+        let mut buf = sealed_bytes.to_vec();
+        let plain = key
+            .open_in_place(nonce, Aad::from(SEAL_AAD), &mut buf)
+            .map_err(|_| ContextError::BadSignature)?;
+        let params: BTreeMap<String, String> =
+            url::form_urlencoded::parse(plain).into_owned().collect();
+        let ctx = CallContextParams::from_params(&params)?;
+        if ctx.expires_at < now_unix {
+            return Err(ContextError::Expired {
+                seconds_ago: now_unix - ctx.expires_at,
+            });
+        }
+        Ok(ctx)
+    }
+}
+
 impl CallContextParams {
     /// The unsigned parameters; optional fields are omitted when `None`.
     pub fn to_params(&self) -> Vec<(String, String)> {
@@ -265,6 +338,7 @@ impl CallContextParams {
             ("pretext", &self.pretext),
             ("user", &self.user),
             ("call_sid", &self.call_sid),
+            ("verstat", &self.caller_verstat),
         ];
         for (k, v) in optional {
             if let Some(v) = v {
@@ -300,6 +374,7 @@ impl CallContextParams {
             user: params.get("user").cloned(),
             call_id: req("call_id")?,
             call_sid: params.get("call_sid").cloned(),
+            caller_verstat: params.get("verstat").cloned(),
             expires_at,
         })
     }
@@ -340,6 +415,12 @@ impl ContextSigner {
     }
 }
 
+/// Whether `s` is a Twilio call SID: `CA` and 32 lowercase or uppercase hex digits.
+/// Checked before a SID from a peer reaches a REST path or a log field.
+pub fn is_call_sid(s: &str) -> bool {
+    s.len() == 34 && s.starts_with("CA") && s.bytes().skip(2).all(|b| b.is_ascii_hexdigit())
+}
+
 /// Current Unix time in seconds.
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -365,6 +446,7 @@ mod tests {
             user: Some("u-1".into()),
             call_id: "c-1".into(),
             call_sid: None,
+            caller_verstat: None,
             expires_at: 2_000,
         }
     }
@@ -416,7 +498,7 @@ mod tests {
             Err(ContextError::Expired { seconds_ago: 1 })
         ));
         assert_eq!(
-            s.verify_call(Purpose::Answer, &good, 1_000),
+            s.verify_call(Purpose::Status, &good, 1_000),
             Err(ContextError::BadSignature)
         );
 
@@ -425,6 +507,72 @@ mod tests {
             other.verify_call(Purpose::Stream, &good, 1_000),
             Err(ContextError::BadSignature)
         );
+    }
+
+    #[test]
+    fn sealed_answer_contexts_round_trip_hide_personal_data_and_refuse_tampering() {
+        // Proves the answer URL's context opens to the same context, shows none of
+        // its numbers, pretext or user, and any changed byte, another key or expiry
+        // refuses it.
+        let s = signer();
+        let sealed = s.seal_answer(&ctx());
+        assert_eq!(s.open_answer(&sealed, 1_000).unwrap(), ctx());
+        for secret in ["4155550100", "4155550199", "Rescue", "date", "u-1"] {
+            assert!(!sealed.contains(secret), "{secret} in {sealed}");
+        }
+        assert_ne!(sealed, s.seal_answer(&ctx()), "a fresh nonce each time");
+        let mut bytes = URL_SAFE_NO_PAD.decode(&sealed).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        let tampered = URL_SAFE_NO_PAD.encode(bytes);
+        assert_eq!(
+            s.open_answer(&tampered, 1_000),
+            Err(ContextError::BadSignature)
+        );
+        let other = ContextSigner::new(&Secret::new("other-token"));
+        assert_eq!(
+            other.open_answer(&sealed, 1_000),
+            Err(ContextError::BadSignature)
+        );
+        assert!(matches!(
+            s.open_answer(&sealed, 2_001),
+            Err(ContextError::Expired { .. })
+        ));
+        assert_eq!(s.open_answer("", 1_000), Err(ContextError::BadSignature));
+    }
+
+    #[test]
+    fn call_sids_are_ca_and_32_hex_digits() {
+        // Proves only Twilio's call SID form passes, so nothing else reaches a REST path.
+        assert!(is_call_sid("CA0123456789abcdef0123456789ABCDEF"));
+        for bad in [
+            "",
+            "CA",
+            "CA0123456789abcdef0123456789abcde",
+            "CA0123456789abcdef0123456789abcdef0",
+            "CA0123456789abcdef0123456789abcdeg",
+            "AC0123456789abcdef0123456789abcdef",
+            "CA0123456789abcdef/../../Accounts0",
+            "CA0123456789abcdef0123456789abcd\u{e9}",
+        ] {
+            assert!(!is_call_sid(bad), "{bad:?}");
+        }
+    }
+
+    proptest::proptest! {
+        // Any bytes as a sealed context or as stream parameters: refused, never a panic.
+        #[test]
+        fn arbitrary_contexts_are_refused_without_panic(
+            sealed in ".{0,300}",
+            params in proptest::collection::btree_map(".{0,12}", ".{0,40}", 0..10),
+            now in proptest::prelude::any::<u64>(),
+        ) {
+            let s = signer();
+            proptest::prop_assert!(s.open_answer(&sealed, now).is_err());
+            proptest::prop_assert!(s.verify_call(Purpose::Stream, &params, now).is_err());
+            let _ = CallContextParams::from_params(&params);
+            let _ = is_call_sid(&sealed);
+        }
     }
 
     #[test]

@@ -32,12 +32,14 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::context::{ContextSigner, Purpose, unix_now};
+use super::context::{ContextSigner, Purpose, SIG_PARAM, is_call_sid, unix_now};
 use super::rest::TwilioClient;
+use super::stream_claims::StreamClaims;
 use super::stream_messages::{Inbound, MarkBody, MediaOut, Outbound, StartMeta, parse_inbound};
+use crate::capacity::{CallSlot, CallSlots};
 use crate::config::Limits;
 use crate::drain::Drain;
-use crate::metrics::{Metrics, Peer, SocketErrorKind};
+use crate::metrics::{Metrics, Peer, Refusal, SocketErrorKind};
 use crate::personas::Personas;
 use crate::session::{CallContext, CallEnd, CallHandler, CallInput, CallOutput, FRAME_BYTES};
 
@@ -65,6 +67,7 @@ mod close_code {
     pub const POLICY: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
     pub const INTERNAL: u16 = 1011;
+    pub const TRY_AGAIN_LATER: u16 = 1013;
 }
 
 /// What the upgrade request's `X-Twilio-Signature` said (logged; not decisive, see
@@ -95,6 +98,10 @@ pub struct StreamDeps {
     pub drain: Drain,
     /// Timings.
     pub limits: Limits,
+    /// The per-pod call cap: a call holds a slot from `start` to its end.
+    pub call_slots: CallSlots,
+    /// Single use of stream contexts.
+    pub claims: StreamClaims,
 }
 
 enum WriterCmd {
@@ -158,8 +165,8 @@ pub async fn serve(socket: WebSocket, deps: Arc<StreamDeps>, upgrade: UpgradeSig
             },
             deps: Arc::clone(&deps),
         };
-        if let Some(ctx) = conn.handshake().await {
-            conn.run_call(ctx).await;
+        if let Some((ctx, slot)) = conn.handshake().await {
+            conn.run_call(ctx, slot).await;
         }
         drop(conn);
         if tokio::time::timeout(Duration::from_secs(2), writer)
@@ -281,7 +288,7 @@ impl Conn {
     }
 
     /// Waits for a valid `start`. `None` when the stream closed or was refused.
-    async fn handshake(&mut self) -> Option<CallContext> {
+    async fn handshake(&mut self) -> Option<(CallContext, CallSlot)> {
         let deadline = tokio::time::Instant::now() + self.deps.limits.stream_start_timeout;
         let mut connected = false;
         loop {
@@ -320,7 +327,11 @@ impl Conn {
         }
     }
 
-    async fn accept_start(&mut self, stream_sid: String, start: StartMeta) -> Option<CallContext> {
+    async fn accept_start(
+        &mut self,
+        stream_sid: String,
+        start: StartMeta,
+    ) -> Option<(CallContext, CallSlot)> {
         let span = tracing::Span::current();
         span.record("call_sid", start.call_sid.as_str());
         span.record("stream_sid", stream_sid.as_str());
@@ -333,25 +344,37 @@ impl Conn {
                 .await;
             return None;
         }
-        let params = match self.deps.signer.verify_call(
-            Purpose::Stream,
-            &start.custom_parameters,
-            unix_now(),
-        ) {
-            Ok(p) => p,
-            Err(err) => {
-                self.errors.record(
-                    SocketErrorKind::BadSignature,
-                    &format!("call context rejected: {err}"),
-                );
-                self.close(
-                    close_code::POLICY,
-                    "call context signature missing, invalid or expired",
-                )
-                .await;
-                return None;
-            }
-        };
+        if !is_call_sid(&start.call_sid) {
+            // It names the call in REST paths (hangup): only Twilio's form gets there.
+            self.deps.metrics.refused(Refusal::BadCallSid);
+            self.errors.record(
+                SocketErrorKind::Protocol,
+                &"callSid is not CA + 32 hex digits",
+            );
+            self.close(close_code::POLICY, "malformed callSid").await;
+            return None;
+        }
+        let now = unix_now();
+        let params =
+            match self
+                .deps
+                .signer
+                .verify_call(Purpose::Stream, &start.custom_parameters, now)
+            {
+                Ok(p) => p,
+                Err(err) => {
+                    self.errors.record(
+                        SocketErrorKind::BadSignature,
+                        &format!("call context rejected: {err}"),
+                    );
+                    self.close(
+                        close_code::POLICY,
+                        "call context signature missing, invalid or expired",
+                    )
+                    .await;
+                    return None;
+                }
+            };
         if params
             .call_sid
             .as_ref()
@@ -363,6 +386,23 @@ impl Conn {
                 &"call context signed for another call",
             );
             self.close(close_code::POLICY, "call context belongs to another call")
+                .await;
+            return None;
+        }
+        // The signature verified, so it is present.
+        let sig = start
+            .custom_parameters
+            .get(SIG_PARAM)
+            .map_or("", String::as_str);
+        if let Err(err) = self
+            .deps
+            .claims
+            .claim(sig, &start.call_sid, params.expires_at, now)
+            .await
+        {
+            self.deps.metrics.refused(Refusal::ContextReused);
+            self.errors.record(SocketErrorKind::BadSignature, &err);
+            self.close(close_code::POLICY, "call context already used")
                 .await;
             return None;
         }
@@ -391,8 +431,18 @@ impl Conn {
                 .await;
             return None;
         };
+        let Some(slot) = self.deps.call_slots.try_take() else {
+            self.deps.metrics.refused(Refusal::CallLimit);
+            tracing::warn!(
+                max_calls = self.deps.call_slots.max(),
+                "every call slot is taken; closing the stream"
+            );
+            self.close(close_code::TRY_AGAIN_LATER, "pod at call capacity")
+                .await;
+            return None;
+        };
         span.record("persona", params.persona.as_str());
-        Some(CallContext {
+        let ctx = CallContext {
             call_sid: start.call_sid,
             stream_sid,
             account_sid: start.account_sid,
@@ -404,12 +454,14 @@ impl Conn {
             to: params.to,
             pretext: params.pretext,
             user: params.user,
+            caller_verstat: params.caller_verstat,
             started_at: Instant::now(),
-        })
+        };
+        Some((ctx, slot))
     }
 
     /// Runs the call: reader here, handler and output forwarder as tasks.
-    async fn run_call(&mut self, ctx: CallContext) {
+    async fn run_call(&mut self, ctx: CallContext, _slot: CallSlot) {
         let deps = Arc::clone(&self.deps);
         let _active = ActiveCall::new(&deps.metrics);
         let persona = ctx.persona_name.clone();

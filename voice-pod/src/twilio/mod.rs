@@ -11,12 +11,14 @@
 //!   and writer, and the bridge to the call handler ([`crate::session`]).
 //! - [`rest`]: the REST client (create a call, hang up).
 //! - [`outbound`]: the Calls API request for an outbound call (API and scheduler).
+//! - [`stream_claims`]: single use of stream contexts (the first stream wins).
 
 pub mod context;
 pub mod media_stream;
 pub mod outbound;
 pub mod rest;
 pub mod signature;
+pub mod stream_claims;
 pub mod stream_messages;
 pub mod twiml;
 
@@ -52,6 +54,33 @@ pub fn mask_number(n: &str) -> String {
         .collect()
 }
 
+/// Free text (a Twilio error message such as "The number +14155550100 is
+/// unverified") with every phone-number-like run of 7 or more digits masked but its
+/// last four, so it can be logged.
+pub fn mask_numbers_in(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut run = String::new();
+    let flush = |run: &mut String, out: &mut String| {
+        let digits = run.chars().filter(char::is_ascii_digit).count();
+        if digits >= 7 {
+            out.push_str(&mask_number(run));
+        } else {
+            out.push_str(run);
+        }
+        run.clear();
+    };
+    for c in text.chars() {
+        if c.is_ascii_digit() || (c == '+' && run.is_empty()) {
+            run.push(c);
+        } else {
+            flush(&mut run, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut run, &mut out);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     // Numbers as people write them become E.164; national numbers and junk do not.
@@ -79,5 +108,27 @@ mod tests {
         // Proves log masking keeps only the last four digits.
         assert_eq!(super::mask_number("+14155550100"), "********0100");
         assert_eq!(super::mask_number("123"), "***");
+    }
+
+    #[test]
+    fn numbers_inside_twilio_messages_are_masked_for_logs() {
+        // Proves a Twilio error naming the callee keeps only its last four digits,
+        // while error codes and short numbers stay readable.
+        assert_eq!(
+            super::mask_numbers_in("The number +14155550100 is unverified (code 21219)."),
+            "The number ********0100 is unverified (code 21219)."
+        );
+        assert_eq!(
+            super::mask_numbers_in("To 4155550100, from +1"),
+            "To ******0100, from +1"
+        );
+        assert_eq!(super::mask_numbers_in("é+日"), "é+日");
+        let err = super::rest::RestError::Api(super::rest::TwilioApiError {
+            code: Some(21219),
+            message: "The 'To' number +14155550100 is not a valid phone number.".into(),
+            more_info: None,
+            status: 400,
+        });
+        assert!(!err.to_string().contains("4155550100"), "{err}");
     }
 }

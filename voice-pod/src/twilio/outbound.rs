@@ -6,13 +6,15 @@
 //! when the callee answers, Twilio opens the stream at once instead of first
 //! fetching TwiML from a webhook. Inline TwiML is capped at 4000 characters (Twilio
 //! error 32018); a context that does not fit (a long pretext) falls back to `Url` =
-//! our answer webhook with the call context signed and expiring in its query string.
+//! our answer webhook with the call context sealed (encrypted and authenticated,
+//! expiring) in its query string: no number, pretext or user travels readable in a
+//! URL. The answer webhook then binds the stream context to the CallSid it learns.
 //! The status callback URL carries our call id, signed, so callbacks (including
 //! `initiated`) find the call row even before the REST answer was written.
 
 use crate::config::{Limits, PublicUrl};
 use crate::twilio::context::{
-    CallContextParams, ContextSigner, Direction, Purpose, StatusContext, unix_now,
+    CallContextParams, ContextSigner, Direction, Purpose, SEALED_PARAM, StatusContext, unix_now,
 };
 use crate::twilio::rest::{Instructions, NewCall};
 use crate::twilio::twiml::{self, TwimlError};
@@ -63,6 +65,7 @@ pub fn build(
         user: plan.user.clone().filter(|u| !u.is_empty()),
         call_id: plan.call_id.clone(),
         call_sid: None,
+        caller_verstat: None,
         expires_at: now + limits.ring_timeout.as_secs() + limits.outbound_context_grace.as_secs(),
     };
     let stream_params = signer.sign_call(Purpose::Stream, &context);
@@ -71,7 +74,7 @@ pub fn build(
         Instructions::Twiml(inline)
     } else {
         let query = url::form_urlencoded::Serializer::new(String::new())
-            .extend_pairs(signer.sign_call(Purpose::Answer, &context))
+            .append_pair(SEALED_PARAM, &signer.seal_answer(&context))
             .finish();
         Instructions::Url(public.join(&format!("/twilio/voice?{query}")))
     };

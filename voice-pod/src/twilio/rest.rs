@@ -33,7 +33,8 @@ pub struct TwilioApiError {
 #[derive(Debug, thiserror::Error)]
 pub enum RestError {
     /// Twilio answered with an error.
-    #[error("twilio error {code:?} (HTTP {status}): {message}", code = .0.code, status = .0.status, message = .0.message)]
+    /// Displayed with phone numbers in Twilio's message masked: this text reaches logs.
+    #[error("twilio error {code:?} (HTTP {status}): {message}", code = .0.code, status = .0.status, message = super::mask_numbers_in(&.0.message))]
     Api(TwilioApiError),
     /// No answer within the timeout.
     #[error("twilio did not answer in time")]

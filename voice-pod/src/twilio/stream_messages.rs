@@ -305,6 +305,33 @@ pub fn parse_inbound(text: &str) -> Result<Inbound, FrameError> {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        // Any text, and any values in each event's shape, parse or fail with a
+        // FrameError: never a panic (the reader counts and skips the frame).
+        #[test]
+        fn arbitrary_twilio_frames_never_panic(
+            text in "(?s).{0,300}",
+            event in proptest::sample::select(vec!["connected", "start", "media", "dtmf", "mark", "stop", "other"]),
+            value in "(?s).{0,60}",
+            number in proptest::prelude::any::<i64>(),
+        ) {
+            let _ = parse_inbound(&text);
+            for shaped in [
+                format!("{{\"event\":{event:?},\"sequenceNumber\":{value:?},\"streamSid\":{value:?}}}"),
+                format!("{{\"event\":{event:?},\"start\":{{\"callSid\":{value:?},\"customParameters\":{{{value:?}:{value:?}}},\"mediaFormat\":{{\"encoding\":{value:?},\"sampleRate\":{number},\"channels\":{number}}}}},\"streamSid\":\"MZ1\"}}"),
+                format!("{{\"event\":{event:?},\"media\":{{\"payload\":{value:?},\"timestamp\":{number},\"chunk\":{value:?}}},\"streamSid\":\"MZ1\"}}"),
+                format!("{{\"event\":{event:?},\"dtmf\":{{\"digit\":{value:?}}},\"mark\":{{\"name\":{value:?}}}}}"),
+            ] {
+                if let Ok(Inbound::Media { media, .. }) = parse_inbound(&shaped) {
+                    let _ = media.timestamp.as_u64();
+                }
+                if let Ok(Inbound::Start { start, .. }) = parse_inbound(&shaped) {
+                    let _ = start.media_format.is_mulaw_8k_mono();
+                }
+            }
+        }
+    }
+
     #[test]
     fn parses_every_event_as_twilio_sends_it() {
         // Proves each documented inbound message (protocols.md 1.2) parses with string counters.
