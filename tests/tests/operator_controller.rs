@@ -926,21 +926,21 @@ async fn same_named_objects_of_others_are_never_adopted_nor_garbage_collected() 
         &service.metadata,
         &get::<Service>(&client, &ns, "desk")
             .await
-            .expect(&deleted("Service"))
+            .unwrap_or_else(|| panic!("{}", deleted("Service")))
             .metadata,
     );
     unchanged(
         &routes.metadata,
         &get::<ConfigMap>(&client, &ns, "desk-routes")
             .await
-            .expect(&deleted("ConfigMap"))
+            .unwrap_or_else(|| panic!("{}", deleted("ConfigMap")))
             .metadata,
     );
     unchanged(
         &persona_cm.metadata,
         &get::<ConfigMap>(&client, &ns, "persona-sam")
             .await
-            .expect(&deleted("ConfigMap"))
+            .unwrap_or_else(|| panic!("{}", deleted("ConfigMap")))
             .metadata,
     );
 
@@ -963,21 +963,21 @@ async fn same_named_objects_of_others_are_never_adopted_nor_garbage_collected() 
         &service.metadata,
         &get::<Service>(&client, &ns, "desk")
             .await
-            .expect(&deleted("Service"))
+            .unwrap_or_else(|| panic!("{}", deleted("Service")))
             .metadata,
     );
     unchanged(
         &routes.metadata,
         &get::<ConfigMap>(&client, &ns, "desk-routes")
             .await
-            .expect(&deleted("ConfigMap"))
+            .unwrap_or_else(|| panic!("{}", deleted("ConfigMap")))
             .metadata,
     );
     unchanged(
         &persona_cm.metadata,
         &get::<ConfigMap>(&client, &ns, "persona-sam")
             .await
-            .expect(&deleted("ConfigMap"))
+            .unwrap_or_else(|| panic!("{}", deleted("ConfigMap")))
             .metadata,
     );
     op.stop().await;
