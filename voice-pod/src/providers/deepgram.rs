@@ -739,7 +739,7 @@ mod tests {
         assert_eq!(final_audio_end(u64::MAX - 5, 1e300, 1e300), u64::MAX);
         assert_eq!(final_audio_end(100, -5.0, 1.0), 100);
         assert_eq!(final_audio_end(100, f64::NAN, 1.0), 100);
-        assert_eq!(final_audio_end(0, 1.0, 0.0), BYTES_PER_SEC as u64);
+        assert_eq!(final_audio_end(0, 1.0, 0.0), BYTES_PER_SEC);
     }
 
     proptest::proptest! {
