@@ -76,7 +76,11 @@ async fn sigterm_with_a_hung_database_and_five_live_calls_exits_within_grace_and
         n == 5
     })
     .await;
-    assert!(created, "the 5 calls never reached the database");
+    assert!(
+        created,
+        "the 5 calls never reached the database:\n{}",
+        pod.log_tail(40)
+    );
     // Let the writer go idle, then hang the database.
     tokio::time::sleep(Duration::from_millis(500)).await;
     proxy.stall();
