@@ -71,7 +71,13 @@ async fn migrations_build_the_schema_from_empty_and_rerun_cleanly() {
     .unwrap();
     assert_eq!(
         tables,
-        ["call_turns", "call_usage", "calls", "relationships"]
+        [
+            "call_turns",
+            "call_usage",
+            "calls",
+            "relationships",
+            "stream_claims"
+        ]
     );
     let fk: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM information_schema.referential_constraints rc \
