@@ -1,5 +1,5 @@
 //! Twilio's webhooks against a running pod: signatures, persona routing, the TwiML
-//! answer, status callbacks and the polite refusal while draining.
+//! answer, status callbacks, `/load`, and what a draining pod still serves.
 
 use std::time::Duration;
 
@@ -272,20 +272,24 @@ async fn status_callbacks_count_finished_calls_by_outcome() {
 }
 
 #[tokio::test]
-async fn draining_pod_refuses_new_calls_politely_and_finishes_the_active_one() {
-    // Proves that during drain /readyz is 503, a new call hears <Say> + <Hangup/>
-    // (never a dead stream), the active call still streams, and the drain then completes.
+async fn draining_pod_still_serves_late_webhooks_and_streams_and_finishes_every_call() {
+    // Proves that during drain /readyz is 503 and /load says draining, yet a webhook
+    // that still reaches the pod (endpoint removal lags) gets the usual
+    // <Connect><Stream> TwiML, never a goodbye; a stream that then lands on this pod
+    // is carried; the call that was live before carries on; the drain ends once
+    // both calls end.
     let mut pod = TestPod::start(TestPodOptions::default()).await.unwrap();
     let sim = pod.sim();
+    let metrics_url = pod.metrics_url.clone();
     let ready = || async {
-        reqwest::get(format!("{}/readyz", pod.metrics_url))
+        reqwest::get(format!("{metrics_url}/readyz"))
             .await
             .unwrap()
             .status()
             .as_u16()
     };
     assert_eq!(ready().await, 200);
-    let (mut stream, _) = sim.start_inbound_call(FROM, TO).await.unwrap();
+    let (mut before, _) = sim.start_inbound_call(FROM, TO).await.unwrap();
     assert!(
         eventually(T, || async {
             pod.metric("voice_active_calls", &[]).await.unwrap() == 1.0
@@ -295,36 +299,80 @@ async fn draining_pod_refuses_new_calls_politely_and_finishes_the_active_one() {
 
     pod.begin_shutdown();
     assert!(
-        eventually(Duration::from_secs(1), || async {
-            reqwest::get(format!("{}/readyz", pod.metrics_url))
-                .await
-                .unwrap()
-                .status()
-                == 503
-        })
+        eventually(Duration::from_secs(1), || async { ready().await == 503 }).await,
+        "readiness off at once"
+    );
+    let load: serde_json::Value = reqwest::get(format!("{metrics_url}/load"))
         .await
-    );
-    let refused = sim.inbound_call(&new_call_sid(), FROM, TO).await.unwrap();
-    let verbs = refused.verbs().unwrap();
-    assert!(
-        matches!(verbs.as_slice(), [Verb::Say(text), Verb::Hangup] if !text.is_empty()),
-        "{verbs:?}"
-    );
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(load["draining"], true, "{load}");
+    assert_eq!(load["accepting"], false, "{load}");
+    assert_eq!(load["activeCalls"], 1, "{load}");
 
-    stream.send_silence(10, Pace::RealTime).await.unwrap();
+    let (mut late, twiml) = sim.start_inbound_call(FROM, TO).await.unwrap();
+    assert!(
+        twiml.url.starts_with("ws"),
+        "the late webhook got stream TwiML: {}",
+        twiml.url
+    );
+    assert!(
+        eventually(T, || async {
+            pod.metric("voice_active_calls", &[]).await.unwrap() == 2.0
+        })
+        .await,
+        "the late stream is carried beside the earlier call"
+    );
+    for stream in [&mut before, &mut late] {
+        stream.send_silence(10, Pace::RealTime).await.unwrap();
+    }
     assert!(
         eventually(T, || async {
             pod.metric("voice_frames_total", &[("direction", "inbound")])
                 .await
                 .unwrap()
-                == 10.0
+                == 20.0
         })
         .await
     );
-    stream.send_stop().await.unwrap();
+    before.send_stop().await.unwrap();
+    late.send_stop().await.unwrap();
     let outcome = tokio::time::timeout(Duration::from_secs(10), pod.shutdown())
         .await
         .unwrap()
         .unwrap();
     assert_eq!(outcome, voice_pod::drain::DrainOutcome::Finished);
+}
+
+#[tokio::test]
+async fn load_endpoint_reports_active_calls_capacity_and_acceptance() {
+    // Proves GET /load on the metrics port counts the live call like
+    // voice_active_calls, gives the configured capacity, and says the pod accepts.
+    let pod = TestPod::start(TestPodOptions::default()).await.unwrap();
+    let sim = pod.sim();
+    let load = || async {
+        reqwest::get(format!("{}/load", pod.metrics_url))
+            .await
+            .unwrap()
+            .json::<serde_json::Value>()
+            .await
+            .unwrap()
+    };
+    let idle = load().await;
+    assert_eq!(
+        idle,
+        serde_json::json!({"activeCalls": 0, "capacity": voice_pod::config::DEFAULT_MAX_CALLS, "accepting": true, "draining": false})
+    );
+    let (mut stream, _) = sim.start_inbound_call(FROM, TO).await.unwrap();
+    assert!(
+        eventually(T, || async { load().await["activeCalls"] == 1 }).await,
+        "one live call"
+    );
+    stream.send_stop().await.unwrap();
+    assert!(
+        eventually(T, || async { load().await["activeCalls"] == 0 }).await,
+        "the ended call is no longer counted"
+    );
 }

@@ -3,8 +3,12 @@
 //! On SIGTERM (or SIGINT) the pod:
 //! 1. reports not-ready at once (`/readyz` 503) so Kubernetes stops routing to it,
 //!    before anything else (the scheduler stops beside the drain, not before it),
-//! 2. refuses new calls politely (webhook: `<Say>` + `<Hangup/>`; `/v1/calls`: 503),
-//!    while streams of calls it already answered are still accepted,
+//! 2. still serves what reaches it late (endpoint removal takes a moment to reach
+//!    every proxy and load balancer): an answer webhook gets its usual TwiML, whose
+//!    stream URL is the public one, so the stream lands on a ready pod; a stream
+//!    that does reach this pod is taken and tracked like any other (it has until
+//!    the drain deadline). Only `/v1/calls` answers 503 (the client retries through
+//!    the Service and another pod places the call),
 //! 3. waits for active calls to end, up to the drain deadline,
 //! 4. cancels what is left (handlers say goodbye and hang up), stops its servers,
 //!    gives memory summaries and the store's writer their last chance, closes the
@@ -121,14 +125,14 @@ impl Drain {
         self.inner.draining.load(Ordering::SeqCst)
     }
 
-    /// Starts draining: readiness off, new calls refused.
+    /// Starts draining: readiness off, the scheduler and `/v1/calls` stop taking work.
     pub fn begin(&self) {
         if !self.inner.draining.swap(true, Ordering::SeqCst) {
             self.inner.metrics.draining.set(1);
             self.inner.calls.close();
             tracing::info!(
                 active_streams = self.inner.calls.len(),
-                "draining: not ready, refusing new calls"
+                "draining: not ready; live calls go on"
             );
         }
     }

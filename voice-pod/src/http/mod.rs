@@ -1,10 +1,11 @@
 //! The pod's two HTTP servers and their lifecycle.
 //!
 //! - App (8080, [`app`]): Twilio's webhooks and media stream, the call-me-back API.
-//! - Metrics (9090, [`probes::router`]): `/metrics`, `/healthz`, `/readyz`.
+//! - Metrics (9090, [`probes::router`]): `/metrics`, `/healthz`, `/readyz`, `/load`.
 //!
 //! [`serve`] runs both until `shutdown` resolves, then drains (see [`crate::drain`]):
-//! the app keeps answering (politely refusing new calls) while active calls finish,
+//! the app keeps answering webhooks and streams that still reach it while active
+//! calls finish,
 //! and the metrics port stays up until the very end.
 //!
 //! ## Layout
@@ -291,7 +292,7 @@ pub async fn serve_until(
         signer,
         drain: drain.clone(),
         stream,
-        call_slots,
+        call_slots: call_slots.clone(),
     });
 
     let stop_watch = CancellationToken::new();
@@ -307,6 +308,7 @@ pub async fn serve_until(
         drain: drain.clone(),
         personas: Arc::clone(&personas),
         records,
+        call_slots,
     });
     let metrics_addr = metrics_listener.local_addr().ok();
     let mut metrics_server = tokio::spawn(

@@ -26,10 +26,6 @@ use crate::twilio::media_stream::{self, MAX_TRANSPORT_MESSAGE_BYTES, UpgradeSign
 use crate::twilio::signature::{self, Algorithm, SIGNATURE_HEADER, SIGNATURE_SETTINGS_HEADER};
 use crate::twilio::{mask_number, twiml};
 
-/// What a draining pod says before hanging up.
-pub const DRAINING_MESSAGE: &str =
-    "Sorry, this line is being updated right now. Please call again in a minute. Goodbye.";
-
 /// Terminal call statuses counted in `voice_calls_total{outcome}`.
 const TERMINAL_STATUSES: &[&str] = &["completed", "busy", "failed", "no-answer", "canceled"];
 
@@ -136,9 +132,11 @@ pub async fn voice(
     let _enter = span.enter();
 
     if state.drain.is_draining() {
-        count(&state, "voice", "draining");
-        tracing::info!("draining: refusing the call politely");
-        return xml(twiml::say_and_hangup(DRAINING_MESSAGE));
+        // Served as usual: the TwiML's stream URL is the public one, so Twilio's
+        // stream goes through the load balancer to a ready pod (this one left the
+        // endpoints when its deletion began). A caller never hears a goodbye
+        // because a pod is being replaced.
+        tracing::info!("draining: answering the webhook; the stream goes to a ready pod");
     }
     if state.call_slots.is_full() {
         // Rejected, Twilio plays busy: the caller can try again; other pods may be free.

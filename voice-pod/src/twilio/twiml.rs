@@ -12,7 +12,7 @@ use std::borrow::Cow;
 
 use quick_xml::Writer;
 use quick_xml::events::attributes::Attribute;
-use quick_xml::events::{BytesDecl, BytesEnd, BytesStart, BytesText, Event};
+use quick_xml::events::{BytesDecl, BytesEnd, BytesStart, Event};
 use quick_xml::name::QName;
 
 /// Twilio's cap on inline TwiML passed to the Calls API (error 32018).
@@ -99,9 +99,6 @@ impl Doc {
     fn end(&mut self, name: &str) {
         let _ = self.w.write_event(Event::End(BytesEnd::new(name)));
     }
-    fn text(&mut self, text: &str) {
-        let _ = self.w.write_event(Event::Text(BytesText::new(text)));
-    }
     fn finish(mut self) -> String {
         self.end("Response");
         // Only `&str` went in, so the bytes are UTF-8.
@@ -140,17 +137,6 @@ pub fn connect_stream(stream_url: &str, params: &[(String, String)]) -> Result<S
 pub fn reject() -> String {
     let mut d = Doc::new();
     d.empty(BytesStart::new("Reject"));
-    d.finish()
-}
-
-/// `<Response><Say>text</Say><Hangup/></Response>`: a polite refusal (draining pod).
-pub fn say_and_hangup(text: &str) -> String {
-    let text = xml_safe(text);
-    let mut d = Doc::new();
-    d.start(BytesStart::new("Say"));
-    d.text(&text);
-    d.end("Say");
-    d.empty(BytesStart::new("Hangup"));
     d.finish()
 }
 
@@ -231,14 +217,8 @@ mod tests {
     }
 
     #[test]
-    fn reject_and_goodbye_are_well_formed() {
-        // Proves the refusal documents parse and contain the expected verbs.
+    fn reject_is_well_formed() {
+        // Proves the refusal document parses and holds exactly the Reject verb.
         assert_eq!(parse(&reject()).2, ["Response", "Reject"]);
-        let xml = say_and_hangup("We're busy & <sorry>");
-        assert_eq!(parse(&xml).2, ["Response", "Say", "Hangup"]);
-        assert!(
-            xml.contains("We&apos;re busy &amp; &lt;sorry&gt;")
-                || xml.contains("We're busy &amp; &lt;sorry&gt;")
-        );
     }
 }
