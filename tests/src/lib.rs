@@ -6,6 +6,7 @@ pub mod dashboard;
 pub mod emulators;
 pub mod exposition;
 pub mod helm;
+pub mod node_cluster;
 pub mod postgres;
 pub mod prometheus_tools;
 pub mod speech;
