@@ -1,11 +1,18 @@
 //! Operator metrics (names are the dashboard's contract):
 //! `operator_reconcile_duration_seconds{kind}` and
-//! `operator_reconcile_errors_total{kind,reason}`, plus a leader gauge.
+//! `operator_reconcile_errors_total{kind,reason}`, a leader gauge, and per
+//! VoiceDeployment the scaling picture the autoscaler works from
+//! (`operator_voicedeployment_{desired_replicas,replicas,ready_replicas,active_calls,
+//! call_capacity,unknown_load_pods}{voicedeployment="<namespace>/<name>"}`): one
+//! label set per VoiceDeployment, removed when it goes. One label, not `namespace`
+//! plus `name`: a scrape would rename a `namespace` label to `exported_namespace`
+//! (the operator pod's own namespace is a target label).
 
 use std::time::Instant;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// The operator's metrics, in their own registry.
@@ -21,6 +28,81 @@ pub struct Metrics {
     pub reconciles: IntCounterVec,
     /// 1 while this replica holds the leader Lease (or runs without election).
     pub leader: IntGauge,
+    /// Per VoiceDeployment: what the autoscaler saw and decided.
+    pub scaling: ScalingGauges,
+}
+
+/// One VoiceDeployment's scaling picture, as [`Metrics::observe_scaling`] takes it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScalingObservation {
+    /// Replicas the operator wants.
+    pub desired_replicas: i64,
+    /// Replicas the Deployment has.
+    pub replicas: i64,
+    /// Ready replicas.
+    pub ready_replicas: i64,
+    /// Calls in progress over the pods whose load is known.
+    pub active_calls: i64,
+    /// Call capacity over those pods.
+    pub call_capacity: i64,
+    /// Pods whose load could not be read.
+    pub unknown_load_pods: i64,
+}
+
+/// The per-VoiceDeployment gauges (label `voicedeployment`: `<namespace>/<name>`).
+#[derive(Clone)]
+pub struct ScalingGauges {
+    desired_replicas: IntGaugeVec,
+    replicas: IntGaugeVec,
+    ready_replicas: IntGaugeVec,
+    active_calls: IntGaugeVec,
+    call_capacity: IntGaugeVec,
+    unknown_load_pods: IntGaugeVec,
+}
+
+impl ScalingGauges {
+    fn new() -> Self {
+        let gauge = |name: &str, help: &str| {
+            IntGaugeVec::new(Opts::new(name, help), &["voicedeployment"]).expect("valid gauge")
+        };
+        Self {
+            desired_replicas: gauge(
+                "operator_voicedeployment_desired_replicas",
+                "Voice pods the operator wants for a VoiceDeployment",
+            ),
+            replicas: gauge(
+                "operator_voicedeployment_replicas",
+                "Voice pods the Deployment has",
+            ),
+            ready_replicas: gauge(
+                "operator_voicedeployment_ready_replicas",
+                "Voice pods ready to take calls",
+            ),
+            active_calls: gauge(
+                "operator_voicedeployment_active_calls",
+                "Calls in progress on the voice pods whose load is known",
+            ),
+            call_capacity: gauge(
+                "operator_voicedeployment_call_capacity",
+                "Calls the voice pods whose load is known take at once",
+            ),
+            unknown_load_pods: gauge(
+                "operator_voicedeployment_unknown_load_pods",
+                "Voice pods whose /load could not be read (counted as full)",
+            ),
+        }
+    }
+
+    fn all(&self) -> [&IntGaugeVec; 6] {
+        [
+            &self.desired_replicas,
+            &self.replicas,
+            &self.ready_replicas,
+            &self.active_calls,
+            &self.call_capacity,
+            &self.unknown_load_pods,
+        ]
+    }
 }
 
 impl Default for Metrics {
@@ -60,6 +142,12 @@ impl Metrics {
         .expect("valid counter");
         let leader = IntGauge::new("operator_leader", "1 while this replica is the leader")
             .expect("valid gauge");
+        let scaling = ScalingGauges::new();
+        for g in scaling.all() {
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric names");
+        }
         for c in [
             Box::new(reconcile_duration.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(reconcile_errors.clone()),
@@ -74,6 +162,39 @@ impl Metrics {
             reconcile_errors,
             reconciles,
             leader,
+            scaling,
+        }
+    }
+
+    /// Sets one VoiceDeployment's scaling gauges.
+    pub fn observe_scaling(&self, namespace: &str, name: &str, o: &ScalingObservation) {
+        let g = &self.scaling;
+        let key = format!("{namespace}/{name}");
+        let labels = [key.as_str()];
+        g.desired_replicas
+            .with_label_values(&labels)
+            .set(o.desired_replicas);
+        g.replicas.with_label_values(&labels).set(o.replicas);
+        g.ready_replicas
+            .with_label_values(&labels)
+            .set(o.ready_replicas);
+        g.active_calls
+            .with_label_values(&labels)
+            .set(o.active_calls);
+        g.call_capacity
+            .with_label_values(&labels)
+            .set(o.call_capacity);
+        g.unknown_load_pods
+            .with_label_values(&labels)
+            .set(o.unknown_load_pods);
+    }
+
+    /// Drops a deleted VoiceDeployment's scaling gauges (no stale series).
+    pub fn forget_scaling(&self, namespace: &str, name: &str) {
+        let key = format!("{namespace}/{name}");
+        for g in self.scaling.all() {
+            // Absent label sets are fine: nothing to remove.
+            let _ = g.remove_label_values(&[key.as_str()]);
         }
     }
 
@@ -115,5 +236,39 @@ impl Drop for ReconcileTimer {
         self.histogram
             .with_label_values(&[self.kind])
             .observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scaling_gauges_are_exported_per_voice_deployment_and_forgotten_on_delete() {
+        // Proves observe_scaling exports every gauge with the VoiceDeployment's
+        // labels and forget_scaling leaves no stale series behind.
+        let m = Metrics::new();
+        let o = ScalingObservation {
+            desired_replicas: 5,
+            replicas: 4,
+            ready_replicas: 3,
+            active_calls: 16,
+            call_capacity: 400,
+            unknown_load_pods: 1,
+        };
+        m.observe_scaling("voice", "front-desk", &o);
+        let text = m.render();
+        for line in [
+            r#"operator_voicedeployment_desired_replicas{voicedeployment="voice/front-desk"} 5"#,
+            r#"operator_voicedeployment_replicas{voicedeployment="voice/front-desk"} 4"#,
+            r#"operator_voicedeployment_ready_replicas{voicedeployment="voice/front-desk"} 3"#,
+            r#"operator_voicedeployment_active_calls{voicedeployment="voice/front-desk"} 16"#,
+            r#"operator_voicedeployment_call_capacity{voicedeployment="voice/front-desk"} 400"#,
+            r#"operator_voicedeployment_unknown_load_pods{voicedeployment="voice/front-desk"} 1"#,
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+        m.forget_scaling("voice", "front-desk");
+        assert!(!m.render().contains("front-desk"));
     }
 }

@@ -101,6 +101,18 @@ fn activity(pod: &PodMetrics, op: &voice_operator::metrics::Metrics) {
     pod.placement_failures
         .with_label_values(&["twilio_unavailable"])
         .inc();
+    op.observe_scaling(
+        "voice",
+        "front-desk",
+        &voice_operator::metrics::ScalingObservation {
+            desired_replicas: 5,
+            replicas: 4,
+            ready_replicas: 4,
+            active_calls: 19,
+            call_capacity: 400,
+            unknown_load_pods: 1,
+        },
+    );
     drop(op.start("VoiceDeployment"));
     drop(op.start("Persona"));
     op.error("VoiceDeployment", "twilio");
@@ -173,7 +185,8 @@ fn every_alert_expression_parses_and_names_a_metric_the_code_exports() {
 }
 
 #[test]
-fn the_dashboard_covers_latency_by_persona_and_stage_errors_by_peer_callbacks_and_the_operator() {
+fn the_dashboard_covers_latency_by_persona_and_stage_errors_by_peer_callbacks_scaling_and_the_operator()
+ {
     // Proves the panels the issue asks for are there, grouped the way it asks.
     let d = dashboard();
     let exprs: Vec<String> = d
@@ -204,6 +217,12 @@ fn the_dashboard_covers_latency_by_persona_and_stage_errors_by_peer_callbacks_an
         "max(voice_scheduled_overdue",
         "voice_scheduled_placement_delay_seconds_bucket",
         "sum by (reason) (rate(voice_scheduled_placement_failures_total",
+        "operator_voicedeployment_desired_replicas",
+        "operator_voicedeployment_replicas",
+        "operator_voicedeployment_ready_replicas",
+        "operator_voicedeployment_active_calls",
+        "operator_voicedeployment_call_capacity",
+        "operator_voicedeployment_unknown_load_pods",
     ] {
         assert!(has(needle), "no panel queries {needle}");
     }
