@@ -299,7 +299,8 @@ async fn invalid_requests_get_400_naming_the_field() {
     // Proves each invalid request is refused with 400 and a JSON body naming what is wrong, without calling Twilio.
     let s = setup().await;
     let cases = [
-        (json!({"to": "4155550199", "persona": "ada"}), "to"),
+        (json!({"to": "+1 123 456 7890", "persona": "ada"}), "to"),
+        (json!({"to": "call me maybe", "persona": "ada"}), "to"),
         (json!({"to": CALLEE, "persona": "nobody"}), "persona"),
         (
             json!({"to": CALLEE, "persona": "ada", "pretext": "x".repeat(1001)}),
@@ -354,8 +355,50 @@ async fn invalid_requests_get_400_naming_the_field() {
             .metric("voice_outbound_calls_total", &[("result", "invalid")])
             .await
             .unwrap(),
-        9.0
+        10.0
     );
+}
+
+#[tokio::test]
+async fn the_dialler_refuses_premium_foreign_and_network_numbers_and_reads_national_ones_locally() {
+    // Proves POST /v1/calls dials only what the deployment allows: with a US caller
+    // ID (and no CALLMEBACK_DIAL_* settings) a premium-rate +1 900 number, a UK
+    // number and an international-network +882 number are refused with 403 and
+    // their reason, each counted in voice_refusals_total; a national number is
+    // read as a US number and placed in E.164; Twilio sees only that one.
+    let s = setup().await;
+    for (to, reason) in [
+        ("+19002345678", "dial_premium_rate"),
+        ("+442079460958", "dial_not_allowed"),
+        ("+882 39 0123 456789", "dial_not_allowed"),
+    ] {
+        let (status, answer) = s.call(json!({"to": to, "persona": "ada"})).await;
+        assert_eq!(status, 403, "{to} -> {answer}");
+        assert_eq!(answer["error"], reason, "{to} -> {answer}");
+        assert!(!answer["message"].as_str().unwrap_or("").is_empty());
+    }
+    assert!(
+        s.rest.calls().is_empty(),
+        "Twilio was never asked to dial them"
+    );
+    for (reason, n) in [("dial_premium_rate", 1.0), ("dial_not_allowed", 2.0)] {
+        assert_eq!(
+            s.pod
+                .metric("voice_refusals_total", &[("reason", reason)])
+                .await
+                .unwrap(),
+            n,
+            "{reason}"
+        );
+    }
+
+    let (status, answer) = s
+        .call(json!({"to": "(415) 555-0199", "persona": "ada"}))
+        .await;
+    assert_eq!(status, 201, "{answer}");
+    let calls = s.rest.calls();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].form.get("To"), Some(CALLEE));
 }
 
 #[tokio::test]

@@ -94,6 +94,16 @@ pub struct ServeArgs {
     /// are rejected (busy), `POST /v1/calls` answers 503 and extra streams are closed.
     #[arg(long, env = "CALLMEBACK_MAX_CALLS")]
     pub max_calls: Option<String>,
+    /// Countries `POST /v1/calls` may dial: ISO 3166 codes, comma-separated, or `*`
+    /// (default: the caller ID's country).
+    #[arg(long, env = "CALLMEBACK_DIAL_COUNTRIES", default_value = "")]
+    pub dial_countries: String,
+    /// E.164 prefixes dialled besides those countries, comma-separated (e.g. `+882`).
+    #[arg(long, env = "CALLMEBACK_DIAL_PREFIXES", default_value = "")]
+    pub dial_prefixes: String,
+    /// Region national numbers in requests are read in (default: the caller ID's).
+    #[arg(long, env = "CALLMEBACK_DIAL_DEFAULT_REGION", default_value = "")]
+    pub dial_default_region: String,
 }
 
 /// A secret string: never printed by `Debug` or `Display`.
@@ -261,6 +271,8 @@ pub struct Config {
     pub server: crate::http::server::ServerLimits,
     /// Concurrent calls at most.
     pub max_calls: usize,
+    /// Which destinations `POST /v1/calls` may dial.
+    pub dial: crate::dial_guard::DialSettings,
 }
 
 /// Default of `CALLMEBACK_MAX_CALLS`.
@@ -401,6 +413,35 @@ impl Config {
                 .map_err(|r| ConfigError::new("CALLMEBACK_MAX_CALLS", "max-calls", r))?,
             None => DEFAULT_MAX_CALLS,
         };
+        // Each setting alone first, so the error names the one that is wrong.
+        use crate::dial_guard::DialSettings;
+        for (env, flag, result) in [
+            (
+                "CALLMEBACK_DIAL_COUNTRIES",
+                "dial-countries",
+                DialSettings::new(&args.dial_countries, "", ""),
+            ),
+            (
+                "CALLMEBACK_DIAL_PREFIXES",
+                "dial-prefixes",
+                DialSettings::new("*", &args.dial_prefixes, ""),
+            ),
+            (
+                "CALLMEBACK_DIAL_DEFAULT_REGION",
+                "dial-default-region",
+                DialSettings::new("*", "", &args.dial_default_region),
+            ),
+        ] {
+            result.map_err(|e| ConfigError::new(env, flag, e.to_string()))?;
+        }
+        let dial = DialSettings::new(
+            &args.dial_countries,
+            &args.dial_prefixes,
+            &args.dial_default_region,
+        )
+        .map_err(|e| {
+            ConfigError::new("CALLMEBACK_DIAL_COUNTRIES", "dial-countries", e.to_string())
+        })?;
         Ok(Self {
             listen,
             metrics_listen,
@@ -420,6 +461,7 @@ impl Config {
             scheduler,
             server,
             max_calls,
+            dial,
         })
     }
 

@@ -24,6 +24,7 @@
 pub mod audio;
 pub mod capacity;
 pub mod config;
+pub mod dial_guard;
 pub mod drain;
 pub mod engine;
 pub mod http;

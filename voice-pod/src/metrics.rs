@@ -115,6 +115,9 @@ pub enum Refusal {
     BadCallSid,
     /// A caller whose number Twilio did not vouch for: the call runs without memory.
     UnverifiedCaller,
+    /// A destination `POST /v1/calls` may not dial
+    /// ([`crate::dial_guard::DialRefusal::metric_label`], prefixed `dial_`).
+    Dial(&'static str),
 }
 
 impl Refusal {
@@ -129,6 +132,7 @@ impl Refusal {
             Refusal::ContextReused => "context_reused",
             Refusal::BadCallSid => "bad_call_sid",
             Refusal::UnverifiedCaller => "unverified_caller",
+            Refusal::Dial(reason) => reason,
         }
     }
 }

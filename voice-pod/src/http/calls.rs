@@ -30,6 +30,7 @@ use subtle::ConstantTimeEq;
 use super::AppState;
 use super::error::{ApiError, Problem};
 use crate::config::{is_e164, parse_duration};
+use crate::dial_guard::DialRefusal;
 use crate::metrics::Refusal;
 use crate::scheduler::queries::{self as schedule_sql, CancelOutcome, ScheduledCall};
 use crate::session::PreparedCall;
@@ -324,6 +325,53 @@ pub async fn create(
     }
 }
 
+/// The destination through the deployment's dial guard: E.164, a problem on `to`
+/// (not a number), or a 403 (a number this deployment may not dial). Each
+/// refusal is counted and logged with the number masked.
+fn dial_destination(
+    state: &AppState,
+    caller_id: &str,
+    raw: &str,
+    problems: &mut Vec<Problem>,
+) -> Result<Option<String>, ApiError> {
+    let guard = state.config.dial.guard(caller_id).map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "dialling_not_configured",
+            e.to_string(),
+        )
+    })?;
+    match guard.check(raw) {
+        Ok(e164) => Ok(Some(e164)),
+        Err(refusal) => {
+            state.metrics.refused(Refusal::Dial(refusal.metric_label()));
+            tracing::warn!(
+                to = %mask_number(raw),
+                reason = refusal.metric_label(),
+                "call refused: destination not dialled"
+            );
+            match refusal {
+                DialRefusal::Unparseable | DialRefusal::Invalid => {
+                    problems.push(Problem {
+                        field: "to",
+                        problem: format!(
+                            "{refusal}: give an international number such as +14155550100"
+                        ),
+                    });
+                    Ok(None)
+                }
+                DialRefusal::PremiumRate | DialRefusal::SharedCost | DialRefusal::NotAllowed(_) => {
+                    Err(ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        refusal.metric_label(),
+                        refusal.to_string(),
+                    ))
+                }
+            }
+        }
+    }
+}
+
 async fn create_inner(
     state: &AppState,
     headers: &HeaderMap,
@@ -365,13 +413,6 @@ async fn create_inner(
     };
 
     let mut problems = Vec::new();
-    let to = normalize_e164(&req.to);
-    if to.is_none() {
-        problems.push(Problem {
-            field: "to",
-            problem: "must be an international number such as +14155550100 (E.164)".into(),
-        });
-    }
     let from = match &req.from {
         Some(f) => normalize_e164(f).or(Some(String::new())),
         None => state.config.twilio.from_number.clone(),
@@ -386,6 +427,16 @@ async fn create_inner(
             problem: "required: no TWILIO_FROM_NUMBER is configured".into(),
         }),
         _ => {}
+    }
+    let to = match from.as_deref().filter(|f| is_e164(f)) {
+        Some(caller_id) => dial_destination(state, caller_id, &req.to, &mut problems)?,
+        None => normalize_e164(&req.to),
+    };
+    if to.is_none() && !problems.iter().any(|p| p.field == "to") {
+        problems.push(Problem {
+            field: "to",
+            problem: "must be an international number such as +14155550100 (E.164)".into(),
+        });
     }
     let snapshot = state.personas.snapshot();
     let persona_name = req
