@@ -198,9 +198,11 @@ async fn barge_in_clears_twilio_and_the_history_keeps_only_what_was_heard() {
     assert!(caller.clears() >= 1, "no clear");
     let barge = caller.barge_in_latencies();
     assert!(!barge.is_empty());
-    // Generous bound for a loaded CI machine; the benchmark measures it properly.
+    // About 0.5 s here unloaded (two words of interims); 1.5 s keeps 3x headroom on a
+    // loaded CI and still proves the reply was cut, not played out. The benchmark
+    // measures it properly.
     assert!(
-        barge[0] < Duration::from_millis(1000),
+        barge[0] < Duration::from_millis(1500),
         "clear after {:?}",
         barge[0]
     );

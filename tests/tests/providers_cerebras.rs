@@ -354,9 +354,10 @@ async fn dropped_connection_mid_stream_is_truncated() {
 
 #[tokio::test]
 async fn cancelling_ends_the_stream() {
-    // Proves barge-in cancellation stops a slow stream at once.
+    // Proves barge-in cancellation stops a slow stream at once: well before the
+    // next token, 2 s away (the 1 s bound leaves a loaded CI half of that).
     let emu = emulator("One two three four five six seven eight.").await;
-    emu.set_latency(Duration::ZERO, Duration::from_millis(200));
+    emu.set_latency(Duration::ZERO, Duration::from_secs(2));
     let llm = client(&emu, Arc::new(Metrics::new()), |_| {});
     let cancel = CancellationToken::new();
     let mut s = llm.stream(request(), cancel.clone()).await.unwrap();
@@ -367,7 +368,11 @@ async fn cancelling_ends_the_stream() {
     let next = s.next().await;
     assert!(matches!(next, Some(Err(LlmError::Cancelled))), "{next:?}");
     assert!(s.next().await.is_none());
-    assert!(started.elapsed() < Duration::from_millis(150));
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
