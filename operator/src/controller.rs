@@ -2,7 +2,8 @@
 //! and [`run`], the `voice-operator run` code path (tests spawn it too).
 //!
 //! Two `kube::runtime::Controller`s run side by side:
-//! - `Persona`, owning its ConfigMap (drift is put back).
+//! - `Persona`: validation and status only (it owns no object; the deployments that
+//!   select it write it into their ConfigMaps).
 //! - `VoiceDeployment`, owning everything it applies, and triggered by `Persona`
 //!   changes (through a reflector store the reconciler also reads personas from, so
 //!   resolving personas costs no API call) and by its Secret (a metadata-only watch:
@@ -160,7 +161,9 @@ fn error_policy<K: Resource>(
     }
 }
 
-/// VoiceDeployments in `ns` that select a persona named `name` with `labels`.
+/// VoiceDeployments in the persona's namespace that select it, or still serve it (a
+/// persona deleted or relabelled out of a selector must leave their ConfigMaps now,
+/// not at the next resync).
 pub fn deployments_using_persona(
     store: &Store<VoiceDeployment>,
     persona: &Persona,
@@ -173,6 +176,10 @@ pub fn deployments_using_persona(
         .filter(|vd| vd.namespace() == ns)
         .filter(|vd| {
             vd.spec.personas.iter().flatten().any(|p| *p == name)
+                || vd
+                    .status
+                    .as_ref()
+                    .is_some_and(|s| s.personas.iter().any(|p| p.name == name))
                 || vd
                     .spec
                     .persona_selector
@@ -236,7 +243,6 @@ pub async fn run(client: Client, config: Config, metrics: Metrics, shutdown: Can
     let controller_config = controller::Config::default().concurrency(config.concurrency);
 
     let personas = Controller::new(api::<Persona>(&client, ns), watcher::Config::default())
-        .owns(api::<ConfigMap>(&client, ns), owned.clone())
         .with_config(controller_config.clone())
         .graceful_shutdown_on(shutdown.clone().cancelled_owned())
         .run(

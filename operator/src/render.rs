@@ -11,7 +11,6 @@ use kube::{Resource, ResourceExt};
 
 use crate::crd::{Persona, VoiceDeployment};
 use crate::reconcile::voice_deployment::resolve_personas;
-use crate::resources::configmap::persona_config_map;
 use crate::resources::{BuildError, DeploymentInputs, desired_objects};
 
 /// Namespace assumed for objects that name none (as `kubectl apply` would).
@@ -98,19 +97,6 @@ pub fn render(files: &[(String, String)]) -> Result<String, RenderError> {
     writer.apply_watcher_event(&watcher::Event::InitDone);
 
     let mut out: Vec<serde_json::Value> = Vec::new();
-    for p in &personas {
-        let problems = p.spec.problems();
-        if problems.is_empty() {
-            let (cm, _) = persona_config_map(p)?;
-            out.push(serde_json::to_value(&cm).map_err(|e| RenderError::Output(e.to_string()))?);
-        } else {
-            eprintln!(
-                "# persona {} is invalid: {}",
-                p.name_any(),
-                problems.join("; ")
-            );
-        }
-    }
     for vd in &deployments {
         let ns = vd.namespace().unwrap_or_else(|| DEFAULT_NAMESPACE.into());
         let resolution = resolve_personas(vd, &ns, &store);
@@ -120,8 +106,19 @@ pub fn render(files: &[(String, String)]) -> Result<String, RenderError> {
                 vd.name_any()
             );
         }
+        for invalid in &resolution.invalid {
+            eprintln!(
+                "# {}: persona {} is invalid: {}",
+                vd.name_any(),
+                invalid.name,
+                invalid.problems
+            );
+        }
         let inputs = DeploymentInputs {
             personas: resolution.resolved,
+            // Offline there is no last valid version to keep.
+            invalid: Vec::new(),
+            current_config: None,
             secret_hash: String::new(),
         };
         let desired = desired_objects(vd, &inputs)?;

@@ -7,17 +7,20 @@ use std::path::PathBuf;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
+use voice_operator::crd::PersonaServing;
 use voice_operator::crd::{
-    AutoscalingSpec, IngressSpec, Persona, PersonaSpec, SecretRef, TwilioSpec, VoiceDeployment,
+    AutoscalingSpec, IngressSpec, PersonaSpec, SecretRef, TwilioSpec, VoiceDeployment,
     VoiceDeploymentSpec, VoiceSpec,
 };
-use voice_operator::resources::configmap::{persona_config_map, routes_config_map};
+use voice_operator::resources::configmap::{
+    PRICES_KEY, ROUTES_KEY, persona_config, served_generations,
+};
 use voice_operator::resources::deployment::{
     GRACE_MARGIN_SECONDS, PRESTOP_SLEEP_SECONDS, deployment, grace_period_seconds,
 };
 use voice_operator::resources::{
-    DeploymentInputs, ENV_HASH_ANNOTATION, ResolvedPersona, desired_objects, hpa, ingress, pdb,
-    rbac, service,
+    DeploymentInputs, ENV_HASH_ANNOTATION, InvalidPersona, ResolvedPersona, desired_objects, hpa,
+    ingress, pdb, rbac, service,
 };
 
 fn golden(name: &str, value: &impl Serialize) {
@@ -58,13 +61,6 @@ fn persona_spec(max_call: u32) -> PersonaSpec {
     .expect("persona spec")
 }
 
-fn persona(name: &str, max_call: u32) -> Persona {
-    let mut p = Persona::new(name, persona_spec(max_call));
-    p.metadata.namespace = Some("calls".into());
-    p.metadata.uid = Some(format!("uid-persona-{name}"));
-    p
-}
-
 fn vd_spec() -> VoiceDeploymentSpec {
     serde_json::from_value(serde_json::json!({
         "personas": ["date-rescuer", "night-librarian"],
@@ -93,16 +89,19 @@ fn vd(spec: VoiceDeploymentSpec) -> VoiceDeployment {
 fn inputs() -> DeploymentInputs {
     DeploymentInputs {
         personas: vec![
-            ResolvedPersona {
-                name: "date-rescuer".into(),
-                spec: persona_spec(600),
-            },
-            ResolvedPersona {
-                name: "night-librarian".into(),
-                spec: persona_spec(1800),
-            },
+            resolved("date-rescuer", 600, 1),
+            resolved("night-librarian", 1800, 4),
         ],
         secret_hash: "0123456789abcdef".into(),
+        ..DeploymentInputs::default()
+    }
+}
+
+fn resolved(name: &str, max_call: u32, generation: i64) -> ResolvedPersona {
+    ResolvedPersona {
+        name: name.into(),
+        spec: persona_spec(max_call),
+        generation: Some(generation),
     }
 }
 
@@ -114,17 +113,25 @@ fn deployment_with_fixed_replicas_matches_golden() {
 }
 
 #[test]
-fn deployment_is_restricted_and_sized_for_the_longest_call() {
-    // Proves every restricted-PSS field is set and the grace period covers the longest persona's call.
+fn deployment_is_restricted_and_its_grace_covers_the_drain_timeout() {
+    // Proves every restricted-PSS field is set and the grace period is the deployment's drain timeout plus preStop and shutdown phases.
     let d = deployment(&vd(vd_spec()), &inputs()).unwrap();
     let spec = d.spec.unwrap();
     assert_eq!(spec.replicas, Some(2));
     let pod = spec.template.spec.unwrap();
     assert_eq!(
         pod.termination_grace_period_seconds,
-        Some(1800 + PRESTOP_SLEEP_SECONDS + GRACE_MARGIN_SECONDS)
+        Some(3600 + PRESTOP_SLEEP_SECONDS + GRACE_MARGIN_SECONDS)
     );
-    assert_eq!(grace_period_seconds(&inputs()), 1835);
+    let mut longer = vd_spec();
+    longer.drain_timeout_seconds = Some(7200);
+    assert_eq!(grace_period_seconds(&vd(longer)), 7235);
+    // The ConfigMap is mounted whole: no items naming personas in the template.
+    let config = pod.volumes.as_ref().unwrap()[0].config_map.clone().unwrap();
+    assert_eq!(
+        (config.name.as_str(), config.items),
+        ("front-desk-config", None)
+    );
     let psc = pod.security_context.unwrap();
     assert_eq!(psc.run_as_non_root, Some(true));
     assert_eq!(psc.seccomp_profile.unwrap().type_, "RuntimeDefault");
@@ -160,7 +167,15 @@ fn deployment_is_restricted_and_sized_for_the_longest_call() {
     );
     assert_eq!(
         env["CALLMEBACK_DRAIN_TIMEOUT"].value.as_deref(),
-        Some("1800s")
+        Some("3600s")
+    );
+    assert_eq!(
+        env["CALLMEBACK_ROUTES_FILE"].value.as_deref(),
+        Some("/etc/callmeback/_routes.yaml")
+    );
+    assert_eq!(
+        env["CALLMEBACK_PRICES_FILE"].value.as_deref(),
+        Some("/etc/callmeback/_prices.yaml")
     );
     let key = env["TWILIO_AUTH_TOKEN"]
         .value_from
@@ -173,7 +188,7 @@ fn deployment_is_restricted_and_sized_for_the_longest_call() {
         (key.name.as_str(), key.key.as_str(), key.optional),
         ("callmeback-keys", "TWILIO_AUTH_TOKEN", None)
     );
-    // One projected volume at /etc/callmeback, never subPath (ConfigMap updates must arrive).
+    // One ConfigMap volume at /etc/callmeback, never subPath (ConfigMap updates must arrive).
     let mounts = c.volume_mounts.clone().unwrap();
     let config = mounts.iter().find(|m| m.name == "config").unwrap();
     assert_eq!(config.mount_path, "/etc/callmeback");
@@ -284,28 +299,152 @@ fn an_ingress_never_carries_a_snippet_annotation() {
 }
 
 #[test]
-fn config_maps_match_golden_and_routes_drop_unknown_personas() {
-    // Proves the persona file is the PersonaSpec YAML and routes only name served personas.
-    let (cm, hash) = persona_config_map(&persona("date-rescuer", 600)).unwrap();
-    golden("persona-configmap", &cm);
-    assert_eq!(hash.len(), 16);
-    let content = &cm.data.unwrap()["date-rescuer.yaml"];
-    let back: PersonaSpec = serde_saphyr::from_str(content).unwrap();
+fn config_map_matches_golden_and_routes_drop_unknown_personas() {
+    // Proves the one ConfigMap holds each persona file (the PersonaSpec YAML), routes naming only served personas, prices and the served generations.
+    let v = vd(vd_spec());
+    let config = persona_config(&v, &inputs().personas, &[], None).unwrap();
+    golden("config-configmap", &config.config_map);
+    let data = config.config_map.data.clone().unwrap();
+    let back: PersonaSpec = serde_saphyr::from_str(&data["date-rescuer.yaml"]).unwrap();
     assert_eq!(back, persona_spec(600));
-    let routes = routes_config_map(&vd(vd_spec()), &inputs().personas).unwrap();
-    golden("routes-configmap", &routes);
-    assert!(!routes.data.unwrap()["routes.yaml"].contains("ghost"));
+    assert!(data[ROUTES_KEY].contains("night-librarian"));
+    assert!(!data[ROUTES_KEY].contains("ghost"));
+    assert_eq!(data[PRICES_KEY], "[]\n");
+    assert_eq!(
+        served_generations(&config.config_map),
+        BTreeMap::from([
+            ("date-rescuer".to_string(), 1),
+            ("night-librarian".to_string(), 4)
+        ])
+    );
+}
+
+fn invalid(name: &str, generation: i64) -> InvalidPersona {
+    InvalidPersona {
+        name: name.into(),
+        generation: Some(generation),
+        problems: "llm.maxTokens leaves no room for the prompt".into(),
+    }
 }
 
 #[test]
-fn persona_edits_do_not_touch_the_pod_template_but_secret_changes_do() {
-    // Proves persona content hot-reloads (template unchanged) while Secret-derived env rolls the pods.
+fn an_invalid_persona_keeps_its_last_valid_entry_and_only_removal_drops_it() {
+    // Proves an invalid generation keeps serving the content and generation already in the ConfigMap (routes included), and that a persona leaves only when it is no longer selected.
     let v = vd(vd_spec());
-    let base = deployment(&v, &inputs()).unwrap();
+    let before = persona_config(&v, &inputs().personas, &[], None).unwrap();
+    let old_content = before.config_map.data.as_ref().unwrap()["night-librarian.yaml"].clone();
+
+    // night-librarian turns invalid at generation 5: the entry of generation 4 stays.
+    let during = persona_config(
+        &v,
+        &[resolved("date-rescuer", 600, 1)],
+        &[invalid("night-librarian", 5)],
+        Some(&before.config_map),
+    )
+    .unwrap();
+    let data = during.config_map.data.clone().unwrap();
+    assert_eq!(data["night-librarian.yaml"], old_content);
+    assert!(
+        data[ROUTES_KEY].contains("+14155550101"),
+        "its number stays routed to it"
+    );
+    assert_eq!(
+        during.serving,
+        vec![
+            PersonaServing {
+                name: "date-rescuer".into(),
+                served_generation: Some(1),
+                current_generation: Some(1),
+                valid: true
+            },
+            PersonaServing {
+                name: "night-librarian".into(),
+                served_generation: Some(4),
+                current_generation: Some(5),
+                valid: false
+            },
+        ]
+    );
+    // The kept generation survives a restart: it is read back from the ConfigMap itself.
+    assert_eq!(served_generations(&during.config_map)["night-librarian"], 4);
+    let again = persona_config(
+        &v,
+        &[resolved("date-rescuer", 600, 1)],
+        &[invalid("night-librarian", 6)],
+        Some(&during.config_map),
+    )
+    .unwrap();
+    assert_eq!(again.config_map.data, during.config_map.data);
+    assert_eq!(again.serving[1].served_generation, Some(4));
+
+    // Deleted (or no longer selected): the entry and its route go.
+    let after = persona_config(
+        &v,
+        &[resolved("date-rescuer", 600, 1)],
+        &[],
+        Some(&during.config_map),
+    )
+    .unwrap();
+    let data = after.config_map.data.clone().unwrap();
+    assert!(!data.contains_key("night-librarian.yaml"));
+    assert!(!data[ROUTES_KEY].contains("+14155550101"));
+    assert_eq!(after.serving.len(), 1);
+
+    // Invalid from its first generation: nothing to keep, nothing served.
+    let never = persona_config(
+        &v,
+        &[resolved("date-rescuer", 600, 1)],
+        &[invalid("night-librarian", 1)],
+        Some(&after.config_map),
+    )
+    .unwrap();
+    assert!(
+        !never
+            .config_map
+            .data
+            .as_ref()
+            .unwrap()
+            .contains_key("night-librarian.yaml")
+    );
+    assert_eq!(never.serving[1].served_generation, None);
+    assert_eq!(never.served_names(), ["date-rescuer"]);
+}
+
+#[test]
+fn the_deployment_is_identical_across_persona_edits_adds_removes_and_invalidations() {
+    // Proves the whole rendered Deployment (template and hash annotations) ignores the persona set and content, while the ConfigMap carries every change.
+    let v = vd(vd_spec());
+    let base = desired_objects(&v, &inputs()).unwrap();
     let mut edited = inputs();
     edited.personas[0].spec.system_prompt = "You are someone else entirely.".into();
-    edited.personas[0].spec.greeting = "Hello there.".into();
-    assert_eq!(deployment(&v, &edited).unwrap(), base);
+    edited.personas[0].spec.max_call_duration_seconds = 14400;
+    edited.personas[0].generation = Some(2);
+    let mut added = inputs();
+    added.personas.push(resolved("zebra", 300, 1));
+    let mut removed = inputs();
+    removed.personas.truncate(1);
+    let mut invalidated = inputs();
+    invalidated.personas.truncate(1);
+    invalidated.invalid = vec![invalid("night-librarian", 5)];
+    invalidated.current_config = Some(base.config.config_map.clone());
+    for variant in [edited, added, removed, invalidated] {
+        let other = desired_objects(&v, &variant).unwrap();
+        assert_eq!(other.deployment, base.deployment);
+        assert_eq!(
+            serde_json::to_value(&other.deployment).unwrap(),
+            serde_json::to_value(&base.deployment).unwrap()
+        );
+        if variant.invalid.is_empty() {
+            assert_ne!(other.config.config_map, base.config.config_map);
+        }
+    }
+}
+
+#[test]
+fn secret_and_price_changes_roll_the_pods() {
+    // Proves start-time inputs (Secret-derived env, prices) change the template hash, so they reach the pods by a rollout.
+    let v = vd(vd_spec());
+    let base = deployment(&v, &inputs()).unwrap();
     let mut rotated = inputs();
     rotated.secret_hash = "fedcba9876543210".into();
     let annotation = |d: &k8s_openapi::api::apps::v1::Deployment| {
@@ -323,6 +462,16 @@ fn persona_edits_do_not_touch_the_pod_template_but_secret_changes_do() {
     };
     assert_ne!(
         annotation(&deployment(&v, &rotated).unwrap()),
+        annotation(&base)
+    );
+    let mut priced = vd_spec();
+    priced.prices = vec![voice_operator::crd::Price {
+        provider: "deepgram".into(),
+        unit: "stt_seconds".into(),
+        usd_per_unit: "0.0001".into(),
+    }];
+    assert_ne!(
+        annotation(&deployment(&vd(priced), &inputs()).unwrap()),
         annotation(&base)
     );
 }
@@ -380,4 +529,26 @@ fn spec_defaults_fill_in_from_a_minimal_persona() {
     let _ = SecretRef {
         name: String::new(),
     };
+}
+
+#[test]
+fn a_persona_outlasting_the_drain_deadline_is_reported() {
+    // Proves a served persona whose calls may outlast drainTimeoutSeconds is named in a PersonaOutlastsDrain problem, and none is raised when the deadline covers it.
+    use voice_operator::reconcile::voice_deployment::{PersonaResolution, outlasting_problem};
+    let resolution = PersonaResolution {
+        resolved: vec![
+            resolved("date-rescuer", 600, 1),
+            resolved("marathon", 7200, 1),
+        ],
+        ..PersonaResolution::default()
+    };
+    let (reason, message) = outlasting_problem(&vd(vd_spec()), &resolution).unwrap();
+    assert_eq!(reason, "PersonaOutlastsDrain");
+    assert!(
+        message.contains("marathon (7200s)") && !message.contains("date-rescuer"),
+        "{message}"
+    );
+    let mut longer = vd_spec();
+    longer.drain_timeout_seconds = Some(7200);
+    assert!(outlasting_problem(&vd(longer), &resolution).is_none());
 }

@@ -46,10 +46,19 @@ fn rendering_the_examples_prints_every_object_once() {
     }
     // The pods get no Kubernetes API access, so no Role or RoleBinding is made.
     assert!(!kinds.contains(&"Role") && !kinds.contains(&"RoleBinding"));
-    // Routes plus one ConfigMap per valid example persona.
+    // One ConfigMap holds every persona, the routes and the prices.
+    assert_eq!(kinds.iter().filter(|k| **k == "ConfigMap").count(), 1);
+    let config = docs.iter().find(|d| d["kind"] == "ConfigMap").unwrap();
+    assert!(config["data"]["_routes.yaml"].is_string());
     assert_eq!(
-        kinds.iter().filter(|k| **k == "ConfigMap").count(),
-        files.len() - 2 + 1
+        config["data"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|k| !k.starts_with('_'))
+            .count(),
+        files.len() - 2,
+        "one key per example persona"
     );
     assert!(docs.iter().all(|d| d["metadata"]["namespace"] == "default"));
 }

@@ -7,6 +7,7 @@ pub mod emulators;
 pub mod exposition;
 pub mod helm;
 pub mod node_cluster;
+pub mod operator_harness;
 pub mod postgres;
 pub mod prometheus_tools;
 pub mod speech;

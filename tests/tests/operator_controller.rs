@@ -417,10 +417,9 @@ async fn resource_versions(
     rv::<Service>(client, ns, vd, &mut out).await;
     rv::<PodDisruptionBudget>(client, ns, vd, &mut out).await;
     rv::<ServiceAccount>(client, ns, &sa, &mut out).await;
-    rv::<ConfigMap>(client, ns, &format!("{vd}-routes"), &mut out).await;
+    rv::<ConfigMap>(client, ns, &format!("{vd}-config"), &mut out).await;
     for p in personas {
         rv::<Persona>(client, ns, p, &mut out).await;
-        rv::<ConfigMap>(client, ns, &format!("persona-{p}"), &mut out).await;
     }
     out
 }
@@ -440,11 +439,6 @@ async fn examples_reconcile_into_owned_objects_and_wire_twilio() {
     twilio.add_number("+14155550101", "", "");
     apply_json(&client, &ns, secret_doc()).await;
     let personas = example_personas();
-    let longest = personas
-        .iter()
-        .map(|p| p["spec"]["maxCallDurationSeconds"].as_i64().unwrap_or(900))
-        .max()
-        .unwrap();
     let names: Vec<String> = personas
         .iter()
         .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
@@ -480,6 +474,9 @@ async fn examples_reconcile_into_owned_objects_and_wire_twilio() {
         "{degraded:?}"
     );
 
+    let config: ConfigMap = get(&client, &ns, "front-desk-config")
+        .await
+        .expect("the deployment's ConfigMap");
     for name in &names {
         let p: Persona = eventually("persona Ready", || async {
             let p: Persona = get(&client, &ns, name).await?;
@@ -487,15 +484,14 @@ async fn examples_reconcile_into_owned_objects_and_wire_twilio() {
             Some(p)
         })
         .await;
-        let cm: ConfigMap = get(&client, &ns, &format!("persona-{name}"))
-            .await
-            .expect("persona ConfigMap");
-        let file = &cm.data.unwrap()[&format!("{name}.yaml")];
+        let file = &config.data.as_ref().unwrap()[&format!("{name}.yaml")];
         let spec: voice_operator::crd::PersonaSpec = serde_saphyr::from_str(file).unwrap();
         assert_eq!(spec, p.spec, "the ConfigMap holds the persona's spec");
-        assert_eq!(
-            cm.metadata.owner_references.unwrap()[0].uid,
-            p.metadata.uid.unwrap()
+        // No per-Persona ConfigMap any more: nothing would read it.
+        assert!(
+            get::<ConfigMap>(&client, &ns, &format!("persona-{name}"))
+                .await
+                .is_none()
         );
     }
 
@@ -509,8 +505,9 @@ async fn examples_reconcile_into_owned_objects_and_wire_twilio() {
     let d: Deployment = eventually("Deployment", || get(&client, &ns, "front-desk")).await;
     assert!(owned(&d.metadata));
     let pod = d.spec.as_ref().unwrap().template.spec.clone().unwrap();
-    // Longest persona call + preStop sleep (5 s) + margin (30 s).
-    assert_eq!(pod.termination_grace_period_seconds, Some(longest + 35));
+    // The default drain timeout (3600 s) + preStop sleep (5 s) + margin (30 s).
+    assert_eq!(pod.termination_grace_period_seconds, Some(3600 + 35));
+    assert!(owned(&config.metadata));
     assert!(owned(
         &get::<Service>(&client, &ns, "front-desk")
             .await
@@ -548,8 +545,7 @@ async fn examples_reconcile_into_owned_objects_and_wire_twilio() {
             .is_none()
     );
     assert_eq!(pod.automount_service_account_token, Some(false));
-    let routes: ConfigMap = get(&client, &ns, "front-desk-routes").await.unwrap();
-    assert!(routes.data.unwrap()["routes.yaml"].contains("+14155550101"));
+    assert!(config.data.as_ref().unwrap()["_routes.yaml"].contains("+14155550101"));
 
     // kwok's fake node runs the pods, so the Deployment becomes Available and the
     // status reports the Deployment's own condition.
@@ -574,47 +570,6 @@ async fn examples_reconcile_into_owned_objects_and_wire_twilio() {
     let vd: VoiceDeployment = get(&client, &ns, "front-desk").await.unwrap();
     assert!(vd.finalizers().iter().any(|f| f == TWILIO_FINALIZER));
     assert!(vd.annotations()[TWILIO_PREVIOUS_ANNOTATION].contains("https://old.example.com/voice"));
-    op.stop().await;
-}
-
-#[tokio::test]
-async fn persona_edit_reaches_the_configmap_without_rolling_the_pods() {
-    // Proves a persona edit lands in its ConfigMap (hot reload) and leaves the Deployment's pod template alone.
-    let (_cp, ns, client, op) = setup("op-persona-edit").await;
-    apply_json(&client, &ns, secret_doc()).await;
-    apply_json(&client, &ns, persona_doc("sam", "Hi, it's Sam!")).await;
-    apply_json(&client, &ns, vd_doc("desk", &["sam"], "callmeback-keys")).await;
-    let before: Deployment = eventually("Deployment", || get(&client, &ns, "desk")).await;
-    let hash_before = eventually("configHash", || async {
-        get::<Persona>(&client, &ns, "sam")
-            .await?
-            .status?
-            .config_hash
-    })
-    .await;
-
-    apply_json(&client, &ns, persona_doc("sam", "Hello again, Sam here.")).await;
-    eventually("ConfigMap updated", || async {
-        let cm: ConfigMap = get(&client, &ns, "persona-sam").await?;
-        cm.data?["sam.yaml"]
-            .contains("Hello again, Sam here.")
-            .then_some(())
-    })
-    .await;
-    let hash_after = eventually("new configHash", || async {
-        get::<Persona>(&client, &ns, "sam")
-            .await?
-            .status?
-            .config_hash
-            .filter(|h| *h != hash_before)
-    })
-    .await;
-    assert_ne!(hash_before, hash_after);
-    let after: Deployment = get(&client, &ns, "desk").await.unwrap();
-    assert_eq!(
-        before.metadata.generation, after.metadata.generation,
-        "pod template must not change"
-    );
     op.stop().await;
 }
 
@@ -790,18 +745,18 @@ async fn drifted_objects_are_put_back() {
         .await
         .unwrap();
     eventually("Service recreated", || get::<Service>(&client, &ns, "desk")).await;
-    let patch = serde_json::json!({ "data": { "sam.yaml": "hacked: true" } });
+    let patch = serde_json::json!({ "data": { "_routes.yaml": "hacked: true" } });
     Api::<ConfigMap>::namespaced(client.clone(), &ns)
         .patch(
-            "persona-sam",
+            "desk-config",
             &PatchParams::default(),
             &Patch::Merge(&patch),
         )
         .await
         .unwrap();
-    eventually("persona ConfigMap restored", || async {
-        let cm: ConfigMap = get(&client, &ns, "persona-sam").await?;
-        (!cm.data?["sam.yaml"].contains("hacked")).then_some(())
+    eventually("ConfigMap restored", || async {
+        let cm: ConfigMap = get(&client, &ns, "desk-config").await?;
+        (!cm.data?["_routes.yaml"].contains("hacked")).then_some(())
     })
     .await;
     op.stop().await;
@@ -829,19 +784,15 @@ async fn deleting_a_voice_deployment_garbage_collects_what_it_made() {
             && get::<ServiceAccount>(&client, &ns, "desk-voice-pod")
                 .await
                 .is_none()
-            && get::<ConfigMap>(&client, &ns, "desk-routes")
+            && get::<ConfigMap>(&client, &ns, "desk-config")
                 .await
                 .is_none()
             && get::<VoiceDeployment>(&client, &ns, "desk").await.is_none();
         gone.then_some(())
     })
     .await;
-    // The persona's ConfigMap belongs to the Persona, which still exists.
-    assert!(
-        get::<ConfigMap>(&client, &ns, "persona-sam")
-            .await
-            .is_some()
-    );
+    // The Persona itself is not the deployment's.
+    assert!(get::<Persona>(&client, &ns, "sam").await.is_some());
     op.stop().await;
 }
 
@@ -863,7 +814,7 @@ where
 
 #[tokio::test]
 async fn same_named_objects_of_others_are_never_adopted_nor_garbage_collected() {
-    // Proves a VoiceDeployment or Persona named like existing unrelated objects leaves them untouched (Degraded/Ready=False NotOwned plus an Event), and deleting it deletes none of them.
+    // Proves a VoiceDeployment named like existing unrelated objects leaves them untouched (Degraded NotOwned plus an Event), and deleting it deletes none of them.
     let (_cp, ns, client, op) = setup("op-not-owned").await;
     let service: Service = create_unrelated(
         &client,
@@ -877,13 +828,7 @@ async fn same_named_objects_of_others_are_never_adopted_nor_garbage_collected() 
     let routes: ConfigMap = create_unrelated(
         &client,
         &ns,
-        serde_json::json!({ "metadata": { "name": "desk-routes" }, "data": { "owner": "db team" } }),
-    )
-    .await;
-    let persona_cm: ConfigMap = create_unrelated(
-        &client,
-        &ns,
-        serde_json::json!({ "metadata": { "name": "persona-sam" }, "data": { "owner": "web team" } }),
+        serde_json::json!({ "metadata": { "name": "desk-config" }, "data": { "owner": "db team" } }),
     )
     .await;
     apply_json(&client, &ns, secret_doc()).await;
@@ -897,19 +842,10 @@ async fn same_named_objects_of_others_are_never_adopted_nor_garbage_collected() 
     })
     .await;
     assert!(
-        message.contains("Service desk") && message.contains("ConfigMap desk-routes"),
+        message.contains("Service desk") && message.contains("ConfigMap desk-config"),
         "{message}"
     );
     wait_event(&client, &ns, "desk", "NotOwned").await;
-    let ready = eventually("persona Ready=False NotOwned", || async {
-        let p: Persona = get(&client, &ns, "sam").await?;
-        find_condition(&p.status?.conditions, "Ready")
-            .cloned()
-            .filter(|c| c.reason == "NotOwned")
-    })
-    .await;
-    assert!(ready.message.contains("ConfigMap persona-sam"), "{ready:?}");
-    wait_event(&client, &ns, "sam", "NotOwned").await;
     assert!(get::<Deployment>(&client, &ns, "desk").await.is_none());
 
     let unchanged = |before: &ObjectMeta, after: &ObjectMeta| {
@@ -931,14 +867,7 @@ async fn same_named_objects_of_others_are_never_adopted_nor_garbage_collected() 
     );
     unchanged(
         &routes.metadata,
-        &get::<ConfigMap>(&client, &ns, "desk-routes")
-            .await
-            .unwrap_or_else(|| panic!("{}", deleted("ConfigMap")))
-            .metadata,
-    );
-    unchanged(
-        &persona_cm.metadata,
-        &get::<ConfigMap>(&client, &ns, "persona-sam")
+        &get::<ConfigMap>(&client, &ns, "desk-config")
             .await
             .unwrap_or_else(|| panic!("{}", deleted("ConfigMap")))
             .metadata,
@@ -968,14 +897,7 @@ async fn same_named_objects_of_others_are_never_adopted_nor_garbage_collected() 
     );
     unchanged(
         &routes.metadata,
-        &get::<ConfigMap>(&client, &ns, "desk-routes")
-            .await
-            .unwrap_or_else(|| panic!("{}", deleted("ConfigMap")))
-            .metadata,
-    );
-    unchanged(
-        &persona_cm.metadata,
-        &get::<ConfigMap>(&client, &ns, "persona-sam")
+        &get::<ConfigMap>(&client, &ns, "desk-config")
             .await
             .unwrap_or_else(|| panic!("{}", deleted("ConfigMap")))
             .metadata,

@@ -91,10 +91,22 @@ pub struct VoiceDeploymentSpec {
     /// Twilio number wiring.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub twilio: Option<TwilioSpec>,
-    /// Pods that may be voluntarily disrupted at once.
+    /// Pods that may be voluntarily disrupted at once (the PodDisruptionBudget's
+    /// `maxUnavailable`, default 1). Never 0: that blocks every node drain forever.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0, max = 1000))]
+    #[schemars(range(min = 1, max = 1000))]
+    #[x_kube(validation = Rule::new("self >= 1").message("maxUnavailable must be at least 1: 0 would block every voluntary disruption (node drains, cluster upgrades, autoscaler consolidation) forever; calls are protected by the pods' drain deadline (drainTimeoutSeconds), not by the budget"))]
     pub max_unavailable: Option<i32>,
+    /// How long a voice pod that is being replaced or scaled down lets its calls run
+    /// on (its drain deadline, `CALLMEBACK_DRAIN_TIMEOUT`); the pods'
+    /// `terminationGracePeriodSeconds` is this plus the preStop sleep and the pod's
+    /// shutdown phases. A deployment-level value, not derived from the personas, so
+    /// persona edits never change the pod template (which would roll every pod).
+    /// A served persona whose `maxCallDurationSeconds` is longer is reported in
+    /// `Degraded` (reason `PersonaOutlastsDrain`). Default 3600.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 30, max = 14400))]
+    pub drain_timeout_seconds: Option<u32>,
     /// Provider prices for call cost records.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 50))]
@@ -211,9 +223,14 @@ pub struct VoiceDeploymentStatus {
     /// Label selector of the pods (for the `scale` subresource).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
-    /// Personas found and valid.
+    /// Personas served by the pods (valid now, or invalid and kept at their last
+    /// valid generation).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub resolved_personas: Vec<String>,
+    /// Which generation of each selected Persona the pods serve.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub personas: Vec<PersonaServing>,
     /// The voice webhook URL to configure in Twilio.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook_url: Option<String>,
@@ -226,7 +243,35 @@ pub struct VoiceDeploymentStatus {
     pub observed_generation: Option<i64>,
 }
 
+/// One selected Persona as the voice pods serve it.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PersonaServing {
+    /// The Persona's name.
+    pub name: String,
+    /// The Persona generation in the pods' ConfigMap; absent when none is served (it
+    /// was invalid from the start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served_generation: Option<i64>,
+    /// The Persona's current `metadata.generation`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_generation: Option<i64>,
+    /// Whether the current generation is valid. When false, the pods keep serving
+    /// `servedGeneration`, the last valid one.
+    pub valid: bool,
+}
+
+/// Drain deadline when `spec.drainTimeoutSeconds` is unset: an hour covers nearly
+/// every phone conversation and still bounds how long a stuck pod lingers.
+pub const DEFAULT_DRAIN_TIMEOUT_SECONDS: u32 = 3600;
+
 impl VoiceDeploymentSpec {
+    /// `drainTimeoutSeconds` or its default.
+    pub fn drain_timeout_seconds(&self) -> u32 {
+        self.drain_timeout_seconds
+            .unwrap_or(DEFAULT_DRAIN_TIMEOUT_SECONDS)
+    }
+
     /// `publicUrl` without a trailing slash.
     pub fn public_base(&self) -> &str {
         self.public_url.trim_end_matches('/')

@@ -1,24 +1,28 @@
-//! `Persona` -> validated -> ConfigMap `persona-<name>` (key `<name>.yaml`) that the
-//! voice pods mount; status `Ready` with reason `Valid`/`Invalid`,
-//! `observedGeneration` and `configHash`.
+//! `Persona` -> validated -> status `Ready` with reason `Valid`/`Invalid`,
+//! `observedGeneration` and `configHash` (the hash of the persona file the pods get).
 //!
-//! An invalid edit leaves the last valid ConfigMap in place: running calls and pods
-//! keep a working persona while the user fixes the object. A same-named ConfigMap the
-//! Persona does not own is left alone (`Ready=False`, reason `NotOwned`, an Event).
+//! A Persona has no object of its own: each VoiceDeployment that selects it writes
+//! it into its `<vd>-config` ConfigMap ([`crate::resources::configmap`]), and an
+//! invalid edit leaves the last valid version there, so running pods keep a working
+//! persona while the user fixes the object. (Older operator versions made a
+//! `persona-<name>` ConfigMap per Persona; nothing reads those any more and nothing
+//! makes them. They are not deleted here, because pods started by an older version
+//! may still mount them; their owner reference has the garbage collector delete
+//! them with the Persona, or `kubectl delete configmap -l callmeback.dev/persona`
+//! removes them once those pods are gone.)
 
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::ConfigMap;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::{Api, Resource, ResourceExt};
 
-use super::{NOT_OWNED_RECHECK, apply, apply_status, condition, foreign};
+use super::{apply_status, condition};
 use crate::controller::Context;
 use crate::crd::{Persona, PersonaStatus, find_condition};
 use crate::error::Result;
-use crate::resources::configmap::{persona_config_map, persona_config_map_name};
-use crate::resources::name_ns;
+use crate::resources::configmap::render_persona_file;
+use crate::resources::{name_ns, short_hash};
 
 /// Metric and log label of this kind.
 pub const KIND: &str = "Persona";
@@ -31,56 +35,25 @@ pub async fn reconcile(persona: Arc<Persona>, ctx: Arc<Context>) -> Result<Actio
     let previous = persona.status.clone().unwrap_or_default();
     let problems = persona.spec.problems();
 
-    let config_maps = Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns);
-    let rendered = if problems.is_empty() {
-        Some(persona_config_map(&persona)?)
-    } else {
-        None
-    };
-    let taken = match &rendered {
-        Some((cm, _)) => foreign(&config_maps, cm).await?,
-        None => None,
-    };
-    // A foreign ConfigMap going away triggers no watch of ours: look again later.
-    let action = if taken.is_some() {
-        Action::requeue(NOT_OWNED_RECHECK)
-    } else {
-        Action::await_change()
-    };
-    let status = if let Some(taken) = taken {
-        // Someone else's ConfigMap by that name: never taken over (nor, through the
-        // owner reference, deleted with this Persona).
-        PersonaStatus {
-            conditions: vec![condition(
-                &previous.conditions,
-                "Ready",
-                false,
-                "NotOwned",
-                format!(
-                    "{taken} exists and is not managed by this Persona, so the operator will \
-                     not take it over. Rename the Persona or remove the ConfigMap"
-                ),
-                generation,
-            )],
-            observed_generation: generation,
-            config_hash: previous.config_hash.clone(),
-        }
-    } else if let Some((cm, hash)) = rendered {
-        apply(&config_maps, &cm).await?;
+    let status = if problems.is_empty() {
+        let content = render_persona_file(&name, &persona.spec)?;
         PersonaStatus {
             conditions: vec![condition(
                 &previous.conditions,
                 "Ready",
                 true,
                 "Valid",
-                format!("rendered into ConfigMap {}", persona_config_map_name(&name)),
+                "valid; VoiceDeployments selecting it serve this generation",
                 generation,
             )],
             observed_generation: generation,
-            config_hash: Some(hash),
+            config_hash: Some(short_hash(&[content.as_bytes()])),
         }
     } else {
-        let message = problems.join("; ");
+        let message = format!(
+            "{}; VoiceDeployments selecting it keep serving its last valid generation",
+            problems.join("; ")
+        );
         PersonaStatus {
             conditions: vec![condition(
                 &previous.conditions,
@@ -102,19 +75,14 @@ pub async fn reconcile(persona: Arc<Persona>, ctx: Arc<Context>) -> Result<Actio
         let now = find_condition(&status.conditions, "Ready")
             .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()));
         if was != now
-            && let Some((s, reason, message)) = &now
+            && let Some((s, _, message)) = &now
             && s == "False"
         {
-            let reason = if reason == "NotOwned" {
-                "NotOwned"
-            } else {
-                "PersonaInvalid"
-            };
             ctx.publish(
                 &persona.object_ref(&()),
                 Event {
                     type_: EventType::Warning,
-                    reason: reason.into(),
+                    reason: "PersonaInvalid".into(),
                     note: Some(truncate(message, 1000)),
                     action: "Validate".into(),
                     secondary: None,
@@ -130,7 +98,7 @@ pub async fn reconcile(persona: Arc<Persona>, ctx: Arc<Context>) -> Result<Actio
         .await?;
     }
     tracing::debug!(persona = %persona.name_any(), namespace = %ns, "reconciled");
-    Ok(action)
+    Ok(Action::await_change())
 }
 
 /// Cuts `s` to at most `max` bytes on a char boundary (Event notes are bounded).

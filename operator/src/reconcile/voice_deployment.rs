@@ -1,6 +1,6 @@
 //! `VoiceDeployment` -> personas resolved, Secret checked, the desired set applied
-//! (ServiceAccount, routes ConfigMap, Deployment, Service, HPA, PDB, Ingress), Twilio
-//! numbers wired, status and Events.
+//! (ServiceAccount, the personas+routes ConfigMap, Deployment, Service, HPA, PDB,
+//! Ingress), Twilio numbers wired, status and Events.
 //!
 //! Rules that keep it calm and safe:
 //! - Desired objects come from [`crate::resources`] and are applied with server-side
@@ -8,8 +8,12 @@
 //! - Same-named objects the deployment does not own are never taken over: with any
 //!   of them present nothing is applied, `Degraded` says `NotOwned` with their names,
 //!   and an Event tells the user ([`super::foreign`]).
-//! - With the Secret missing/incomplete or no persona resolved, the Deployment and
+//! - With the Secret missing/incomplete or no persona served, the Deployment and
 //!   HPA are not touched: new pods could not start, and running ones keep going.
+//! - Personas reach the pods only through `<vd>-config`: a persona edit rewrites
+//!   that ConfigMap and nothing else. An invalid persona keeps the entry it has there
+//!   (its last valid generation, [`crate::resources::configmap`]); `status.personas`
+//!   says which generation of each persona is served.
 //! - Status is written only when it differs; Events only when the Degraded reason or
 //!   message changes, so a steady state makes no API writes.
 //! - Twilio: the previous wiring of a number is saved in an annotation *before* it is
@@ -37,10 +41,11 @@ use super::{apply, apply_status, condition, delete_if_exists, foreign, may_write
 use crate::controller::Context;
 use crate::crd::{Condition, Persona, VoiceDeployment, VoiceDeploymentStatus, find_condition};
 use crate::error::{Error, Result};
+use crate::resources::configmap::{PersonaConfig, config_map_name, legacy_routes_config_map_name};
 use crate::resources::deployment::{SECRET_ENV_KEYS, required_secret_keys};
 use crate::resources::{
-    DeploymentInputs, DesiredObjects, FIELD_MANAGER, ResolvedPersona, desired_objects, name_ns,
-    selector_string, short_hash,
+    DeploymentInputs, DesiredObjects, FIELD_MANAGER, InvalidPersona, ResolvedPersona,
+    desired_objects, name_ns, owned_meta, selector_string, short_hash,
 };
 use crate::twilio_numbers::{PreviousWiring, TwilioError, TwilioNumbers, wanted_wiring};
 
@@ -62,8 +67,8 @@ pub struct PersonaResolution {
     pub resolved: Vec<ResolvedPersona>,
     /// Named but absent.
     pub missing: Vec<String>,
-    /// Present but failing validation: name and problems.
-    pub invalid: Vec<(String, String)>,
+    /// Present but failing validation.
+    pub invalid: Vec<InvalidPersona>,
 }
 
 /// Finds the personas `vd` selects in `store` (names plus label selector).
@@ -88,13 +93,19 @@ pub fn resolve_personas(
             None => out.missing.push(name),
             Some(p) => {
                 let problems = p.spec.problems();
+                let generation = p.meta().generation;
                 if problems.is_empty() {
                     out.resolved.push(ResolvedPersona {
                         name,
                         spec: p.spec.clone(),
+                        generation,
                     });
                 } else {
-                    out.invalid.push((name, problems.join("; ")));
+                    out.invalid.push(InvalidPersona {
+                        name,
+                        generation,
+                        problems: problems.join("; "),
+                    });
                 }
             }
         }
@@ -192,15 +203,7 @@ pub async fn reconcile(vd: Arc<VoiceDeployment>, ctx: Arc<Context>) -> Result<Ac
             format!("Persona not found: {}", personas.missing.join(", ")),
         ));
     }
-    if !personas.invalid.is_empty() {
-        let list = personas
-            .invalid
-            .iter()
-            .map(|(n, why)| format!("{n} ({why})"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        problems.push(("PersonaInvalid", format!("Persona invalid: {list}")));
-    }
+
     let bad_routes: Vec<&str> = vd
         .spec
         .number_routes
@@ -247,12 +250,29 @@ pub async fn reconcile(vd: Arc<VoiceDeployment>, ctx: Arc<Context>) -> Result<Ac
         ));
     }
 
+    let apis = Apis::new(&client, &ns);
+    // The last valid version of an invalid persona comes from the ConfigMap as it is
+    // (only ours: someone else's same-named object is never read as our state).
+    let config_meta = owned_meta(&vd, config_map_name(&name))?;
+    let current_config = apis
+        .config_map
+        .get_opt(&config_map_name(&name))
+        .await?
+        .filter(|c| may_write(c.meta(), &config_meta));
     let inputs = DeploymentInputs {
         personas: personas.resolved.clone(),
+        invalid: personas.invalid.clone(),
+        current_config,
         secret_hash: secret_hash.clone().unwrap_or_default(),
     };
     let desired = desired_objects(&vd, &inputs)?;
-    let apis = Apis::new(&client, &ns);
+    if let Some(problem) = invalid_problem(&personas, &desired.config) {
+        problems.push(problem);
+    }
+    if let Some(problem) = outlasting_problem(&vd, &personas) {
+        problems.push(problem);
+    }
+    let served = desired.config.served_names();
     let foreign_objects = apis.foreign(&desired).await?;
     if !foreign_objects.is_empty() {
         problems.insert(
@@ -267,8 +287,7 @@ pub async fn reconcile(vd: Arc<VoiceDeployment>, ctx: Arc<Context>) -> Result<Ac
             ),
         );
     }
-    let blocked =
-        secret_hash.is_none() || personas.resolved.is_empty() || !foreign_objects.is_empty();
+    let blocked = secret_hash.is_none() || served.is_empty() || !foreign_objects.is_empty();
     let deployment = if !foreign_objects.is_empty() {
         // Nothing is written; the Deployment is reported only when it is ours.
         apis.deployment
@@ -295,7 +314,7 @@ pub async fn reconcile(vd: Arc<VoiceDeployment>, ctx: Arc<Context>) -> Result<Ac
 
     let status = compute_status(
         &vd,
-        &personas,
+        &desired.config,
         deployment.as_ref(),
         problems.first(),
         blocked,
@@ -341,7 +360,7 @@ impl Apis {
     async fn foreign(&self, desired: &DesiredObjects) -> Result<Vec<String>> {
         let mut out = Vec::new();
         out.extend(foreign(&self.service_account, &desired.service_account).await?);
-        out.extend(foreign(&self.config_map, &desired.routes).await?);
+        out.extend(foreign(&self.config_map, &desired.config.config_map).await?);
         out.extend(foreign(&self.service, &desired.service).await?);
         out.extend(foreign(&self.pdb, &desired.pdb).await?);
         if let Some(ing) = &desired.ingress {
@@ -364,7 +383,7 @@ impl Apis {
     ) -> Result<Option<Deployment>> {
         let name = vd.name_any();
         apply(&self.service_account, &desired.service_account).await?;
-        apply(&self.config_map, &desired.routes).await?;
+        apply(&self.config_map, &desired.config.config_map).await?;
         apply(&self.service, &desired.service).await?;
         apply(&self.pdb, &desired.pdb).await?;
         match &desired.ingress {
@@ -378,8 +397,77 @@ impl Apis {
             Some(hpa) => drop(apply(&self.hpa, hpa).await?),
             None => delete_owned(&self.hpa, &name, vd).await?,
         }
-        Ok(Some(apply(&self.deployment, &desired.deployment).await?))
+        let deployment = apply(&self.deployment, &desired.deployment).await?;
+        if rollout_complete(&deployment) {
+            // Pods of older operator versions mounted `<vd>-routes`; once none is left,
+            // it is garbage (deleting it earlier would break those pods' volume).
+            delete_owned(&self.config_map, &legacy_routes_config_map_name(&name), vd).await?;
+        }
+        Ok(Some(deployment))
     }
+}
+
+/// Whether every pod of `d` runs its current template (no old ReplicaSet's pods left).
+fn rollout_complete(d: &Deployment) -> bool {
+    let Some(status) = &d.status else {
+        return false;
+    };
+    status.observed_generation.unwrap_or(0) >= d.metadata.generation.unwrap_or(0)
+        && status.updated_replicas.unwrap_or(0) == status.replicas.unwrap_or(0)
+}
+
+/// `PersonaInvalid`, naming each invalid persona, why, and what the pods serve of it.
+pub fn invalid_problem(
+    personas: &PersonaResolution,
+    config: &PersonaConfig,
+) -> Option<(&'static str, String)> {
+    if personas.invalid.is_empty() {
+        return None;
+    }
+    let list = personas
+        .invalid
+        .iter()
+        .map(|p| {
+            let served = config
+                .serving
+                .iter()
+                .find(|s| s.name == p.name)
+                .and_then(|s| s.served_generation);
+            let kept = match served {
+                Some(g) => format!("serving its last valid generation {g}"),
+                None => "not served: no valid version yet".to_string(),
+            };
+            format!("{} ({}; {kept})", p.name, p.problems)
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    Some(("PersonaInvalid", format!("Persona invalid: {list}")))
+}
+
+/// `PersonaOutlastsDrain` when a valid persona's calls may last longer than the
+/// pods' drain deadline: a rollout or scale-down could cut such a call.
+pub fn outlasting_problem(
+    vd: &VoiceDeployment,
+    personas: &PersonaResolution,
+) -> Option<(&'static str, String)> {
+    let drain = vd.spec.drain_timeout_seconds();
+    let long: Vec<String> = personas
+        .resolved
+        .iter()
+        .filter(|p| p.spec.max_call_duration_seconds > drain)
+        .map(|p| format!("{} ({}s)", p.name, p.spec.max_call_duration_seconds))
+        .collect();
+    (!long.is_empty()).then(|| {
+        (
+            "PersonaOutlastsDrain",
+            format!(
+                "calls of {} may last longer than drainTimeoutSeconds ({drain}s), so a \
+                 rollout or scale-down could cut them: raise spec.drainTimeoutSeconds or \
+                 lower the personas' maxCallDurationSeconds",
+                long.join(", ")
+            ),
+        )
+    })
 }
 
 /// Deletes an object only when this deployment controls it (never someone else's).
@@ -408,7 +496,7 @@ where
 /// give an equal value (lastTransitionTime carried over), so it is written once.
 pub fn compute_status(
     vd: &VoiceDeployment,
-    personas: &PersonaResolution,
+    config: &PersonaConfig,
     deployment: Option<&Deployment>,
     problem: Option<&(&'static str, String)>,
     blocked: bool,
@@ -531,7 +619,8 @@ pub fn compute_status(
         replicas: dstatus.replicas.unwrap_or(0),
         ready_replicas: dstatus.ready_replicas.unwrap_or(0),
         selector: Some(selector_string(&name)),
-        resolved_personas: personas.resolved.iter().map(|p| p.name.clone()).collect(),
+        resolved_personas: config.served_names(),
+        personas: config.serving.clone(),
         webhook_url: Some(vd.spec.webhook_url()),
         conditions: vec![available, progressing, degraded],
         observed_generation: generation,

@@ -1,15 +1,21 @@
 //! The voice pod Deployment.
 //!
 //! Choices that matter for calls:
-//! - One projected volume at `/etc/callmeback` (personas + routes), never `subPath`:
-//!   only whole-volume ConfigMap mounts receive updates, and persona edits must
-//!   hot-reload without cutting calls.
+//! - The deployment's one ConfigMap (personas, routes, prices) mounted whole at
+//!   `/etc/callmeback`: no `items` (they would put persona names in the template),
+//!   never `subPath` (those never receive updates). The pod template depends on no
+//!   persona, so adding, removing or editing one never rolls the pods; the kubelet
+//!   syncs the volume and the pods hot-reload it.
 //! - Env from the Secret per key (`secretKeyRef`, optional keys marked optional), so
 //!   only the keys the pod reads reach it; a hash of their values sits in a
 //!   pod-template annotation because env is read only at container start.
-//! - `terminationGracePeriodSeconds` = longest persona `maxCallDurationSeconds` +
-//!   preStop sleep + margin, and `CALLMEBACK_DRAIN_TIMEOUT` = that longest duration:
-//!   a pod being replaced finishes its calls.
+//! - `terminationGracePeriodSeconds` = the VoiceDeployment's `drainTimeoutSeconds` +
+//!   preStop sleep + margin, and `CALLMEBACK_DRAIN_TIMEOUT` = `drainTimeoutSeconds`:
+//!   a pod being replaced finishes its calls. Deliberately not derived from the
+//!   personas' `maxCallDurationSeconds`: both fields sit in the pod template, so a
+//!   persona edit would roll every pod (and an "only ever raise" rule would still roll
+//!   them on a raise, and make the template depend on history). A persona that
+//!   outlasts the deadline is reported in the VoiceDeployment's `Degraded` instead.
 //! - preStop is a short `sleep` (the kubelet's built-in sleep action, no shell in the
 //!   image needed): SIGTERM comes after endpoints stop routing new webhooks to the
 //!   pod. The pod itself starts draining on SIGTERM.
@@ -21,22 +27,20 @@ use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapProjection, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler, ObjectFieldSelector,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource,
-    ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext, SleepAction, Volume,
-    VolumeMount, VolumeProjection,
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
+    EnvVarSource, HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
+    SecretKeySelector, SecurityContext, SleepAction, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::configmap::{
-    PRICES_KEY, ROUTES_KEY, persona_config_map_name, persona_file_name, routes_config_map_name,
-};
+use super::configmap::config_map_name;
 use super::{
     BuildError, CONFIG_DIR, DeploymentInputs, ENV_HASH_ANNOTATION, HTTP_PORT, METRICS_PORT,
-    PERSONA_DIR, ROUTES_FILE, common_labels, name_ns, owned_meta, selector_labels, short_hash,
+    PERSONA_DIR, PRICES_FILE, ROUTES_FILE, common_labels, name_ns, owned_meta, selector_labels,
+    short_hash,
 };
 use crate::crd::VoiceDeployment;
 
@@ -45,8 +49,6 @@ pub const PRESTOP_SLEEP_SECONDS: i64 = 5;
 /// Extra grace beyond the longest call and the preStop sleep: the pod's own
 /// after-drain shutdown budget (ending calls, final writes) plus 5 s of slack.
 pub const GRACE_MARGIN_SECONDS: i64 = crate::crd::POD_SHUTDOWN_AFTER_DRAIN_SECONDS as i64 + 5;
-/// Longest call assumed when no persona resolved yet (the CRD's default).
-pub const DEFAULT_MAX_CALL_SECONDS: i64 = 900;
 /// UID/GID the voice pod runs as (the distroless `nonroot` user).
 pub const RUN_AS_USER: i64 = 65532;
 
@@ -75,28 +77,23 @@ pub fn required_secret_keys() -> impl Iterator<Item = &'static str> {
         .map(|(k, _)| *k)
 }
 
-/// Longest `maxCallDurationSeconds` among the personas (the drain deadline).
-pub fn longest_call_seconds(inputs: &DeploymentInputs) -> i64 {
-    inputs
-        .personas
-        .iter()
-        .map(|p| i64::from(p.spec.max_call_duration_seconds))
-        .max()
-        .unwrap_or(DEFAULT_MAX_CALL_SECONDS)
+/// `terminationGracePeriodSeconds` for the voice pods: the drain deadline, the
+/// preStop sleep before it and the pod's shutdown phases after it.
+pub fn grace_period_seconds(vd: &VoiceDeployment) -> i64 {
+    i64::from(vd.spec.drain_timeout_seconds()) + PRESTOP_SLEEP_SECONDS + GRACE_MARGIN_SECONDS
 }
 
-/// `terminationGracePeriodSeconds` for the voice pods.
-pub fn grace_period_seconds(inputs: &DeploymentInputs) -> i64 {
-    longest_call_seconds(inputs) + PRESTOP_SLEEP_SECONDS + GRACE_MARGIN_SECONDS
-}
-
-/// The value of [`ENV_HASH_ANNOTATION`]: Secret-derived env plus image and plain env
-/// that is read at start. Persona content is not in it.
+/// The value of [`ENV_HASH_ANNOTATION`]: Secret-derived env plus image, plain env
+/// and the prices, all read only at start. Persona content is not in it.
 pub fn env_hash(vd: &VoiceDeployment, inputs: &DeploymentInputs) -> String {
+    // Prices are read once at start (they price call records); a change must reach
+    // the pods, so it rolls them. Serializing a list of strings cannot fail.
+    let prices = serde_json::to_vec(&vd.spec.prices).unwrap_or_default();
     short_hash(&[
         inputs.secret_hash.as_bytes(),
         vd.spec.image.as_bytes(),
         vd.spec.public_url.as_bytes(),
+        &prices,
     ])
 }
 
@@ -122,7 +119,7 @@ fn field_env(name: &str, path: &str) -> EnvVar {
     }
 }
 
-fn container_env(vd: &VoiceDeployment, inputs: &DeploymentInputs) -> Vec<EnvVar> {
+fn container_env(vd: &VoiceDeployment) -> Vec<EnvVar> {
     let mut out = vec![
         env("CALLMEBACK_PUBLIC_URL", vd.spec.public_base()),
         env("CALLMEBACK_LISTEN", format!("0.0.0.0:{HTTP_PORT}")),
@@ -132,9 +129,10 @@ fn container_env(vd: &VoiceDeployment, inputs: &DeploymentInputs) -> Vec<EnvVar>
         ),
         env("CALLMEBACK_PERSONA_DIR", PERSONA_DIR),
         env("CALLMEBACK_ROUTES_FILE", ROUTES_FILE),
+        env("CALLMEBACK_PRICES_FILE", PRICES_FILE),
         env(
             "CALLMEBACK_DRAIN_TIMEOUT",
-            format!("{}s", longest_call_seconds(inputs)),
+            format!("{}s", vd.spec.drain_timeout_seconds()),
         ),
         // The pod names itself on call records and scheduler claims.
         field_env("POD_NAME", "metadata.name"),
@@ -157,48 +155,15 @@ fn container_env(vd: &VoiceDeployment, inputs: &DeploymentInputs) -> Vec<EnvVar>
     out
 }
 
-fn config_volume(vd_name: &str, inputs: &DeploymentInputs, with_prices: bool) -> Volume {
-    let mut routes_items = vec![KeyToPath {
-        key: ROUTES_KEY.into(),
-        path: ROUTES_KEY.into(),
-        mode: None,
-    }];
-    if with_prices {
-        routes_items.push(KeyToPath {
-            key: PRICES_KEY.into(),
-            path: PRICES_KEY.into(),
-            mode: None,
-        });
-    }
-    let mut sources = vec![VolumeProjection {
-        config_map: Some(ConfigMapProjection {
-            name: routes_config_map_name(vd_name),
-            items: Some(routes_items),
-            optional: Some(false),
-        }),
-        ..VolumeProjection::default()
-    }];
-    for p in &inputs.personas {
-        let file = persona_file_name(&p.name);
-        sources.push(VolumeProjection {
-            config_map: Some(ConfigMapProjection {
-                name: persona_config_map_name(&p.name),
-                items: Some(vec![KeyToPath {
-                    key: file.clone(),
-                    path: format!("personas/{file}"),
-                    mode: None,
-                }]),
-                // A persona deleted while pods run must not keep new pods from starting.
-                optional: Some(true),
-            }),
-            ..VolumeProjection::default()
-        });
-    }
+fn config_volume(vd_name: &str) -> Volume {
     Volume {
         name: "config".into(),
-        projected: Some(ProjectedVolumeSource {
-            sources: Some(sources),
+        config_map: Some(ConfigMapVolumeSource {
+            name: config_map_name(vd_name),
+            // Mounted whole: `items` would name personas in the template.
+            items: None,
             default_mode: Some(0o444),
+            optional: Some(false),
         }),
         ..Volume::default()
     }
@@ -266,7 +231,7 @@ pub fn deployment(
                 ..ContainerPort::default()
             },
         ]),
-        env: Some(container_env(vd, inputs)),
+        env: Some(container_env(vd)),
         resources: Some(spec.resources.clone().unwrap_or_else(default_resources)),
         readiness_probe: Some(http_probe("/readyz", 2, 1)),
         liveness_probe: Some(http_probe("/healthz", 10, 3)),
@@ -317,7 +282,7 @@ pub fn deployment(
         service_account_name: Some(super::rbac::service_account_name(&name)),
         // No code in the pod talks to Kubernetes: no token to steal.
         automount_service_account_token: Some(false),
-        termination_grace_period_seconds: Some(grace_period_seconds(inputs)),
+        termination_grace_period_seconds: Some(grace_period_seconds(vd)),
         enable_service_links: Some(false),
         security_context: Some(PodSecurityContext {
             run_as_non_root: Some(true),
@@ -332,7 +297,7 @@ pub fn deployment(
         }),
         containers: vec![container],
         volumes: Some(vec![
-            config_volume(&name, inputs, !spec.prices.is_empty()),
+            config_volume(&name),
             Volume {
                 name: "tmp".into(),
                 empty_dir: Some(EmptyDirVolumeSource {

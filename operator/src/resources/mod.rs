@@ -3,10 +3,11 @@
 //! reconcilers and the golden tests all share exactly the same output.
 //!
 //! ## Layout
-//! - [`configmap`]: a persona's ConfigMap (`<persona>.yaml`) and a deployment's
-//!   routes ConfigMap (`routes.yaml`, `prices.yaml`).
-//! - [`deployment`]: the voice pod Deployment (projected config volume, env from
-//!   the Secret, probes, restricted security, grace period, preStop).
+//! - [`configmap`]: a deployment's one ConfigMap: its personas (`<persona>.yaml`),
+//!   routes (`_routes.yaml`) and prices (`_prices.yaml`), last valid versions kept.
+//! - [`deployment`]: the voice pod Deployment (the ConfigMap mounted whole, env
+//!   from the Secret, probes, restricted security, grace period, preStop). Its pod
+//!   template never depends on the personas.
 //! - [`service`], [`hpa`], [`pdb`], [`ingress`]: the rest of the set; [`rbac`]: the
 //!   pods' ServiceAccount (no Role: the pods get no API access).
 
@@ -43,15 +44,18 @@ pub const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=callmeback-oper
 pub const ENV_HASH_ANNOTATION: &str = "callmeback.dev/env-hash";
 /// Label naming the `VoiceDeployment` an object belongs to.
 pub const VOICE_DEPLOYMENT_LABEL: &str = "callmeback.dev/voice-deployment";
-/// Label naming the `Persona` a ConfigMap renders.
+/// Label naming the `Persona` a ConfigMap renders (per-Persona ConfigMaps of older
+/// operator versions; kept for the ownership check of their leftovers).
 pub const PERSONA_LABEL: &str = "callmeback.dev/persona";
 
-/// Directory the projected config volume is mounted at.
+/// Directory the deployment's ConfigMap is mounted at (whole, so edits arrive).
 pub const CONFIG_DIR: &str = "/etc/callmeback";
-/// Persona files inside the pod.
-pub const PERSONA_DIR: &str = "/etc/callmeback/personas";
+/// Persona files inside the pod: the ConfigMap's directory itself.
+pub const PERSONA_DIR: &str = CONFIG_DIR;
 /// Routes file inside the pod.
-pub const ROUTES_FILE: &str = "/etc/callmeback/routes.yaml";
+pub const ROUTES_FILE: &str = "/etc/callmeback/_routes.yaml";
+/// Prices file inside the pod.
+pub const PRICES_FILE: &str = "/etc/callmeback/_prices.yaml";
 
 /// App port (Twilio webhooks, media streams, `/v1`).
 pub const HTTP_PORT: i32 = 8080;
@@ -67,6 +71,21 @@ pub enum BuildError {
     /// The custom resource has no name.
     #[error("object has no name")]
     MissingName,
+    /// The personas, routes and prices exceed what one ConfigMap can hold.
+    #[error(
+        "ConfigMap {name} would hold {bytes} bytes, over the {max} the operator writes \
+         (the apiserver's limit is 1 MiB): serve fewer or shorter personas per VoiceDeployment",
+        max = configmap::MAX_CONFIG_BYTES
+    )]
+    ConfigTooLarge {
+        /// The ConfigMap.
+        name: String,
+        /// Its data size.
+        bytes: usize,
+    },
+    /// Encoding an annotation failed.
+    #[error("encoding JSON: {0}")]
+    Json(#[source] serde_json::Error),
     /// Serializing a persona or routes file failed.
     #[error("serializing {what}: {source}")]
     Serialize {
@@ -156,13 +175,26 @@ pub fn short_hash(parts: &[&[u8]]) -> String {
         .collect::<String>()
 }
 
-/// A persona the deployment serves: its name and validated spec.
+/// A selected persona whose current generation is valid.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ResolvedPersona {
     /// The `Persona`'s name (the file name in the pod).
     pub name: String,
     /// Its spec.
     pub spec: PersonaSpec,
+    /// Its `metadata.generation` (`None` offline, in `voice-operator render`).
+    pub generation: Option<i64>,
+}
+
+/// A selected persona whose current generation fails validation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InvalidPersona {
+    /// The `Persona`'s name.
+    pub name: String,
+    /// Its `metadata.generation`.
+    pub generation: Option<i64>,
+    /// What is wrong, for status and Events.
+    pub problems: String,
 }
 
 /// Everything a reconcile of one `VoiceDeployment` wants to exist.
@@ -170,8 +202,8 @@ pub struct ResolvedPersona {
 pub struct DesiredObjects {
     /// The pods' identity (no API access: no Role, no mounted token).
     pub service_account: ServiceAccount,
-    /// `routes.yaml` (and `prices.yaml`).
-    pub routes: ConfigMap,
+    /// The personas, routes and prices the pods mount, and what is served of each persona.
+    pub config: configmap::PersonaConfig,
     /// The voice pods.
     pub deployment: Deployment,
     /// App and metrics ports.
@@ -185,10 +217,15 @@ pub struct DesiredObjects {
 }
 
 /// Inputs beyond the `VoiceDeployment` itself.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct DeploymentInputs {
-    /// The personas found and valid, sorted by name.
+    /// The selected personas found and valid, sorted by name.
     pub personas: Vec<ResolvedPersona>,
+    /// The selected personas found and invalid (served at their last valid version
+    /// when `current_config` has one).
+    pub invalid: Vec<InvalidPersona>,
+    /// The deployment's ConfigMap as it is now (`None` before the first reconcile).
+    pub current_config: Option<ConfigMap>,
     /// Hash of the Secret's values for the keys the pods read, so a changed key rolls
     /// the pods (secretKeyRef env is only read at container start).
     pub secret_hash: String,
@@ -201,7 +238,12 @@ pub fn desired_objects(
 ) -> Result<DesiredObjects, BuildError> {
     Ok(DesiredObjects {
         service_account: rbac::service_account(vd)?,
-        routes: configmap::routes_config_map(vd, &inputs.personas)?,
+        config: configmap::persona_config(
+            vd,
+            &inputs.personas,
+            &inputs.invalid,
+            inputs.current_config.as_ref(),
+        )?,
         deployment: deployment::deployment(vd, inputs)?,
         service: service::service(vd)?,
         hpa: hpa::hpa(vd)?,
@@ -215,7 +257,7 @@ impl DesiredObjects {
     pub fn to_json_values(&self) -> Result<Vec<serde_json::Value>, serde_json::Error> {
         let mut out = vec![
             serde_json::to_value(&self.service_account)?,
-            serde_json::to_value(&self.routes)?,
+            serde_json::to_value(&self.config.config_map)?,
             serde_json::to_value(&self.deployment)?,
             serde_json::to_value(&self.service)?,
         ];

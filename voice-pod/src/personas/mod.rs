@@ -281,8 +281,10 @@ impl Personas {
             let Some(file_name) = path.file_name().and_then(|n| n.to_str()) else {
                 continue;
             };
-            // `..data`, `..2024_...` (ConfigMap internals) and editor dotfiles.
-            if file_name.starts_with('.') {
+            // `..data`, `..2024_...` (ConfigMap internals) and editor dotfiles; and the
+            // deployment's own files beside the personas (`_routes.yaml`,
+            // `_prices.yaml`): no persona name can start with `_`.
+            if file_name.starts_with('.') || file_name.starts_with('_') {
                 continue;
             }
             let ext_ok = path
@@ -438,6 +440,22 @@ mod tests {
         assert!(p.rescan().changed);
         assert_eq!(p.snapshot().get("ada").unwrap().greeting, "second");
         assert_eq!(held.greeting, "first", "a held snapshot never changes");
+    }
+
+    #[test]
+    fn the_operators_files_beside_the_personas_are_not_personas() {
+        // Proves `_routes.yaml` and `_prices.yaml` in the persona directory (the operator's one-ConfigMap layout) are read as routes and skipped as personas.
+        let d = tempfile::tempdir().unwrap();
+        write(d.path(), "ada.yaml", "a");
+        let routes = d.path().join("_routes.yaml");
+        std::fs::write(&routes, "default: ada\nnumbers: {}\n").unwrap();
+        std::fs::write(d.path().join("_prices.yaml"), "[]\n").unwrap();
+        let m = Arc::new(Metrics::new());
+        let p = Personas::load(d.path(), &routes, Arc::clone(&m));
+        let s = p.snapshot();
+        assert_eq!(s.names().collect::<Vec<_>>(), ["ada"]);
+        assert_eq!(s.route("+14155550100").unwrap().0, "ada");
+        assert_eq!(m.persona_reload_errors.get(), 0);
     }
 
     #[test]
