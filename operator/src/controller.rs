@@ -16,7 +16,9 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, ObjectReference, Pod, Secret, Service, ServiceAccount,
+};
 use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::core::{PartialObjectMeta, Selector, SelectorExt};
@@ -28,6 +30,8 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
+use crate::autoscale::Autoscaler;
+use crate::autoscale::poller::{Poller, PollerConfig};
 use crate::crd::{Persona, VoiceDeployment};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -58,6 +62,8 @@ pub struct Config {
     pub concurrency: u16,
     /// This replica's name in Events (the pod name).
     pub instance: Option<String>,
+    /// The pod load poller (calls autoscaling, pod annotations).
+    pub poller: PollerConfig,
 }
 
 impl Default for Config {
@@ -68,6 +74,7 @@ impl Default for Config {
             namespace: None,
             concurrency: 8,
             instance: None,
+            poller: PollerConfig::default(),
         }
     }
 }
@@ -84,8 +91,10 @@ pub struct Context {
     pub config: Config,
     /// Cached Personas (the VoiceDeployment controller's persona watch fills it).
     pub personas: Store<Persona>,
-    /// HTTP client for Twilio, with timeouts.
+    /// HTTP client for Twilio and the pods' `/load`, with timeouts.
     pub http: reqwest::Client,
+    /// Pod load and calls-autoscaler state, shared with the load poller.
+    pub autoscaler: Arc<Autoscaler>,
     /// Consecutive failures per object, for per-object backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -230,13 +239,16 @@ pub async fn run(client: Client, config: Config, metrics: Metrics, shutdown: Can
         instance: config.instance.clone(),
     };
     let (persona_store, persona_writer) = reflector::store::<Persona>();
+    let autoscaler = Arc::new(Autoscaler::default());
+    let http = TwilioNumbers::http_client();
     let ctx = Arc::new(Context {
         client: client.clone(),
         recorder: Recorder::new(client.clone(), reporter),
-        metrics,
+        metrics: metrics.clone(),
         config: config.clone(),
         personas: persona_store,
-        http: TwilioNumbers::http_client(),
+        http: http.clone(),
+        autoscaler: autoscaler.clone(),
         failures: Mutex::new(HashMap::new()),
     });
     let owned = watcher::Config::default().labels(MANAGED_SELECTOR);
@@ -272,6 +284,22 @@ pub async fn run(client: Client, config: Config, metrics: Metrics, shutdown: Can
     );
     let by_persona = vds.store();
     let by_secret = vds.store();
+    // The load poller asks for reconciles when the decided replicas or the scaling
+    // conditions differ from the status; bounded, and re-checked every poll.
+    let (trigger, triggers) = tokio::sync::mpsc::channel::<ObjectRef<VoiceDeployment>>(1024);
+    let poller = Poller {
+        client: client.clone(),
+        vds: vds.store(),
+        autoscaler,
+        http,
+        config: config.poller.clone(),
+        metrics,
+        trigger,
+    }
+    .run(api::<Pod>(&client, ns), shutdown.clone());
+    let triggers = futures::stream::unfold(triggers, |mut rx| async move {
+        rx.recv().await.map(|r| (r, rx))
+    });
     let vds = vds
         .owns(api::<Deployment>(&client, ns), owned.clone())
         .owns(api::<Service>(&client, ns), owned.clone())
@@ -286,6 +314,7 @@ pub async fn run(client: Client, config: Config, metrics: Metrics, shutdown: Can
         .watches_stream(secret_events, move |s: PartialObjectMeta<Secret>| {
             deployments_using_secret(&by_secret, &s)
         })
+        .reconcile_on(triggers)
         .with_config(controller_config)
         .graceful_shutdown_on(shutdown.clone().cancelled_owned())
         .run(
@@ -299,7 +328,7 @@ pub async fn run(client: Client, config: Config, metrics: Metrics, shutdown: Can
             }
         });
     tracing::info!(namespace = ?ns, "controllers started");
-    futures::join!(personas, vds);
+    futures::join!(personas, vds, poller);
     tracing::info!("controllers stopped");
 }
 

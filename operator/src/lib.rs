@@ -10,6 +10,8 @@
 //! - `resources`: pure builders of the desired objects (ConfigMaps, Deployment,
 //!   Service, HPA, PDB, RBAC, Ingress); shared by reconcile, `render` and golden tests.
 //! - `reconcile`: one reconciler per kind (`persona`, `voice_deployment`).
+//! - `autoscale`: call-capacity autoscaling (pod load poller, pure scaler, pod
+//!   deletion-cost and eviction annotations).
 //! - `controller`: watches, [`controller::Context`], per-object backoff, `run`.
 //! - `twilio_numbers`: pointing Twilio numbers at a deployment and back.
 //! - `leader`: Lease-based leader election; `metrics` and `web`: `/metrics`,
@@ -18,6 +20,8 @@
 
 pub mod crd;
 
+#[cfg(feature = "runtime")]
+pub mod autoscale;
 #[cfg(feature = "runtime")]
 pub mod controller;
 #[cfg(feature = "runtime")]

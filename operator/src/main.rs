@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
+use voice_operator::autoscale::poller::PollerConfig;
 use voice_operator::controller::{self, Config};
 use voice_operator::leader::{LeaderConfig, run_when_leader};
 use voice_operator::metrics::Metrics;
@@ -85,6 +86,18 @@ struct RunArgs {
     /// This replica's identity (pod name).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// Seconds between reads of every voice pod's load (`GET /load`).
+    #[arg(long, env = "OPERATOR_LOAD_POLL_INTERVAL_SECONDS", default_value_t = 5)]
+    load_poll_interval: u64,
+    /// The voice pods' port serving `/load` (their metrics port).
+    #[arg(long, env = "OPERATOR_LOAD_PORT", default_value_t = 9090)]
+    load_port: u16,
+    /// Concurrent `/load` requests.
+    #[arg(long, env = "OPERATOR_LOAD_CONCURRENCY", default_value_t = 32)]
+    load_concurrency: usize,
+    /// Average pod annotation patches per second (deletion cost, eviction guards).
+    #[arg(long, env = "OPERATOR_POD_PATCHES_PER_SECOND", default_value_t = 20)]
+    pod_patches_per_second: u32,
     /// Log format: json or text.
     #[arg(long, env = "OPERATOR_LOG_FORMAT", default_value = "json")]
     log_format: String,
@@ -170,6 +183,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         namespace: args.watch_namespace,
         concurrency: args.concurrency,
         instance: Some(identity.clone()),
+        poller: PollerConfig {
+            interval: Duration::from_secs(args.load_poll_interval.max(1)),
+            port: args.load_port,
+            concurrency: args.load_concurrency.max(1),
+            max_patches_per_second: args.pod_patches_per_second.max(1),
+            ..PollerConfig::default()
+        },
     };
     ready.store(true, Ordering::Relaxed);
     if args.leader_election {

@@ -6,13 +6,16 @@
 //! call_capacity,unknown_load_pods}{voicedeployment="<namespace>/<name>"}`): one
 //! label set per VoiceDeployment, removed when it goes. One label, not `namespace`
 //! plus `name`: a scrape would rename a `namespace` label to `exported_namespace`
-//! (the operator pod's own namespace is a target label).
+//! (the operator pod's own namespace is a target label). The load poller counts
+//! `operator_pod_load_reads_total{result}`,
+//! `operator_pod_annotation_patches_total`, `operator_autoscale_changes_total` and
+//! `operator_load_poll_duration_seconds`.
 
 use std::time::Instant;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// The operator's metrics, in their own registry.
@@ -28,6 +31,14 @@ pub struct Metrics {
     pub reconciles: IntCounterVec,
     /// 1 while this replica holds the leader Lease (or runs without election).
     pub leader: IntGauge,
+    /// Pod `/load` reads by result (`ok` or why the load is unknown).
+    pub load_reads: IntCounterVec,
+    /// Pod annotation patches (deletion cost, eviction guards) written.
+    pub pod_patches: IntCounter,
+    /// Replica changes decided by the calls autoscaler.
+    pub scale_changes: IntCounter,
+    /// Wall time of one load poll over every pod.
+    pub poll_duration: Histogram,
     /// Per VoiceDeployment: what the autoscaler saw and decided.
     pub scaling: ScalingGauges,
 }
@@ -148,11 +159,41 @@ impl Metrics {
                 .register(Box::new(g.clone()))
                 .expect("unique metric names");
         }
+        let load_reads = IntCounterVec::new(
+            Opts::new(
+                "operator_pod_load_reads_total",
+                "Voice pod /load reads, by result",
+            ),
+            &["result"],
+        )
+        .expect("valid counter");
+        let pod_patches = IntCounter::new(
+            "operator_pod_annotation_patches_total",
+            "Voice pod annotation patches (deletion cost, eviction guards)",
+        )
+        .expect("valid counter");
+        let scale_changes = IntCounter::new(
+            "operator_autoscale_changes_total",
+            "Replica changes decided by the calls autoscaler",
+        )
+        .expect("valid counter");
+        let poll_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "operator_load_poll_duration_seconds",
+                "Time one load poll over every voice pod takes",
+            )
+            .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+        )
+        .expect("valid histogram");
         for c in [
             Box::new(reconcile_duration.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(reconcile_errors.clone()),
             Box::new(reconciles.clone()),
             Box::new(leader.clone()),
+            Box::new(load_reads.clone()),
+            Box::new(pod_patches.clone()),
+            Box::new(scale_changes.clone()),
+            Box::new(poll_duration.clone()),
         ] {
             registry.register(c).expect("unique metric names");
         }
@@ -162,6 +203,10 @@ impl Metrics {
             reconcile_errors,
             reconciles,
             leader,
+            load_reads,
+            pod_patches,
+            scale_changes,
+            poll_duration,
             scaling,
         }
     }

@@ -9,8 +9,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
 use voice_operator::crd::PersonaServing;
 use voice_operator::crd::{
-    AutoscalingSpec, IngressSpec, PersonaSpec, SecretRef, TwilioSpec, VoiceDeployment,
-    VoiceDeploymentSpec, VoiceSpec,
+    AutoscalingSpec, CpuAutoscaling, IngressSpec, PersonaSpec, SecretRef, TwilioSpec,
+    VoiceDeployment, VoiceDeploymentSpec, VoiceSpec,
 };
 use voice_operator::resources::configmap::{
     PRICES_KEY, ROUTES_KEY, persona_config, served_generations,
@@ -208,24 +208,23 @@ fn deployment_is_restricted_and_its_grace_covers_the_drain_timeout() {
 }
 
 #[test]
-fn autoscaled_deployment_leaves_replicas_to_the_hpa() {
-    // Proves an autoscaled Deployment omits replicas (the HPA owns them) and the HPA scales on active calls when asked.
+fn calls_autoscaling_needs_no_hpa_and_cpu_policy_leaves_replicas_to_one() {
+    // Proves the calls policy writes replicas itself with no HPA, and the CPU policy omits replicas and gets a CPU HPA.
     let mut spec = vd_spec();
-    spec.autoscaling = Some(AutoscalingSpec {
-        min_replicas: 2,
-        max_replicas: 20,
-        target_cpu_utilization: 70,
-        target_active_calls_per_pod: Some(8),
-    });
+    spec.autoscaling = Some(AutoscalingSpec::calls(2, 20, 8));
     let v = vd(spec.clone());
     let d = deployment(&v, &inputs()).unwrap();
-    assert_eq!(d.spec.unwrap().replicas, None);
-    golden("hpa-active-calls", &hpa::hpa(&v).unwrap().unwrap());
-    spec.autoscaling
-        .as_mut()
-        .unwrap()
-        .target_active_calls_per_pod = None;
-    golden("hpa-cpu", &hpa::hpa(&vd(spec)).unwrap().unwrap());
+    assert_eq!(d.spec.unwrap().replicas, Some(2));
+    assert!(hpa::hpa(&v).unwrap().is_none());
+    spec.autoscaling.as_mut().unwrap().cpu = Some(CpuAutoscaling {
+        target_utilization: 70,
+    });
+    let v = vd(spec);
+    assert_eq!(
+        deployment(&v, &inputs()).unwrap().spec.unwrap().replicas,
+        None
+    );
+    golden("hpa-cpu", &hpa::hpa(&v).unwrap().unwrap());
     assert!(hpa::hpa(&vd(vd_spec())).unwrap().is_none());
 }
 
@@ -489,12 +488,11 @@ fn every_object_is_owned_by_the_voice_deployment() {
         tls_secret_name: None,
         annotations: BTreeMap::new(),
     });
-    spec.autoscaling = Some(AutoscalingSpec {
-        min_replicas: 1,
-        max_replicas: 3,
-        target_cpu_utilization: 70,
-        target_active_calls_per_pod: None,
+    let mut auto = AutoscalingSpec::calls(1, 3, 10);
+    auto.cpu = Some(CpuAutoscaling {
+        target_utilization: 70,
     });
+    spec.autoscaling = Some(auto);
     let objects = desired_objects(&vd(spec), &inputs())
         .unwrap()
         .to_json_values()

@@ -34,7 +34,6 @@ fn rendering_the_examples_prints_every_object_once() {
         "ServiceAccount",
         "Deployment",
         "Service",
-        "HorizontalPodAutoscaler",
         "PodDisruptionBudget",
         "Ingress",
     ] {
@@ -44,6 +43,8 @@ fn rendering_the_examples_prints_every_object_once() {
             "{kind} in {kinds:?}"
         );
     }
+    // The example scales on calls: the operator sets replicas itself, no HPA.
+    assert!(!kinds.contains(&"HorizontalPodAutoscaler"), "{kinds:?}");
     // The pods get no Kubernetes API access, so no Role or RoleBinding is made.
     assert!(!kinds.contains(&"Role") && !kinds.contains(&"RoleBinding"));
     // One ConfigMap holds every persona, the routes and the prices.

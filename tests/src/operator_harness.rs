@@ -234,6 +234,8 @@ fn run_operator(client: Client, ns: &str) -> Operator {
         twilio_api_url: NO_TWILIO.into(),
         concurrency: 4,
         instance: Some("test".into()),
+        // kwok pods have no /load: their load stays unknown, which scales nothing.
+        poller: voice_operator::autoscale::poller::PollerConfig::default(),
     };
     let task = tokio::spawn(controller::run(
         client,

@@ -400,21 +400,30 @@ fn watch_namespace_turns_the_operators_rbac_into_roles_in_that_namespace() {
         find(&wide, "Role", "cmb-callmeback-leader-election").unwrap()["metadata"]["namespace"],
         "voice"
     );
-    // Neither mode lets the operator grant or touch RBAC, pods or nodes.
+    // Neither mode lets the operator grant or touch RBAC or nodes; pods it may only
+    // read and patch (the load poller and the deletion-cost/eviction annotations),
+    // never create or delete.
     for rule in rules_file().as_array().unwrap() {
         for res in rule["resources"].as_array().unwrap() {
+            let res = res.as_str().unwrap();
             assert!(
-                !["roles", "rolebindings", "clusterroles", "pods", "nodes"]
-                    .contains(&res.as_str().unwrap()),
+                !["roles", "rolebindings", "clusterroles", "nodes"].contains(&res),
                 "{rule}"
             );
+            if res == "pods" {
+                assert_eq!(
+                    rule["verbs"],
+                    json!(["get", "list", "watch", "patch"]),
+                    "{rule}"
+                );
+            }
         }
     }
 }
 
 #[test]
 fn network_policies_are_off_by_default_and_open_only_the_documented_ports() {
-    // Proves the optional NetworkPolicies: voice pods take 8080 from the ingress controller's namespace and 9090 from monitoring, reach only DNS and 443; the operator takes 8080 from monitoring and reaches DNS and the API ports.
+    // Proves the optional NetworkPolicies: voice pods take 8080 from the ingress controller's namespace and 9090 from monitoring and from the operator, reach only DNS and 443; the operator takes 8080 from monitoring and reaches DNS, the API ports and the voice pods' 9090.
     let objs = helm()
         .template(
             "cmb",
@@ -434,7 +443,7 @@ fn network_policies_are_off_by_default_and_open_only_the_documented_ports() {
     );
     assert_eq!(spec["policyTypes"], json!(["Ingress", "Egress"]));
     let ingress = spec["ingress"].as_array().unwrap();
-    assert_eq!(ingress.len(), 2);
+    assert_eq!(ingress.len(), 3);
     assert_eq!(
         ingress[0]["ports"],
         json!([{"port": 8080, "protocol": "TCP"}])
@@ -450,6 +459,15 @@ fn network_policies_are_off_by_default_and_open_only_the_documented_ports() {
     assert_eq!(
         ingress[1]["from"][0]["namespaceSelector"],
         json!({"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}})
+    );
+    // The operator reads each pod's /load on 9090 (call autoscaling).
+    assert_eq!(
+        ingress[2]["ports"],
+        json!([{"port": 9090, "protocol": "TCP"}])
+    );
+    assert_eq!(
+        ingress[2]["from"][0]["namespaceSelector"],
+        json!({"matchLabels": {"kubernetes.io/metadata.name": "voice"}})
     );
     assert_eq!(
         spec["egress"],
@@ -471,6 +489,17 @@ fn network_policies_are_off_by_default_and_open_only_the_documented_ports() {
     assert_eq!(
         op["spec"]["egress"][1]["ports"],
         json!([{"port": 443, "protocol": "TCP"}, {"port": 6443, "protocol": "TCP"}])
+    );
+    let to_pods = op["spec"]["egress"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(to_pods["ports"], json!([{"port": 9090, "protocol": "TCP"}]));
+    assert_eq!(
+        to_pods["to"][0]["namespaceSelector"],
+        json!({"matchLabels": {"kubernetes.io/metadata.name": "calls"}})
     );
 }
 

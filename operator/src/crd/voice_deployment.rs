@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -23,8 +24,11 @@ use super::Condition;
     namespaced,
     status = "VoiceDeploymentStatus",
     scale = r#"{"specReplicasPath":".spec.replicas","statusReplicasPath":".status.replicas","labelSelectorPath":".status.selector"}"#,
-    printcolumn = r#"{"name":"Replicas","type":"integer","jsonPath":".status.replicas"}"#,
+    printcolumn = r#"{"name":"Desired","type":"integer","jsonPath":".status.desiredReplicas"}"#,
+    printcolumn = r#"{"name":"Current","type":"integer","jsonPath":".status.replicas"}"#,
     printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.readyReplicas"}"#,
+    printcolumn = r#"{"name":"Calls","type":"integer","jsonPath":".status.activeCalls"}"#,
+    printcolumn = r#"{"name":"Capacity","type":"integer","jsonPath":".status.capacity"}"#,
     printcolumn = r#"{"name":"Available","type":"string","jsonPath":".status.conditions[?(@.type==\"Available\")].status"}"#,
     printcolumn = r#"{"name":"Degraded","type":"string","jsonPath":".status.conditions[?(@.type==\"Degraded\")].reason"}"#,
     printcolumn = r#"{"name":"Webhook","type":"string","priority":1,"jsonPath":".status.webhookUrl"}"#,
@@ -33,6 +37,10 @@ use super::Condition;
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.personas) || has(self.personaSelector)").message("set personas (names) or personaSelector"))]
 #[x_kube(validation = Rule::new("!has(self.autoscaling) || self.autoscaling.minReplicas <= self.autoscaling.maxReplicas").message("autoscaling.minReplicas must not exceed autoscaling.maxReplicas"))]
+// `kubectl scale vd` writes spec.replicas through the scale subresource, which runs
+// this validation too: under autoscaling it is refused with this message instead of
+// being silently ignored.
+#[x_kube(validation = Rule::new("!(has(self.replicas) && has(self.autoscaling))").message("replicas cannot be set while autoscaling is on: change autoscaling.minReplicas/maxReplicas instead (or remove autoscaling to set a fixed count)"))]
 #[x_kube(validation = Rule::new("!has(self.defaultPersona) || !has(self.personas) || self.defaultPersona in self.personas").message("defaultPersona must be one of personas"))]
 #[x_kube(validation = Rule::new("!has(self.numberRoutes) || !has(self.personas) || self.numberRoutes.all(n, self.numberRoutes[n] in self.personas)").message("every numberRoutes target must be one of personas"))]
 pub struct VoiceDeploymentSpec {
@@ -67,12 +75,14 @@ pub struct VoiceDeploymentSpec {
     /// Image pull policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_pull_policy: Option<ImagePullPolicy>,
-    /// Fixed replica count (ignored when `autoscaling` is set; the `scale`
-    /// subresource writes here).
+    /// Fixed replica count (default 1). Not allowed together with `autoscaling`; the
+    /// `scale` subresource (`kubectl scale vd`) writes here, so it is refused while
+    /// autoscaling is on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 1000))]
     pub replicas: Option<i32>,
-    /// Horizontal autoscaling.
+    /// Autoscaling on live calls (or, with `autoscaling.cpu`, a CPU HorizontalPodAutoscaler).
+    /// Switching between a fixed count and autoscaling keeps the current replica count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<AutoscalingSpec>,
     /// Pod resources.
@@ -135,24 +145,79 @@ impl ImagePullPolicy {
     }
 }
 
-/// Autoscaling bounds and target.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+/// Autoscaling: by default on live calls (the operator reads every pod's load on
+/// its metrics port and sets the Deployment's replicas itself; no HPA or metrics
+/// adapter), or on CPU through a HorizontalPodAutoscaler when `cpu` is set.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.targetActiveCallsPerPod)").message("autoscaling.targetActiveCallsPerPod was removed: set autoscaling.callsPerPod (and buffer); the operator now scales on live calls itself, no metrics adapter needed"))]
+#[x_kube(validation = Rule::new("!has(self.targetCpuUtilization)").message("autoscaling.targetCpuUtilization moved to autoscaling.cpu.targetUtilization"))]
 pub struct AutoscalingSpec {
-    /// Lower bound.
+    /// Fewest pods, whatever the load.
     #[schemars(range(min = 1, max = 1000))]
     pub min_replicas: i32,
-    /// Upper bound.
+    /// Most pods, whatever the load.
     #[schemars(range(min = 1, max = 1000))]
     pub max_replicas: i32,
-    /// Target average CPU utilisation (percent), used when no calls target is set.
+    /// Calls one pod should carry: desired replicas =
+    /// ceil((active calls + buffer) / callsPerPod), within min/max. Keep it at or below
+    /// the pods' hard limit (`CALLMEBACK_MAX_CALLS`, default 100).
+    #[serde(default = "default_calls_per_pod")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub calls_per_pod: i32,
+    /// Free call slots kept warm above the live calls: an absolute number (`5`) or a
+    /// percentage of the live calls (`"20%"`, rounded up). Default 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    // Checked by the operator (Degraded `InvalidAutoscaling`), not by CEL: a CEL
+    // rule on an unbounded int-or-string was not verified against the apiserver's
+    // cost budget yet.
+    pub buffer: Option<IntOrString>,
+    /// Seconds a lower replica count must hold before the operator scales down (calls
+    /// last minutes; a short dip must not remove pods). Scaling up is immediate.
+    #[serde(default = "default_scale_down_stabilization_seconds")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub scale_down_stabilization_seconds: i32,
+    /// Most pods removed in one scale-down step.
+    #[serde(default = "default_max_scale_down_step")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_scale_down_step: i32,
+    /// Scale on CPU instead of calls: the operator creates a HorizontalPodAutoscaler
+    /// (needs metrics-server) and leaves the replica count to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<CpuAutoscaling>,
+    /// Removed (rejected by the schema): use `callsPerPod`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_active_calls_per_pod: Option<i32>,
+    /// Removed (rejected by the schema): use `cpu.targetUtilization`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_cpu_utilization: Option<i32>,
+}
+
+/// The CPU autoscaling policy (a HorizontalPodAutoscaler).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CpuAutoscaling {
+    /// Target average CPU utilisation, percent of the pods' CPU request.
     #[serde(default = "default_cpu_target")]
     #[schemars(range(min = 1, max = 100))]
-    pub target_cpu_utilization: i32,
-    /// Scale on `voice_active_calls` per pod (a Pods metric, needs a metrics adapter).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 10000))]
-    pub target_active_calls_per_pod: Option<i32>,
+    pub target_utilization: i32,
+}
+
+impl AutoscalingSpec {
+    /// Calls-based autoscaling with these bounds and defaults for the rest.
+    pub fn calls(min_replicas: i32, max_replicas: i32, calls_per_pod: i32) -> Self {
+        Self {
+            min_replicas,
+            max_replicas,
+            calls_per_pod,
+            buffer: None,
+            scale_down_stabilization_seconds: default_scale_down_stabilization_seconds(),
+            max_scale_down_step: default_max_scale_down_step(),
+            cpu: None,
+            target_active_calls_per_pod: None,
+            target_cpu_utilization: None,
+        }
+    }
 }
 
 /// Reference to a Secret in the same namespace.
@@ -214,12 +279,31 @@ pub struct Price {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VoiceDeploymentStatus {
+    /// Replicas the operator asks the Deployment for (fixed count, the calls
+    /// autoscaler's decision, or the HPA's under the CPU policy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_replicas: Option<i32>,
     /// Pods created by the Deployment.
     #[serde(default)]
     pub replicas: i32,
     /// Pods ready to take calls.
     #[serde(default)]
     pub ready_replicas: i32,
+    /// Pods finishing their calls before they exit (they report `draining`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draining_replicas: Option<i32>,
+    /// Live calls over the pods whose load was read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_calls: Option<i64>,
+    /// Call capacity over the pods whose load was read (sum of their limits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<i64>,
+    /// Running pods whose load could not be read (counted as full, never as idle).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unknown_load_pods: Option<i32>,
+    /// When the calls autoscaler last changed the replica count (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_time: Option<String>,
     /// Label selector of the pods (for the `scale` subresource).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
@@ -234,7 +318,7 @@ pub struct VoiceDeploymentStatus {
     /// The voice webhook URL to configure in Twilio.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook_url: Option<String>,
-    /// `Available`, `Progressing`, `Degraded`.
+    /// `Available`, `Progressing`, `Degraded`, `ScalingActive`, `ScalingLimited`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
@@ -301,4 +385,13 @@ fn default_image() -> String {
 }
 fn default_cpu_target() -> i32 {
     70
+}
+fn default_calls_per_pod() -> i32 {
+    20
+}
+fn default_scale_down_stabilization_seconds() -> i32 {
+    120
+}
+fn default_max_scale_down_step() -> i32 {
+    2
 }

@@ -2,6 +2,11 @@
 //! (ServiceAccount, the personas+routes ConfigMap, Deployment, Service, HPA, PDB,
 //! Ingress), Twilio numbers wired, status and Events.
 //!
+//! Replicas: a fixed count, the calls autoscaler's decision ([`crate::autoscale`];
+//! this apply is the one writer of the Deployment's replicas, the poller only asks
+//! for a reconcile), or, under the CPU policy, none (the HPA owns them, after a
+//! hand-over that keeps the current count).
+//!
 //! Rules that keep it calm and safe:
 //! - Desired objects come from [`crate::resources`] and are applied with server-side
 //!   apply; unchanged objects are not rewritten.
@@ -38,6 +43,10 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Resource, ResourceExt};
 
 use super::{apply, apply_status, condition, delete_if_exists, foreign, may_write};
+use crate::autoscale::poller::LoadFields;
+use crate::autoscale::{
+    HANDOVER_FIELD_MANAGER, PolicyError, ScalingPolicy, ScalingView, scaling_conditions,
+};
 use crate::controller::Context;
 use crate::crd::{Condition, Persona, VoiceDeployment, VoiceDeploymentStatus, find_condition};
 use crate::error::{Error, Result};
@@ -259,13 +268,18 @@ pub async fn reconcile(vd: Arc<VoiceDeployment>, ctx: Arc<Context>) -> Result<Ac
         .get_opt(&config_map_name(&name))
         .await?
         .filter(|c| may_write(c.meta(), &config_meta));
+    let policy = ScalingPolicy::from_spec(vd.spec.replicas, vd.spec.autoscaling.as_ref());
+    if let Err(e) = &policy {
+        problems.push(("InvalidAutoscaling", e.to_string()));
+    }
+
     let inputs = DeploymentInputs {
         personas: personas.resolved.clone(),
         invalid: personas.invalid.clone(),
         current_config,
         secret_hash: secret_hash.clone().unwrap_or_default(),
     };
-    let desired = desired_objects(&vd, &inputs)?;
+    let mut desired = desired_objects(&vd, &inputs)?;
     if let Some(problem) = invalid_problem(&personas, &desired.config) {
         problems.push(problem);
     }
@@ -273,6 +287,26 @@ pub async fn reconcile(vd: Arc<VoiceDeployment>, ctx: Arc<Context>) -> Result<Ac
         problems.push(problem);
     }
     let served = desired.config.served_names();
+    let key = (ns.clone(), name.clone());
+    match &policy {
+        Ok(ScalingPolicy::Calls(p)) => {
+            // Before the first decision: the Deployment's current count (clamped), so
+            // taking over from a fixed count or an HPA never dips.
+            let current = if ctx.autoscaler.scales(&key) {
+                None
+            } else {
+                apis.deployment
+                    .get_opt(&name)
+                    .await?
+                    .and_then(|d| d.spec.and_then(|s| s.replicas))
+            };
+            let replicas = ctx.autoscaler.replicas(&key, p, current);
+            if let Some(spec) = desired.deployment.spec.as_mut() {
+                spec.replicas = Some(i32::try_from(replicas).unwrap_or(i32::MAX));
+            }
+        }
+        _ => ctx.autoscaler.stop_scaling(&key),
+    }
     let foreign_objects = apis.foreign(&desired).await?;
     if !foreign_objects.is_empty() {
         problems.insert(
@@ -287,7 +321,10 @@ pub async fn reconcile(vd: Arc<VoiceDeployment>, ctx: Arc<Context>) -> Result<Ac
             ),
         );
     }
-    let blocked = secret_hash.is_none() || served.is_empty() || !foreign_objects.is_empty();
+    let blocked = secret_hash.is_none()
+        || served.is_empty()
+        || !foreign_objects.is_empty()
+        || policy.is_err();
     let deployment = if !foreign_objects.is_empty() {
         // Nothing is written; the Deployment is reported only when it is ours.
         apis.deployment
@@ -312,12 +349,17 @@ pub async fn reconcile(vd: Arc<VoiceDeployment>, ctx: Arc<Context>) -> Result<Ac
         requeue = TWILIO_RETRY;
     }
 
+    let scaling = ScalingInput {
+        policy: policy.as_ref(),
+        view: ctx.autoscaler.view(&key),
+    };
     let status = compute_status(
         &vd,
         &desired.config,
         deployment.as_ref(),
         problems.first(),
         blocked,
+        &scaling,
     );
     let previous = vd.status.clone().unwrap_or_default();
     if vd.status.as_ref() != Some(&status) {
@@ -397,6 +439,14 @@ impl Apis {
             Some(hpa) => drop(apply(&self.hpa, hpa).await?),
             None => delete_owned(&self.hpa, &name, vd).await?,
         }
+        let replicas_sent = desired
+            .deployment
+            .spec
+            .as_ref()
+            .is_some_and(|s| s.replicas.is_some());
+        if !replicas_sent {
+            self.hand_over_replicas(&name).await?;
+        }
         let deployment = apply(&self.deployment, &desired.deployment).await?;
         if rollout_complete(&deployment) {
             // Pods of older operator versions mounted `<vd>-routes`; once none is left,
@@ -405,6 +455,61 @@ impl Apis {
         }
         Ok(Some(deployment))
     }
+
+    /// Before the operator's apply stops sending `spec.replicas` (the CPU policy's
+    /// HPA takes the field over), the current count is applied once under a second
+    /// field manager: server-side apply then keeps the field (it still has an owner)
+    /// instead of removing it, which would reset the Deployment to 1 replica.
+    async fn hand_over_replicas(&self, name: &str) -> Result<()> {
+        let Some(existing) = self.deployment.get_opt(name).await? else {
+            return Ok(());
+        };
+        let Some(current) = existing.spec.as_ref().and_then(|s| s.replicas) else {
+            return Ok(());
+        };
+        if !owns_replicas(&existing, FIELD_MANAGER) {
+            return Ok(());
+        }
+        let body = serde_json::json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": { "name": name },
+            "spec": { "replicas": current },
+        });
+        let params = PatchParams::apply(HANDOVER_FIELD_MANAGER).force();
+        self.deployment
+            .patch(name, &params, &Patch::Apply(&body))
+            .await?;
+        tracing::info!(deployment = %name, replicas = current, "handed spec.replicas over before the HPA takes it");
+        Ok(())
+    }
+}
+
+/// Whether `manager`'s server-side apply owns the Deployment's `spec.replicas`.
+pub fn owns_replicas(deployment: &Deployment, manager: &str) -> bool {
+    deployment
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|m| {
+            m.manager.as_deref() == Some(manager) && m.operation.as_deref() == Some("Apply")
+        })
+        .any(|m| {
+            m.fields_v1.as_ref().is_some_and(|f| {
+                f.0.get("f:spec")
+                    .and_then(|s| s.get("f:replicas"))
+                    .is_some()
+            })
+        })
+}
+
+/// The scaling policy and the autoscaler's view, for the status.
+pub struct ScalingInput<'a> {
+    /// The policy the spec asks for.
+    pub policy: Result<&'a ScalingPolicy, &'a PolicyError>,
+    /// The poller's and scaler's latest.
+    pub view: ScalingView,
 }
 
 /// Whether every pod of `d` runs its current template (no old ReplicaSet's pods left).
@@ -500,6 +605,7 @@ pub fn compute_status(
     deployment: Option<&Deployment>,
     problem: Option<&(&'static str, String)>,
     blocked: bool,
+    scaling: &ScalingInput<'_>,
 ) -> VoiceDeploymentStatus {
     let previous = vd
         .status
@@ -615,14 +721,51 @@ pub fn compute_status(
         None => condition(previous, "Degraded", false, "AsExpected", "", generation),
     };
 
+    let [active, limited] = scaling_conditions(scaling.policy, &scaling.view);
+    let scaling_active = condition(
+        previous,
+        "ScalingActive",
+        active.0,
+        active.1,
+        active.2,
+        generation,
+    );
+    let scaling_limited = condition(
+        previous,
+        "ScalingLimited",
+        limited.0,
+        limited.1,
+        limited.2,
+        generation,
+    );
+    let desired_replicas = match scaling.policy {
+        Ok(ScalingPolicy::Fixed(n)) => Some(*n),
+        Ok(ScalingPolicy::Calls(_)) => scaling.view.desired.and_then(|d| i32::try_from(d).ok()),
+        // The HPA's choice, as it wrote it into the Deployment.
+        Ok(ScalingPolicy::Cpu) => deployment.and_then(|d| d.spec.as_ref()?.replicas),
+        Err(_) => None,
+    };
+    let load = scaling.view.load.as_ref().map(LoadFields::from);
     VoiceDeploymentStatus {
+        desired_replicas,
         replicas: dstatus.replicas.unwrap_or(0),
         ready_replicas: dstatus.ready_replicas.unwrap_or(0),
+        draining_replicas: load.as_ref().and_then(|l| l.draining_replicas),
+        active_calls: load.as_ref().and_then(|l| l.active_calls),
+        capacity: load.as_ref().and_then(|l| l.capacity),
+        unknown_load_pods: load.as_ref().and_then(|l| l.unknown_load_pods),
+        last_scale_time: scaling.view.last_scale_time.clone(),
         selector: Some(selector_string(&name)),
         resolved_personas: config.served_names(),
         personas: config.serving.clone(),
         webhook_url: Some(vd.spec.webhook_url()),
-        conditions: vec![available, progressing, degraded],
+        conditions: vec![
+            available,
+            progressing,
+            degraded,
+            scaling_active,
+            scaling_limited,
+        ],
         observed_generation: generation,
     }
 }

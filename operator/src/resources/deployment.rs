@@ -42,6 +42,7 @@ use super::{
     PERSONA_DIR, PRICES_FILE, ROUTES_FILE, common_labels, name_ns, owned_meta, selector_labels,
     short_hash,
 };
+use crate::autoscale::ScalingPolicy;
 use crate::crd::VoiceDeployment;
 
 /// Seconds the preStop hook sleeps so endpoint removal propagates before SIGTERM.
@@ -198,6 +199,19 @@ fn http_probe(path: &str, period: i32, failure_threshold: i32) -> Probe {
     }
 }
 
+/// `spec.replicas` of the Deployment: the fixed count; under the calls policy
+/// `minReplicas` here (the reconciler puts the autoscaler's decision in its place, so
+/// the operator's one field manager always writes replicas); under the CPU policy
+/// none (the HorizontalPodAutoscaler owns the field; leaving it out of the apply
+/// keeps the two from fighting).
+pub fn replicas(vd: &VoiceDeployment) -> Option<i32> {
+    match ScalingPolicy::from_spec(vd.spec.replicas, vd.spec.autoscaling.as_ref()) {
+        Ok(ScalingPolicy::Fixed(n)) => Some(n),
+        Ok(ScalingPolicy::Calls(p)) => i32::try_from(p.min).ok(),
+        Ok(ScalingPolicy::Cpu) | Err(_) => None,
+    }
+}
+
 /// The voice pod Deployment for `vd`.
 pub fn deployment(
     vd: &VoiceDeployment,
@@ -312,13 +326,7 @@ pub fn deployment(
     Ok(Deployment {
         metadata: owned_meta(vd, name.clone())?,
         spec: Some(DeploymentSpec {
-            // With autoscaling the HPA owns the replica count; leaving the field out of
-            // our apply keeps the two from fighting.
-            replicas: if spec.autoscaling.is_some() {
-                None
-            } else {
-                Some(spec.replicas.unwrap_or(1))
-            },
+            replicas: replicas(vd),
             revision_history_limit: Some(5),
             selector: LabelSelector {
                 match_labels: Some(selector_labels(&name)),

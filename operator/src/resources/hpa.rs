@@ -1,57 +1,39 @@
-//! The HorizontalPodAutoscaler (`autoscaling/v2`): CPU utilisation by default, or
-//! `voice_active_calls` per pod (a Pods metric served by a metrics adapter) when
-//! `targetActiveCallsPerPod` is set. Scale-down is slow on purpose: calls last
-//! minutes.
+//! The HorizontalPodAutoscaler (`autoscaling/v2`) of the CPU policy
+//! (`autoscaling.cpu`), the explicit alternative to scaling on calls (which needs no
+//! HPA: see [`crate::autoscale`]). Scale-down is slow on purpose: calls last minutes.
 
 use k8s_openapi::api::autoscaling::v2::{
     CrossVersionObjectReference, HPAScalingPolicy, HPAScalingRules, HorizontalPodAutoscaler,
-    HorizontalPodAutoscalerBehavior, HorizontalPodAutoscalerSpec, MetricIdentifier, MetricSpec,
-    MetricTarget, PodsMetricSource, ResourceMetricSource,
+    HorizontalPodAutoscalerBehavior, HorizontalPodAutoscalerSpec, MetricSpec, MetricTarget,
+    ResourceMetricSource,
 };
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 use super::{BuildError, name_ns, owned_meta};
 use crate::crd::VoiceDeployment;
 
-/// The metric the pods export for active calls (the design's contract).
-pub const ACTIVE_CALLS_METRIC: &str = "voice_active_calls";
 /// Seconds of lower recommendations before scaling down.
 pub const SCALE_DOWN_STABILIZATION_SECONDS: i32 = 300;
 
-/// The HPA, when `spec.autoscaling` is set.
+/// The HPA, when `spec.autoscaling.cpu` is set.
 pub fn hpa(vd: &VoiceDeployment) -> Result<Option<HorizontalPodAutoscaler>, BuildError> {
     let Some(auto) = &vd.spec.autoscaling else {
         return Ok(None);
     };
+    let Some(cpu) = &auto.cpu else {
+        return Ok(None);
+    };
     let (name, _) = name_ns(vd)?;
-    let metric = match auto.target_active_calls_per_pod {
-        Some(calls) => MetricSpec {
-            type_: "Pods".into(),
-            pods: Some(PodsMetricSource {
-                metric: MetricIdentifier {
-                    name: ACTIVE_CALLS_METRIC.into(),
-                    selector: None,
-                },
-                target: MetricTarget {
-                    type_: "AverageValue".into(),
-                    average_value: Some(Quantity(calls.to_string())),
-                    ..MetricTarget::default()
-                },
-            }),
-            ..MetricSpec::default()
-        },
-        None => MetricSpec {
-            type_: "Resource".into(),
-            resource: Some(ResourceMetricSource {
-                name: "cpu".into(),
-                target: MetricTarget {
-                    type_: "Utilization".into(),
-                    average_utilization: Some(auto.target_cpu_utilization),
-                    ..MetricTarget::default()
-                },
-            }),
-            ..MetricSpec::default()
-        },
+    let metric = MetricSpec {
+        type_: "Resource".into(),
+        resource: Some(ResourceMetricSource {
+            name: "cpu".into(),
+            target: MetricTarget {
+                type_: "Utilization".into(),
+                average_utilization: Some(cpu.target_utilization),
+                ..MetricTarget::default()
+            },
+        }),
+        ..MetricSpec::default()
     };
     Ok(Some(HorizontalPodAutoscaler {
         metadata: owned_meta(vd, name.clone())?,

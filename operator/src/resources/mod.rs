@@ -208,7 +208,7 @@ pub struct DesiredObjects {
     pub deployment: Deployment,
     /// App and metrics ports.
     pub service: Service,
-    /// Present when `spec.autoscaling` is set.
+    /// Present under the CPU policy (`spec.autoscaling.cpu`) only.
     pub hpa: Option<HorizontalPodAutoscaler>,
     /// Always present: scale-down and node drains never take every pod at once.
     pub pdb: PodDisruptionBudget,
