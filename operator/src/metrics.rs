@@ -234,6 +234,27 @@ impl Metrics {
             .set(o.unknown_load_pods);
     }
 
+    /// Drops the scaling gauges of every VoiceDeployment not in `live`
+    /// (`<namespace>/<name>` keys): deleted ones leave no stale series.
+    pub fn retain_scaling(&self, live: &std::collections::HashSet<String>) {
+        use prometheus::core::Collector;
+        let stale: Vec<String> = self
+            .scaling
+            .desired_replicas
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .flat_map(|m| m.get_label())
+            .filter(|l| l.name() == "voicedeployment" && !live.contains(l.value()))
+            .map(|l| l.value().to_owned())
+            .collect();
+        for key in stale {
+            if let Some((ns, name)) = key.split_once('/') {
+                self.forget_scaling(ns, name);
+            }
+        }
+    }
+
     /// Drops a deleted VoiceDeployment's scaling gauges (no stale series).
     pub fn forget_scaling(&self, namespace: &str, name: &str) {
         let key = format!("{namespace}/{name}");
@@ -315,5 +336,11 @@ mod tests {
         }
         m.forget_scaling("voice", "front-desk");
         assert!(!m.render().contains("front-desk"));
+        // A poll keeps the live VoiceDeployments' series and drops the rest.
+        m.observe_scaling("voice", "front-desk", &o);
+        m.observe_scaling("voice", "gone", &o);
+        m.retain_scaling(&std::iter::once("voice/front-desk".to_owned()).collect());
+        let text = m.render();
+        assert!(text.contains("voice/front-desk") && !text.contains("voice/gone"));
     }
 }

@@ -32,7 +32,7 @@ use super::{
     Autoscaler, LOAD_FIELD_MANAGER, ScalingPolicy, VdKey, annotation_patch, scaling_conditions,
 };
 use crate::crd::{VoiceDeployment, find_condition};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ScalingObservation};
 use crate::resources::{MANAGED_SELECTOR, METRICS_PORT, VOICE_DEPLOYMENT_LABEL};
 
 /// Default poll interval.
@@ -210,6 +210,11 @@ impl Poller {
             .filter_map(|vd| Some(((vd.namespace()?, vd.name_any()), vd)))
             .collect();
         self.autoscaler.retain(|k| vds.contains_key(k));
+        self.metrics.retain_scaling(
+            &vds.keys()
+                .map(|(ns, name)| format!("{ns}/{name}"))
+                .collect(),
+        );
         let mut targets = Vec::new();
         for pod in pods.state() {
             let Some(vd_name) = pod.labels().get(VOICE_DEPLOYMENT_LABEL) else {
@@ -262,6 +267,25 @@ impl Poller {
                 self.metrics.scale_changes.inc();
                 tracing::info!(namespace = %key.0, name = %key.1, replicas = decision.as_ref().map(|d| d.replicas), active_calls = summary.active_calls, unknown = summary.unknown_pods, "scaling on live calls");
             }
+            let status = vd.status.clone().unwrap_or_default();
+            let desired = decision
+                .as_ref()
+                .map(|d| i64::from(d.replicas))
+                .or(vd.spec.replicas.map(i64::from))
+                .or(status.desired_replicas.map(i64::from))
+                .unwrap_or(i64::from(status.replicas));
+            self.metrics.observe_scaling(
+                &key.0,
+                &key.1,
+                &ScalingObservation {
+                    desired_replicas: desired,
+                    replicas: i64::from(status.replicas),
+                    ready_replicas: i64::from(status.ready_replicas),
+                    active_calls: i64::try_from(summary.active_calls).unwrap_or(i64::MAX),
+                    call_capacity: i64::try_from(summary.capacity).unwrap_or(i64::MAX),
+                    unknown_load_pods: i64::from(summary.unknown_pods),
+                },
+            );
             if let Some(patch) = load_status_patch(vd, &summary) {
                 status_writes.push((key.clone(), patch));
             }
