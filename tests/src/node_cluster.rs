@@ -368,7 +368,7 @@ pub async fn pod_load(pod: &Pod) -> Result<Value, String> {
         .ok_or("no pod IP")?;
     reqwest::Client::new()
         .get(format!("http://{ip}:9090/load"))
-        .timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(2))
         .send()
         .await
         .map_err(|e| e.to_string())?
