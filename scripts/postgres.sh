@@ -6,7 +6,8 @@
 # In order, the first that works:
 #  1. CALLMEBACK_TEST_DATABASE_URL, when it is set and answers;
 #  2. a server already on 127.0.0.1:5432 with well-known test credentials;
-#  3. our own throwaway cluster in $CALLMEBACK_PG_DIR (default /tmp/callmeback-postgres),
+#  3. our own throwaway cluster in $CALLMEBACK_PG_DIR (default $TMPDIR/callmeback-postgres,
+#     or a directory under /tmp named by its hash when the postgres user cannot reach it),
 #     started if it is not running, created with initdb if it does not exist, after
 #     installing Debian's postgresql package if no server binaries are found.
 # Idempotent and fast when the server already runs. The cluster trusts connections on
@@ -96,6 +97,13 @@ if [[ "$(id -u)" == 0 ]] && ! id postgres >/dev/null 2>&1; then
   useradd --system --home-dir "$DIR" --shell /usr/sbin/nologin postgres
 fi
 
+# The server runs as `postgres`, which must be able to reach $DIR: a private TMPDIR
+# (`mktemp -d`, mode 0700, owned by root) is not traversable by it. Then the cluster
+# goes under /tmp instead, still one per $DIR (named by a hash of it).
+if [[ "$(id -u)" == 0 ]] && ! runuser -u postgres -- test -x "$(dirname "$DIR")"; then
+  DIR="/tmp/callmeback-postgres-$(printf '%s' "$DIR" | sha256sum | cut -c1-12)"
+  log "the postgres user cannot reach the requested directory; using $DIR"
+fi
 mkdir -p "$DIR"
 if [[ "$(id -u)" == 0 ]]; then
   chown postgres: "$DIR"

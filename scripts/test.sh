@@ -6,10 +6,13 @@ cd "$(dirname "$0")/.."
 # Build artifacts live in a cache outside the checkout, so a fresh clone (CI) reuses
 # what an earlier run on this machine compiled. Override with CARGO_TARGET_DIR.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/callmeback/target}"
+# Each helper's output is assigned before it is exported: `export X="$(cmd)"` would
+# hide a failing cmd from `set -e` (export's own status wins).
 # PostgreSQL for the store tests: a running server is reused; on a bare machine
 # Debian's package is installed and a throwaway cluster started (tests/src/postgres.rs).
 # Started before the run's private TMPDIR below, so emptying that never touches it.
-export CALLMEBACK_TEST_DATABASE_URL="$(bash scripts/postgres.sh)"
+CALLMEBACK_TEST_DATABASE_URL="$(bash scripts/postgres.sh)"
+export CALLMEBACK_TEST_DATABASE_URL
 # Every temp file and test cache (rendered speech, control-plane dirs) lives in a
 # directory this run owns, emptied at start: nothing left by an earlier run or another
 # checkout's rendering can make a test pass or fail here.
@@ -22,12 +25,15 @@ command -v espeak-ng >/dev/null || (apt-get update -qq && apt-get install -y -qq
 { command -v containerd && command -v runc && [ -x /usr/lib/cni/bridge ] && command -v iptables; } >/dev/null ||
   (apt-get update -qq && apt-get install -y -qq containerd runc containernetworking-plugins iptables)
 # Real helm and kubectl for the chart tests (cached outside the repo).
-export CALLMEBACK_TOOLS_DIR="$(bash scripts/helm-tools.sh)"
+CALLMEBACK_TOOLS_DIR="$(bash scripts/helm-tools.sh)"
+export CALLMEBACK_TOOLS_DIR
 # A real Kubernetes control plane (etcd, kube-apiserver, -controller-manager, -scheduler, kwok)
 # built from Go modules into a versioned cache outside the repo; a no-op when warm.
-export CALLMEBACK_CONTROLPLANE_BIN="$(bash scripts/controlplane-build.sh)"
+CALLMEBACK_CONTROLPLANE_BIN="$(bash scripts/controlplane-build.sh)"
+export CALLMEBACK_CONTROLPLANE_BIN
 # promtool and prometheus (alert-rule unit tests, /metrics lint), built the same way.
-export CALLMEBACK_PROMETHEUS_BIN="$(bash scripts/prometheus-build.sh)"
+CALLMEBACK_PROMETHEUS_BIN="$(bash scripts/prometheus-build.sh)"
+export CALLMEBACK_PROMETHEUS_BIN
 # Twilio's official helper library in a test-only virtualenv, cached outside the
 # repo (signature cross-checks in tests/tests/twilio_signature.rs).
 bash scripts/twilio-venv.sh >/dev/null
