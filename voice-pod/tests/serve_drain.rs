@@ -74,8 +74,8 @@ fn media(stream_sid: &str, chunk: u64) -> Message {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_lets_the_active_call_finish_refuses_new_ones_and_exits_zero() {
-    // Proves: after SIGTERM /readyz fails within 1 s, new calls are refused politely
+async fn sigterm_lets_the_active_call_finish_still_answers_late_webhooks_and_exits_zero() {
+    // Proves: after SIGTERM /readyz fails within 1 s, a late webhook still gets stream TwiML (no goodbye)
     // (TwiML Say+Hangup, API 503), the call in progress keeps streaming until it
     // stops, metrics stay up meanwhile, and the process then exits 0.
     let tmp = tempfile::tempdir().unwrap();
@@ -181,7 +181,8 @@ async fn sigterm_lets_the_active_call_finish_refuses_new_ones_and_exits_zero() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
-    // New calls are refused politely.
+    // A webhook that still reaches the draining pod is served as usual: its stream
+    // URL is the public one, so the stream lands on a ready pod. No goodbye.
     let mut second = inbound;
     second[0] = ("CallSid", "CA00000000000000000000000000000043");
     let refused = signed_post(&http, &pod.app, "/twilio/voice", &second)
@@ -191,7 +192,7 @@ async fn sigterm_lets_the_active_call_finish_refuses_new_ones_and_exits_zero() {
     assert_eq!(refused.status(), 200);
     let body = refused.text().await.unwrap();
     assert!(
-        body.contains("<Say>") && body.contains("<Hangup/>") && !body.contains("<Stream"),
+        body.contains("<Stream") && !body.contains("<Say>") && !body.contains("<Hangup/>"),
         "{body}"
     );
     let api = http
