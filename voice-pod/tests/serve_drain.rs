@@ -76,7 +76,7 @@ fn media(stream_sid: &str, chunk: u64) -> Message {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_the_active_call_finish_still_answers_late_webhooks_and_exits_zero() {
     // Proves: after SIGTERM /readyz fails within 1 s, a late webhook still gets stream TwiML (no goodbye)
-    // (TwiML Say+Hangup, API 503), the call in progress keeps streaming until it
+    // while the API answers 503; the call in progress keeps streaming until it
     // stops, metrics stay up meanwhile, and the process then exits 0.
     let tmp = tempfile::tempdir().unwrap();
     let personas = persona_dir(tmp.path());
