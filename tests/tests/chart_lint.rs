@@ -564,10 +564,6 @@ fn alert_thresholds_and_labels_come_from_values() {
                     "0.5",
                 ),
                 ("monitoring.prometheusRule.callFailures.ratio", "0.2"),
-                (
-                    "monitoring.prometheusRule.podSaturation.targetActiveCallsPerPod",
-                    "10",
-                ),
                 ("monitoring.prometheusRule.podSaturation.ratio", "0.5"),
                 (
                     "monitoring.prometheusRule.reconcileErrors.ratePerSecond",
@@ -597,7 +593,7 @@ fn alert_thresholds_and_labels_come_from_values() {
     assert_eq!(by_name("CallmebackTurnLatencyHigh")["for"], "3m");
     assert!(expr("CallmebackSocketErrors").ends_with("> 0.5"));
     assert!(expr("CallmebackCallsFailing").ends_with("> 0.2"));
-    assert!(expr("CallmebackPodsSaturated").ends_with("> 5"));
+    assert!(expr("CallmebackPodsSaturated").ends_with("> 0.5"));
     assert!(expr("CallmebackReconcileErrors").ends_with("> 0.01"));
     assert!(expr("CallmebackCallbacksOverdue").ends_with("> 2"));
     assert_eq!(by_name("CallmebackCallbacksOverdue")["for"], "1m");
