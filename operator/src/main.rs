@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use voice_operator::autoscale::poller::PollerConfig;
 use voice_operator::controller::{self, Config};
-use voice_operator::leader::{LeaderConfig, run_when_leader};
+use voice_operator::leader::{LeaderConfig, Timings, run_when_leader};
 use voice_operator::metrics::Metrics;
 use voice_operator::web::{WebState, app};
 use voice_operator::{crdgen, render};
@@ -70,8 +70,9 @@ struct RunArgs {
     /// Concurrent reconciles per kind.
     #[arg(long, env = "OPERATOR_CONCURRENCY", default_value_t = 8)]
     concurrency: u16,
-    /// Run controllers only while holding the Lease.
-    #[arg(long, env = "OPERATOR_LEADER_ELECTION", default_value_t = false)]
+    /// Run controllers only while holding the Lease (`false` only for a single
+    /// operator run by hand, e.g. against a cluster where it cannot write Leases).
+    #[arg(long, env = "OPERATOR_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
     leader_election: bool,
     /// Lease name.
     #[arg(
@@ -197,12 +198,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             lease_name: args.lease_name,
             namespace: args.lease_namespace,
             identity,
-            duration_seconds: 15,
-            grace_seconds: 5,
+            timings: Timings::default(),
         };
-        let (c, cfg, m) = (client.clone(), config.clone(), metrics.clone());
+        let (c, m) = (client.clone(), metrics.clone());
+        // A lost Lease ends the process (non-zero): it restarts and campaigns
+        // afresh instead of acting on state from while it was cut off.
         run_when_leader(client, leader, metrics, shutdown.clone(), move |term| {
-            controller::run(c.clone(), cfg.clone(), m.clone(), term)
+            controller::run(c, config, m, term)
         })
         .await?;
     } else {

@@ -31,6 +31,8 @@ pub struct Metrics {
     pub reconciles: IntCounterVec,
     /// 1 while this replica holds the leader Lease (or runs without election).
     pub leader: IntGauge,
+    /// Failed renewals of the leader Lease (the holder stops at the renew deadline).
+    pub leader_renew_failures: IntCounter,
     /// Pod `/load` reads by result (`ok` or why the load is unknown).
     pub load_reads: IntCounterVec,
     /// Pod annotation patches (deletion cost, eviction guards) written.
@@ -153,6 +155,11 @@ impl Metrics {
         .expect("valid counter");
         let leader = IntGauge::new("operator_leader", "1 while this replica is the leader")
             .expect("valid gauge");
+        let leader_renew_failures = IntCounter::new(
+            "operator_leader_renew_failures_total",
+            "Failed renewals of the leader Lease",
+        )
+        .expect("valid counter");
         let scaling = ScalingGauges::new();
         for g in scaling.all() {
             registry
@@ -190,6 +197,7 @@ impl Metrics {
             Box::new(reconcile_errors.clone()),
             Box::new(reconciles.clone()),
             Box::new(leader.clone()),
+            Box::new(leader_renew_failures.clone()),
             Box::new(load_reads.clone()),
             Box::new(pod_patches.clone()),
             Box::new(scale_changes.clone()),
@@ -203,6 +211,7 @@ impl Metrics {
             reconcile_errors,
             reconciles,
             leader,
+            leader_renew_failures,
             load_reads,
             pod_patches,
             scale_changes,

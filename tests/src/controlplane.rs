@@ -461,6 +461,13 @@ impl ControlPlane {
     /// A client authenticated as ServiceAccount `ns/sa` with a bound token
     /// from the TokenRequest API. The ServiceAccount must exist.
     pub async fn client_for_service_account(&self, ns: &str, sa: &str) -> Client {
+        Client::try_from(self.config_for_service_account(ns, sa).await)
+            .expect("service account kube client")
+    }
+
+    /// The client configuration of [`Self::client_for_service_account`] (to
+    /// route it elsewhere, e.g. through a proxy a test can cut).
+    pub async fn config_for_service_account(&self, ns: &str, sa: &str) -> kube::Config {
         let accounts: Api<ServiceAccount> = Api::namespaced(self.client(), ns);
         let request = TokenRequest {
             spec: TokenRequestSpec {
@@ -482,7 +489,7 @@ impl ControlPlane {
         let mut config = self.config.clone();
         config.auth_info = AuthInfo::default();
         config.auth_info.token = Some(SecretString::from(token));
-        Client::try_from(config).expect("service account kube client")
+        config
     }
 
     /// A client acting as `user` in `groups`, by impersonation through the

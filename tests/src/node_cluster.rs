@@ -187,9 +187,6 @@ pub async fn install_examples(
         format!("operator.twilioApiUrl={}", twilio.base_url()),
         "--set".to_owned(),
         format!("operator.watchNamespace={ns}"),
-        // On by default only with 2+ replicas; the Lease is what is proven here.
-        "--set".to_owned(),
-        "leaderElection.enabled=true".to_owned(),
         // helm returns once the operator's Deployment is available, which on
         // this node means the kubelet saw /readyz answer.
         "--wait".to_owned(),

@@ -146,6 +146,11 @@ fn operator_subject(ns: &str) -> Vec<Subject> {
 /// A client holding exactly the chart's operator rules in cluster-wide mode
 /// (ClusterRole + binding to a ServiceAccount in `ns`, the Lease Role in `ns`).
 pub async fn operator_client(cp: &ControlPlane, ns: &str) -> Client {
+    Client::try_from(operator_config(cp, ns).await).expect("operator kube client")
+}
+
+/// The client configuration of [`operator_client`].
+pub async fn operator_config(cp: &ControlPlane, ns: &str) -> kube::Config {
     let admin = cp.client();
     let lease = "operator-leader-election";
     Api::<Role>::namespaced(admin.clone(), ns)
@@ -210,7 +215,7 @@ pub async fn operator_client(cp: &ControlPlane, ns: &str) -> Client {
         )
         .await
         .unwrap();
-    cp.client_for_service_account(ns, "operator").await
+    cp.config_for_service_account(ns, "operator").await
 }
 
 /// Starts a namespace-scoped operator in `ns` with the chart's rules.

@@ -24,7 +24,7 @@ const TOGGLES: &[&[(&str, &str)]] = &[
         ("serviceAccount.create", "false"),
         ("serviceAccount.name", "existing"),
     ],
-    &[("leaderElection.enabled", "true")],
+    &[("leaderElection.leaseName", "voice-operator")],
     &[(
         "image.digest",
         "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
@@ -94,6 +94,9 @@ fn helm_template_renders_exactly_the_objects_each_toggle_asks_for() {
         "ClusterRoleBinding",
         "Deployment",
         "Service",
+        // The leader-election Lease rights (always on).
+        "Role",
+        "RoleBinding",
     ] {
         assert_eq!(count(&default, kind), 1, "default values render one {kind}");
     }
@@ -105,8 +108,6 @@ fn helm_template_renders_exactly_the_objects_each_toggle_asks_for() {
         "ConfigMap",
         "PodDisruptionBudget",
         "NetworkPolicy",
-        "Role",
-        "RoleBinding",
     ] {
         assert_eq!(count(&default, kind), 0, "{kind} is off by default");
     }
@@ -223,29 +224,27 @@ fn values_typos_are_rejected_by_the_schema_naming_the_key() {
 }
 
 #[test]
-fn leader_election_is_on_with_more_than_one_replica_unless_forced() {
-    // Proves the auto rule (null = on when replicaCount > 1) and both overrides reach
-    // the operator as OPERATOR_LEADER_ELECTION, with a per-release Lease name.
+fn leader_election_is_on_at_any_replica_count_and_cannot_be_switched_off() {
+    // Proves the operator always campaigns for the Lease (one replica too: a rolling
+    // update runs the old and the new operator together), with its Lease rights and
+    // a per-release Lease name, and that the removed switch is refused by the schema.
     let helm = helm();
-    for (sets, expected) in [
-        (&[][..], "false"),
-        (&[("replicaCount", "2")], "true"),
-        (
-            &[("replicaCount", "2"), ("leaderElection.enabled", "false")],
-            "false",
-        ),
-        (
-            &[("replicaCount", "1"), ("leaderElection.enabled", "true")],
-            "true",
-        ),
-    ] {
-        let objs = helm.template("cmb", "voice", sets).unwrap();
+    for replicas in ["1", "2"] {
+        let objs = helm
+            .template("cmb", "voice", &[("replicaCount", replicas)])
+            .unwrap();
         assert_eq!(
             operator_env(&objs, "OPERATOR_LEADER_ELECTION").as_deref(),
-            Some(expected),
-            "{sets:?}"
+            Some("true"),
+            "{replicas} replicas"
         );
+        assert!(find(&objs, "Role", "cmb-callmeback-leader-election").is_some());
     }
+    let refused = helm
+        .template("cmb", "voice", &[("leaderElection.enabled", "false")])
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("enabled"), "{refused}");
     let objs = helm.template("cmb", "voice", &[]).unwrap();
     assert_eq!(
         operator_env(&objs, "OPERATOR_LEASE_NAME").as_deref(),
@@ -353,7 +352,7 @@ fn cluster_role_grants_exactly_the_operator_rules_file() {
 
 #[test]
 fn watch_namespace_turns_the_operators_rbac_into_roles_in_that_namespace() {
-    // Proves operator.watchNamespace grants the operator's rules as a Role in that namespace and nothing cluster-wide (no Secret read or Deployment write outside it), and the Lease rules only in the release namespace, only with leader election.
+    // Proves operator.watchNamespace grants the operator's rules as a Role in that namespace and nothing cluster-wide (no Secret read or Deployment write outside it), and the Lease rules only in the release namespace.
     let objs = helm()
         .template(
             "cmb",
@@ -382,15 +381,8 @@ fn watch_namespace_turns_the_operators_rbac_into_roles_in_that_namespace() {
     let lease_binding = find(&objs, "RoleBinding", "cmb-callmeback-leader-election").unwrap();
     assert_eq!(lease_binding["metadata"]["namespace"], "voice");
 
-    // One replica without forced election needs no Lease, so gets no Lease rights.
-    let single = helm()
-        .template("cmb", "voice", &[("operator.watchNamespace", "calls")])
-        .unwrap();
-    assert!(find(&single, "Role", "cmb-callmeback-leader-election").is_none());
     // Cluster-wide mode grants the same rules as a ClusterRole, the Lease still as a Role.
-    let wide = helm()
-        .template("cmb", "voice", &[("leaderElection.enabled", "true")])
-        .unwrap();
+    let wide = helm().template("cmb", "voice", &[]).unwrap();
     assert_eq!(
         find(&wide, "ClusterRole", "cmb-callmeback").unwrap()["rules"],
         rules_file()

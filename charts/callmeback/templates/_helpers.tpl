@@ -57,15 +57,6 @@ app.kubernetes.io/component: operator
 {{- end }}
 {{- end }}
 
-{{/* "true" when leader election is on: explicit, or auto (null) with more than one replica. */}}
-{{- define "callmeback.leaderElection" -}}
-{{- if kindIs "bool" .Values.leaderElection.enabled }}
-{{- .Values.leaderElection.enabled }}
-{{- else }}
-{{- gt (int .Values.replicaCount) 1 }}
-{{- end }}
-{{- end }}
-
 {{- define "callmeback.leaseName" -}}
 {{- default (printf "%s-leader" (include "callmeback.fullname" .)) .Values.leaderElection.leaseName }}
 {{- end }}
