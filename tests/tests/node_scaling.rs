@@ -216,7 +216,8 @@ impl Sample {
 }
 
 /// Samples the Deployment's replicas and every voice pod (annotations, `/load`)
-/// every `every` until `stop`; returns them all.
+/// every `every` until `stop`, and once more after it (so the last sample shows
+/// the state the test waited for); returns them all.
 fn start_sampler(
     setup: &Setup,
     every: Duration,
@@ -229,7 +230,7 @@ fn start_sampler(
     let vd_name = setup.installed.vd_name.clone();
     tokio::spawn(async move {
         let mut out = Vec::new();
-        while !stop.is_cancelled() {
+        loop {
             let replicas = deployments
                 .get(&vd_name)
                 .await
@@ -263,6 +264,9 @@ fn start_sampler(
                 replicas,
                 pods: sampled,
             });
+            if stop.is_cancelled() {
+                break;
+            }
             tokio::select! {
                 () = stop.cancelled() => {}
                 () = tokio::time::sleep(every) => {}
@@ -369,31 +373,7 @@ async fn calls_ramp_scales_pods_up_at_once_and_down_idle_first_through_an_operat
     let sampler = start_sampler(&setup, Duration::from_secs(1), stop.clone());
 
     // Up: 16 calls, one every 3 s.
-    let releases: Vec<CancellationToken> = (0..16).map(|_| CancellationToken::new()).collect();
-    let mut calls = JoinSet::new();
-    for (i, release) in releases.iter().enumerate() {
-        calls.spawn(held_call(
-            setup.sim.clone(),
-            setup.to.clone(),
-            release.clone(),
-            format!("call {i}"),
-        ));
-        tokio::time::sleep(Duration::from_secs(3)).await;
-    }
-    eventually("all 16 calls counted by the pods' /load", || async {
-        let pods = pods_with(
-            setup.cp,
-            &setup.installed.ns,
-            &setup.installed.voice_selector,
-        )
-        .await?;
-        let mut sum = 0;
-        for pod in &pods {
-            sum += pod_load(pod).await?["activeCalls"].as_u64().unwrap_or(0);
-        }
-        (sum == 16).then_some(()).ok_or(format!("{sum} calls"))
-    })
-    .await;
+    let (releases, calls) = hold_calls(&setup, 16, "call", Duration::from_secs(3)).await;
     setup
         .wait_replicas_ready(wanted_for(16), "5 voice pods for 16 calls")
         .await;
@@ -488,16 +468,7 @@ async fn calls_ramp_scales_pods_up_at_once_and_down_idle_first_through_an_operat
         release.cancel();
     }
     setup.wait_replicas_ready(1, "back to 1 voice pod").await;
-
-    let mut failures = Vec::new();
-    let mut answered = 0;
-    while let Some(result) = calls.join_next().await {
-        match result {
-            Ok(Ok(turns)) => answered += turns,
-            Ok(Err(why)) => failures.push(why),
-            Err(e) => failures.push(format!("call task: {e}")),
-        }
-    }
+    let (answered, failures) = release_all(&releases, calls).await;
     stop.cancel();
     let samples = sampler.await.expect("the sampler");
     setup.uninstall();
@@ -640,25 +611,44 @@ fn print_timeline(samples: &[Sample]) {
     }
 }
 
-/// Spawns `n` held calls, 1 s apart, and waits until the pods count them all.
+/// Spawns `n` held calls, `spacing` apart, and waits until the pods count them
+/// all; panics with the first call's failure if one fails meanwhile.
 async fn hold_calls(
     setup: &Setup,
     n: usize,
     prefix: &str,
+    spacing: Duration,
 ) -> (Vec<CancellationToken>, JoinSet<Result<u32, String>>) {
     let releases: Vec<CancellationToken> = (0..n).map(|_| CancellationToken::new()).collect();
-    let mut calls = JoinSet::new();
+    let failed = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = JoinSet::new();
     for (i, release) in releases.iter().enumerate() {
-        calls.spawn(held_call(
+        let call = held_call(
             setup.sim.clone(),
             setup.to.clone(),
             release.clone(),
             format!("{prefix} {i}"),
-        ));
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        );
+        let failed = failed.clone();
+        tasks.spawn(async move {
+            let result = call.await;
+            if let Err(why) = &result {
+                failed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(why.clone());
+            }
+            result
+        });
+        tokio::time::sleep(spacing).await;
     }
     let want = u64::try_from(n).unwrap_or(u64::MAX);
     eventually(&format!("{n} held calls counted by /load"), || async {
+        let already: Vec<String> = failed.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        assert!(
+            already.is_empty(),
+            "held calls failed before all {n} were up: {already:?}"
+        );
         let pods = pods_with(
             setup.cp,
             &setup.installed.ns,
@@ -666,32 +656,41 @@ async fn hold_calls(
         )
         .await?;
         let mut sum = 0;
+        let mut per_pod = Vec::new();
         for pod in &pods {
-            sum += pod_load(pod).await?["activeCalls"].as_u64().unwrap_or(0);
+            let calls = pod_load(pod).await?["activeCalls"].as_u64().unwrap_or(0);
+            per_pod.push(format!(
+                "{}={calls}",
+                pod.metadata.name.as_deref().unwrap_or_default()
+            ));
+            sum += calls;
         }
-        (sum == want).then_some(()).ok_or(format!("{sum} calls"))
+        (sum == want)
+            .then_some(())
+            .ok_or(format!("{sum} calls ({})", per_pod.join(" ")))
     })
     .await;
-    (releases, calls)
+    (releases, tasks)
 }
 
-/// Releases held calls and collects what went wrong in them.
+/// Releases held calls; the turns they answered and what went wrong in them.
 async fn release_all(
     releases: &[CancellationToken],
-    mut calls: JoinSet<Result<u32, String>>,
-) -> Vec<String> {
+    mut tasks: JoinSet<Result<u32, String>>,
+) -> (u32, Vec<String>) {
     for release in releases {
         release.cancel();
     }
+    let mut answered = 0;
     let mut failures = Vec::new();
-    while let Some(result) = calls.join_next().await {
+    while let Some(result) = tasks.join_next().await {
         match result {
-            Ok(Ok(_)) => {}
+            Ok(Ok(turns)) => answered += turns,
             Ok(Err(why)) => failures.push(why),
             Err(e) => failures.push(format!("call task: {e}")),
         }
     }
-    failures
+    (answered, failures)
 }
 
 #[tokio::test]
@@ -725,7 +724,7 @@ async fn rolling_update_under_traffic_cuts_no_live_call_and_refuses_no_new_one()
     .iter()
     .filter_map(|p| p.metadata.uid.clone())
     .collect();
-    let (releases, live) = hold_calls(&setup, 8, "live call").await;
+    let (releases, live) = hold_calls(&setup, 8, "live call", Duration::from_secs(1)).await;
 
     // The change: a Secret key the pods read at start.
     let secrets: Api<Secret> = Api::namespaced(setup.cp.client(), &setup.installed.ns);
@@ -815,7 +814,7 @@ async fn rolling_update_under_traffic_cuts_no_live_call_and_refuses_no_new_one()
     .iter()
     .filter(|p| before.contains(p.metadata.uid.as_deref().unwrap_or("")))
     .count();
-    failures.extend(release_all(&releases, live).await);
+    failures.extend(release_all(&releases, live).await.1);
     eventually("the old pods exit once their calls ended", || async {
         let pods = pods_with(
             setup.cp,
@@ -893,7 +892,7 @@ async fn persona_edits_under_traffic_restart_no_pod_and_an_invalid_edit_keeps_th
         .await
         .expect("voice pods"),
     );
-    let (releases, live) = hold_calls(&setup, 4, "live call").await;
+    let (releases, live) = hold_calls(&setup, 4, "live call", Duration::from_secs(1)).await;
     let personas: Api<Persona> = Api::namespaced(setup.cp.client(), &setup.installed.ns);
     let persona = setup
         .vds()
@@ -1003,7 +1002,7 @@ async fn persona_edits_under_traffic_restart_no_pod_and_an_invalid_edit_keeps_th
         "after the invalid edit the pod serves: {prompt:?}"
     );
 
-    let failures = release_all(&releases, live).await;
+    let (_, failures) = release_all(&releases, live).await;
     let pods = pods_with(
         setup.cp,
         &setup.installed.ns,
