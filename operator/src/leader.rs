@@ -267,7 +267,10 @@ impl LeaseClient {
         let Some(lease) = self.api.get_opt(&self.name).await? else {
             return Ok(());
         };
-        let holder = lease.spec.as_ref().and_then(|s| s.holder_identity.as_deref());
+        let holder = lease
+            .spec
+            .as_ref()
+            .and_then(|s| s.holder_identity.as_deref());
         if holder != Some(self.identity.as_str()) {
             return Ok(());
         }
