@@ -5,6 +5,7 @@ pub mod controlplane;
 pub mod dashboard;
 pub mod emulators;
 pub mod exposition;
+pub mod fake_voice_pods;
 pub mod helm;
 pub mod node_cluster;
 pub mod operator_harness;

@@ -6,15 +6,13 @@
 //! `--load-port` answers with the calls the test sets: the production path, with
 //! only the addresses changed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::future::Future;
-use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use axum::extract::State;
-use axum::routing::get;
 use callmeback_tests::controlplane::{self, ControlPlane};
+use callmeback_tests::fake_voice_pods::{self, FakePods};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
@@ -150,52 +148,6 @@ async fn operator_client(cp: &ControlPlane, ns: &str) -> Client {
     cp.client_for_service_account(ns, "operator").await
 }
 
-/// Loopback stand-ins for voice pods: one listener per 127.0.0.x on one port, each
-/// answering `/load` with the calls the test set for that address.
-#[derive(Clone, Default)]
-struct FakePods {
-    calls: Arc<Mutex<HashMap<Ipv4Addr, u32>>>,
-}
-
-impl FakePods {
-    /// Starts listeners on 127.0.0.`first`.. (count of them); returns their port.
-    async fn start(&self, first: u8, count: u8) -> u16 {
-        let mut port = 0;
-        for i in 0..count {
-            let ip = Ipv4Addr::new(127, 0, 0, first + i);
-            let listener = tokio::net::TcpListener::bind(SocketAddr::from((ip, port)))
-                .await
-                .unwrap_or_else(|e| panic!("bind {ip}:{port}: {e}"));
-            port = listener.local_addr().unwrap().port();
-            let state = (self.clone(), ip);
-            let app = axum::Router::new()
-                .route(
-                    "/load",
-                    get(
-                        |State((pods, ip)): State<(FakePods, Ipv4Addr)>| async move {
-                            let active = pods.get(ip);
-                            axum::Json(serde_json::json!({
-                                "activeCalls": active, "capacity": 100,
-                                "accepting": active < 100, "draining": false,
-                            }))
-                        },
-                    ),
-                )
-                .with_state(state);
-            tokio::spawn(async move { axum::serve(listener, app).await });
-        }
-        port
-    }
-
-    fn get(&self, ip: Ipv4Addr) -> u32 {
-        *self.calls.lock().unwrap().get(&ip).unwrap_or(&0)
-    }
-
-    fn set(&self, ip: Ipv4Addr, calls: u32) {
-        self.calls.lock().unwrap().insert(ip, calls);
-    }
-}
-
 struct Setup {
     admin: Client,
     ns: String,
@@ -291,53 +243,18 @@ async fn wait_replicas(s: &Setup, want: i32) {
     .await;
 }
 
+const DESK_PODS: &str = "callmeback.dev/voice-deployment=desk";
+
 async fn running_pods(s: &Setup) -> Vec<Pod> {
-    Api::<Pod>::namespaced(s.admin.clone(), &s.ns)
-        .list(&ListParams::default().labels("callmeback.dev/voice-deployment=desk"))
+    fake_voice_pods::running_pods(&Api::namespaced(s.admin.clone(), &s.ns), DESK_PODS)
         .await
         .unwrap()
-        .items
-        .into_iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
-        .collect()
 }
 
-/// Moves every Running pod without a loopback IP onto a free one of `ips`.
 async fn assign_loopback_ips(s: &Setup, ips: &[Ipv4Addr]) -> BTreeMap<String, Ipv4Addr> {
-    let pods = running_pods(s).await;
-    let mut taken: BTreeMap<String, Ipv4Addr> = BTreeMap::new();
-    for p in &pods {
-        if let Some(ip) = p
-            .status
-            .as_ref()
-            .and_then(|st| st.pod_ip.as_deref())
-            .and_then(|ip| ip.parse::<Ipv4Addr>().ok())
-            .filter(|ip| ips.contains(ip))
-        {
-            taken.insert(p.name_any(), ip);
-        }
-    }
-    let api = Api::<Pod>::namespaced(s.admin.clone(), &s.ns);
-    for p in pods {
-        if taken.contains_key(&p.name_any()) {
-            continue;
-        }
-        let Some(ip) = ips.iter().find(|ip| !taken.values().any(|t| t == *ip)) else {
-            break;
-        };
-        let patch = serde_json::json!({ "status": {
-            "podIP": ip.to_string(), "podIPs": [{ "ip": ip.to_string() }] } });
-        api.patch_status(
-            &p.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
+    fake_voice_pods::assign_loopback_ips(&Api::namespaced(s.admin.clone(), &s.ns), DESK_PODS, ips)
         .await
-        .unwrap_or_else(|e| panic!("moving pod {} to {ip}: {e}", p.name_any()));
-        taken.insert(p.name_any(), *ip);
-    }
-    taken
+        .unwrap_or_else(|e| panic!("moving pods onto loopback: {e}"))
 }
 
 #[tokio::test]
@@ -441,8 +358,8 @@ async fn replicas_follow_live_calls_up_at_once_down_after_the_window_idle_pods_c
         return;
     }
     let fake = FakePods::default();
-    let port = fake.start(40, 8).await;
     let ips: Vec<Ipv4Addr> = (40..48).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect();
+    let port = fake.start(&ips).await.expect("loopback listeners");
     let s = setup("as-ramp", port).await;
     let auto = serde_json::json!({ "autoscaling": {
         "minReplicas": 1, "maxReplicas": 6, "callsPerPod": 10, "buffer": 5,

@@ -4,10 +4,14 @@
 //! render_dashboard bench [--out docs/dashboard.png] [--scrape-interval 1s]
 //!         [--dashboard charts/callmeback/dashboards/callmeback.json]
 //!         [--font /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf]
-//!         [--step 5s] [--rate-interval 1m] [--title TEXT] -- CALL_BENCH [ARGS...]
+//!         [--step 5s] [--rate-interval 1m] [--title TEXT]
+//!         [--job voice-pod] [--namespace bench] [--pod voice-pod-0] -- BENCH [ARGS...]
 //!     Starts a real Prometheus (scripts/prometheus-build.sh) scraping a free
-//!     loopback port every scrape interval, runs CALL_BENCH --metrics-listen on that
-//!     port with ARGS, then draws the dashboard over the run.
+//!     loopback port every scrape interval (with the job, namespace and pod labels
+//!     a PodMonitor would add), runs BENCH --metrics-listen on that port with ARGS,
+//!     then draws the dashboard over the run (`--rows "A,B"`: only those rows).
+//!     BENCH is `call-bench` (a voice pod's
+//!     metrics) or the `operator_load_poll` benchmark (the operator's).
 //! render_dashboard render --prometheus URL --start UNIX_S --end UNIX_S [--out ...]
 //!     Draws the dashboard from any Prometheus that holds the data.
 //! ```
@@ -150,11 +154,17 @@ async fn bench(args: &[String]) -> anyhow::Result<()> {
     let listen = format!("127.0.0.1:{}", free_port()?);
     // The labels a PodMonitor scrape would add, so the dashboard's selectors match.
     let target = Target {
-        job: "voice-pod".into(),
+        job: opts.get("job").unwrap_or("voice-pod").into(),
         address: listen.clone(),
         labels: vec![
-            ("namespace".into(), "bench".into()),
-            ("pod".into(), "voice-pod-0".into()),
+            (
+                "namespace".into(),
+                opts.get("namespace").unwrap_or("bench").into(),
+            ),
+            (
+                "pod".into(),
+                opts.get("pod").unwrap_or("voice-pod-0").into(),
+            ),
         ],
     };
     let server = PrometheusServer::start(&[target], interval).await?;
@@ -288,7 +298,14 @@ async fn draw_from(opts: &Opts, api: &QueryApi, start: f64, end: f64) -> anyhow:
     register_font("sans-serif", FontStyle::Normal, font_bytes)
         .map_err(|_| anyhow::anyhow!("{font} is not a usable TTF/OTF font"))?;
 
-    let dashboard = Dashboard::load(&dash_path)?;
+    let mut dashboard = Dashboard::load(&dash_path)?;
+    if let Some(rows) = opts.get("rows") {
+        let rows: Vec<&str> = rows.split(',').map(str::trim).collect();
+        dashboard.panels = only_rows(&dashboard.panels, &rows);
+        if dashboard.panels.is_empty() {
+            bail!("--rows {rows:?}: no such rows in {}", dash_path.display());
+        }
+    }
     let mut panels = Vec::new();
     for panel in &dashboard.panels {
         let lines = if panel.kind == "row" {
@@ -309,6 +326,27 @@ async fn draw_from(opts: &Opts, api: &QueryApi, start: f64, end: f64) -> anyhow:
     draw(&dashboard, &panels, &title, &out)?;
     eprintln!("wrote {}", out.display());
     Ok(())
+}
+
+/// The rows titled `rows` with their panels, stacked from the top in their order.
+fn only_rows(panels: &[Panel], rows: &[&str]) -> Vec<Panel> {
+    let mut sorted: Vec<&Panel> = panels.iter().collect();
+    sorted.sort_by_key(|p| (p.grid.y, p.grid.x));
+    let mut out = Vec::new();
+    let (mut keep, mut lift, mut bottom) = (false, 0u32, 0u32);
+    for p in sorted {
+        if p.kind == "row" {
+            keep = rows.contains(&p.title.as_str());
+            lift = p.grid.y.saturating_sub(bottom);
+        }
+        if keep {
+            let mut kept = p.clone();
+            kept.grid.y = p.grid.y.saturating_sub(lift);
+            bottom = bottom.max(kept.grid.y + kept.grid.h);
+            out.push(kept);
+        }
+    }
+    out
 }
 
 fn draw(
