@@ -412,7 +412,12 @@ async fn main() {
         })
     };
 
-    // Every pod takes calls: the operator's first pass annotates all of them.
+    // Every pod takes calls: the operator's first pass annotates all of them
+    // (patches counted from here: the idle pods' deletion cost of 0 came before).
+    let patches_before = total(
+        &operator.scrape(&http).await,
+        "operator_pod_annotation_patches_total",
+    );
     let loaded = Instant::now();
     for ip in mapping.values() {
         fake.set(*ip, STEADY_CALLS);
@@ -423,7 +428,7 @@ async fn main() {
     loop {
         let m = operator.scrape(&http).await;
         let calls = total(&m, "operator_voicedeployment_active_calls");
-        let patches = total(&m, "operator_pod_annotation_patches_total");
+        let patches = total(&m, "operator_pod_annotation_patches_total") - patches_before;
         if patches != last_patches {
             last_patches = patches;
             still_since = Instant::now();
