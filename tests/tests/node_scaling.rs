@@ -6,7 +6,9 @@
 //!
 //! Scale: the node has 2 CPUs and runs debug builds of the pod, so the ramp
 //! keeps the shape (1 -> 5 -> 1 pods) at 16 calls with
-//! `callsPerPod: 4, buffer: 2` instead of 40 calls with `callsPerPod: 10`.
+//! `callsPerPod: 4, buffer: 2` instead of 40 calls with `callsPerPod: 10`, and
+//! the rolling update holds 8 live calls with a new call every 2 s instead of
+//! 30 with one every second.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
