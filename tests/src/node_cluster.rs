@@ -353,7 +353,21 @@ pub async fn voice_service_url(cp: &ControlPlane, installed: &Installed) -> Stri
         .find(|p| p.name.as_deref() == Some("http"))
         .map(|p| p.port)
         .expect("the voice Service has an http port");
-    format!("http://{ip}:{port}")
+    let url = format!("http://{ip}:{port}");
+    // Pods Ready is not yet the Service routing: kube-proxy programs the
+    // ClusterIP's endpoints after it sees them. A first call placed before that
+    // failed its webhook POST (seen in CI); any HTTP answer proves the route.
+    let http = reqwest::Client::new();
+    eventually("the voice Service's ClusterIP routes to a pod", || async {
+        http.get(format!("{url}/"))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })
+    .await;
+    url
 }
 
 /// One pod's `GET /load` (metrics port, at its pod IP).
