@@ -205,24 +205,6 @@ fn total(samples: &[Sample], name: &str) -> f64 {
         .sum()
 }
 
-/// The cumulative buckets of a histogram (bound, count).
-fn buckets(samples: &[Sample], family: &str) -> Vec<(f64, f64)> {
-    let name = format!("{family}_bucket");
-    samples
-        .iter()
-        .filter(|s| s.labels.get("__name__") == Some(&name))
-        .filter_map(|s| {
-            let le = s.labels.get("le")?;
-            let bound = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().ok()?
-            };
-            Some((bound, s.value))
-        })
-        .collect()
-}
-
 /// What one measuring window saw.
 struct Window {
     seconds: f64,
@@ -274,7 +256,10 @@ where
     let cpu = operator.cpu_seconds() - cpu_before;
     let seconds = started.elapsed().as_secs_f64();
     let family = "operator_load_poll_duration_seconds";
-    let (b0, b1) = (buckets(&before, family), buckets(&after, family));
+    let (b0, b1) = (
+        exposition::histogram_buckets(&before, family, &[]),
+        exposition::histogram_buckets(&after, family, &[]),
+    );
     let window_buckets: Vec<(f64, f64)> = b1
         .iter()
         .map(|(le, n)| {

@@ -122,8 +122,19 @@ pub fn histogram_quantile(
     family: &str,
     labels: &[(&str, &str)],
 ) -> f64 {
+    bucket_quantile(q, histogram_buckets(samples, family, labels))
+}
+
+/// The cumulative `(le, count)` buckets of histogram `family` in one scrape, of
+/// every series whose labels include `labels` (unsummed: one entry per series
+/// and bound).
+pub fn histogram_buckets(
+    samples: &[Sample],
+    family: &str,
+    labels: &[(&str, &str)],
+) -> Vec<(f64, f64)> {
     let bucket = format!("{family}_bucket");
-    let buckets: Vec<(f64, f64)> = samples
+    samples
         .iter()
         .filter(|s| s.labels.get("__name__") == Some(&bucket))
         .filter(|s| {
@@ -132,8 +143,7 @@ pub fn histogram_quantile(
                 .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
         })
         .filter_map(|s| Some((parse_value(s.labels.get("le")?)?, s.value)))
-        .collect();
-    bucket_quantile(q, buckets)
+        .collect()
 }
 
 /// Prometheus' `bucketQuantile`.
