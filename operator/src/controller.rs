@@ -32,12 +32,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::autoscale::Autoscaler;
 use crate::autoscale::poller::{Poller, PollerConfig};
-use crate::crd::{Persona, VoiceDeployment};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::reconcile::{persona, voice_deployment};
 use crate::resources::MANAGED_SELECTOR;
-use crate::twilio_numbers::{DEFAULT_TWILIO_API_URL, TwilioNumbers};
+use crate::twilio_numbers::{AccountBackoff, DEFAULT_TWILIO_API_URL, TwilioNumbers};
+use callmeback_api::{Persona, VoiceDeployment};
 
 /// First retry delay after a failed reconcile; doubles per failure.
 pub const BACKOFF_BASE: Duration = Duration::from_secs(2);
@@ -56,6 +56,11 @@ pub struct Config {
     pub twilio_api_url: String,
     /// How long deletion keeps trying to restore Twilio numbers before releasing.
     pub twilio_restore_deadline: Duration,
+    /// How often wired numbers are checked against Twilio (stretched per deployment,
+    /// see `reconcile::voice_deployment::twilio`); changes are wired at once.
+    pub twilio_verify_interval: Duration,
+    /// Periodic reconcile of every VoiceDeployment (drift of what it owns).
+    pub resync: Duration,
     /// Watch one namespace, or all when `None`.
     pub namespace: Option<String>,
     /// Concurrent reconciles per controller.
@@ -71,6 +76,8 @@ impl Default for Config {
         Self {
             twilio_api_url: DEFAULT_TWILIO_API_URL.into(),
             twilio_restore_deadline: Duration::from_secs(120),
+            twilio_verify_interval: Duration::from_secs(3600),
+            resync: Duration::from_secs(300),
             namespace: None,
             concurrency: 8,
             instance: None,
@@ -95,6 +102,8 @@ pub struct Context {
     pub http: reqwest::Client,
     /// Pod load and calls-autoscaler state, shared with the load poller.
     pub autoscaler: Arc<Autoscaler>,
+    /// Per-account backoff of Twilio requests.
+    pub twilio_backoff: AccountBackoff,
     /// Consecutive failures per object, for per-object backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -249,6 +258,7 @@ pub async fn run(client: Client, config: Config, metrics: Metrics, shutdown: Can
         personas: persona_store,
         http: http.clone(),
         autoscaler: autoscaler.clone(),
+        twilio_backoff: AccountBackoff::default(),
         failures: Mutex::new(HashMap::new()),
     });
     let owned = watcher::Config::default().labels(MANAGED_SELECTOR);

@@ -6,7 +6,7 @@ use std::path::Path;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
-use crate::crd::{Persona, VoiceDeployment};
+use callmeback_api::{Persona, VoiceDeployment};
 
 /// File name and CRD, for every custom resource.
 pub fn crds() -> Vec<(&'static str, CustomResourceDefinition)> {

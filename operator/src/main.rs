@@ -30,7 +30,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Reconcile Personas and VoiceDeployments.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Write the CRDs (persona.yaml, voicedeployment.yaml) into a directory.
     Crdgen {
         /// Output directory.
@@ -67,6 +67,17 @@ struct RunArgs {
         default_value_t = 120
     )]
     twilio_restore_deadline_seconds: u64,
+    /// Seconds between checks of wired numbers against Twilio, stretched per
+    /// deployment to 0.75x..1.25x; spec and Secret changes are wired at once.
+    #[arg(
+        long,
+        env = "OPERATOR_TWILIO_VERIFY_INTERVAL_SECONDS",
+        default_value_t = 3600
+    )]
+    twilio_verify_interval_seconds: u64,
+    /// Seconds between periodic reconciles of each VoiceDeployment.
+    #[arg(long, env = "OPERATOR_RESYNC_SECONDS", default_value_t = 300)]
+    resync_seconds: u64,
     /// Concurrent reconciles per kind.
     #[arg(long, env = "OPERATOR_CONCURRENCY", default_value_t = 8)]
     concurrency: u16,
@@ -138,7 +149,7 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", render::render(&inputs)?);
             Ok(())
         }
-        Command::Run(args) => run(args).await,
+        Command::Run(args) => run(*args).await,
     }
 }
 
@@ -181,6 +192,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = Config {
         twilio_api_url,
         twilio_restore_deadline: Duration::from_secs(args.twilio_restore_deadline_seconds),
+        twilio_verify_interval: Duration::from_secs(args.twilio_verify_interval_seconds.max(1)),
+        resync: Duration::from_secs(args.resync_seconds.max(1)),
         namespace: args.watch_namespace,
         concurrency: args.concurrency,
         instance: Some(identity.clone()),

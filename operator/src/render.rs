@@ -9,9 +9,9 @@ use kube::runtime::reflector;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 
-use crate::crd::{Persona, VoiceDeployment};
 use crate::reconcile::voice_deployment::resolve_personas;
 use crate::resources::{BuildError, DeploymentInputs, desired_objects};
+use callmeback_api::{Persona, VoiceDeployment};
 
 /// Namespace assumed for objects that name none (as `kubectl apply` would).
 pub const DEFAULT_NAMESPACE: &str = "default";

@@ -4,8 +4,14 @@
 //! `GET  {base}/2010-04-01/Accounts/{AccountSid}/IncomingPhoneNumbers.json?PhoneNumber=...`
 //! finds the number's `PN...` sid and current settings;
 //! `POST {base}/2010-04-01/Accounts/{AccountSid}/IncomingPhoneNumbers/{PNsid}.json`
-//! (form: `VoiceUrl`, `VoiceMethod`, `StatusCallback`, `StatusCallbackMethod`) sets them.
-//! Credentials travel as HTTP Basic auth, never in URLs or logs.
+//! (form: `VoiceUrl`, `VoiceMethod`, `StatusCallback`, `StatusCallbackMethod`,
+//! `FriendlyName`) sets them. Credentials travel as HTTP Basic auth, never in URLs or
+//! logs.
+//!
+//! Ownership: a number a VoiceDeployment wired carries `FriendlyName`
+//! `callmeback:<VoiceDeployment uid>` ([`owner_mark`]). Webhook URLs cannot say who
+//! wired a number (two deployments may share a host in a blue/green move); the mark
+//! can, so a deployment restores or yields only numbers that are provably its own.
 //!
 //! Who decides where these requests go: only the operator (its `--twilio-api-url`
 //! flag, the chart's `operator.twilioApiUrl`), never a tenant's Secret. The operator
@@ -88,6 +94,10 @@ pub struct NumberWiring {
     /// `StatusCallbackMethod`.
     #[serde(default)]
     pub status_callback_method: String,
+    /// `FriendlyName`: the owner mark when we set it, the user's label when we
+    /// restore it. Empty means "leave it as it is" (Twilio refuses an empty label).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub friendly_name: String,
 }
 
 /// A number as the REST API reports it.
@@ -109,6 +119,9 @@ pub struct IncomingNumber {
     /// Its method.
     #[serde(default)]
     pub status_callback_method: Option<String>,
+    /// The label; ours is an [`owner_mark`].
+    #[serde(default)]
+    pub friendly_name: Option<String>,
 }
 
 impl IncomingNumber {
@@ -119,6 +132,40 @@ impl IncomingNumber {
             voice_method: self.voice_method.clone().unwrap_or_default(),
             status_callback: self.status_callback.clone().unwrap_or_default(),
             status_callback_method: self.status_callback_method.clone().unwrap_or_default(),
+            friendly_name: self.friendly_name.clone().unwrap_or_default(),
+        }
+    }
+
+    /// The uid of the VoiceDeployment that wired this number, when one did.
+    pub fn owner(&self) -> Option<&str> {
+        self.friendly_name.as_deref().and_then(mark_owner)
+    }
+}
+
+/// Prefix of the `FriendlyName` that marks a number as wired by a VoiceDeployment.
+pub const OWNER_MARK_PREFIX: &str = "callmeback:";
+
+/// The `FriendlyName` that says "wired by the VoiceDeployment with this uid" (47
+/// characters, inside Twilio's 64).
+pub fn owner_mark(uid: &str) -> String {
+    format!("{OWNER_MARK_PREFIX}{uid}")
+}
+
+/// The uid in an [`owner_mark`], if `friendly_name` is one.
+pub fn mark_owner(friendly_name: &str) -> Option<&str> {
+    friendly_name
+        .strip_prefix(OWNER_MARK_PREFIX)
+        .filter(|uid| !uid.is_empty())
+}
+
+impl TwilioError {
+    /// Whether waiting may fix it: the network, throttling (429) or Twilio's own
+    /// trouble (5xx). Those back off per account; the rest need a person.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Transport(_) => true,
+            Self::Status { status, .. } => *status == 429 || *status >= 500,
+            _ => false,
         }
     }
 }
@@ -230,6 +277,71 @@ pub fn error_from_body(status: u16, body: Option<&[u8]>) -> TwilioError {
 /// so a restarted operator can still restore it.
 pub type PreviousWiring = BTreeMap<String, NumberWiring>;
 
+/// First wait after a transient failure of an account.
+pub const ACCOUNT_BACKOFF_BASE: Duration = Duration::from_secs(2);
+/// Longest wait between attempts on a failing account.
+pub const ACCOUNT_BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// Backoff per Twilio account after transient failures (429, 5xx, network).
+///
+/// Throttling is per account, so every deployment of that account waits together
+/// instead of each hammering it on its own schedule. Only failing accounts have an
+/// entry; success removes it, and entries idle for longer than
+/// [`ACCOUNT_BACKOFF_MAX`] twice over are pruned on the next failure.
+#[derive(Default)]
+pub struct AccountBackoff {
+    failing: std::sync::Mutex<std::collections::HashMap<String, Failing>>,
+}
+
+#[derive(Clone, Copy)]
+struct Failing {
+    since: std::time::Instant,
+    failures: u32,
+    until: std::time::Instant,
+}
+
+impl AccountBackoff {
+    /// How long `account` must still wait, if it is backing off.
+    pub fn wait(&self, account: &str) -> Option<Duration> {
+        let now = std::time::Instant::now();
+        let map = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(account)
+            .map(|f| f.until.saturating_duration_since(now))
+            .filter(|d| !d.is_zero())
+    }
+
+    /// How long `account` has been failing without a success in between.
+    pub fn failing_for(&self, account: &str) -> Option<Duration> {
+        let map = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(account).map(|f| f.since.elapsed())
+    }
+
+    /// Records a transient failure; returns the wait before the next attempt.
+    pub fn failed(&self, account: &str) -> Duration {
+        let now = std::time::Instant::now();
+        let mut map = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, f| now.saturating_duration_since(f.until) < ACCOUNT_BACKOFF_MAX * 2);
+        let entry = map.entry(account.to_string()).or_insert(Failing {
+            since: now,
+            failures: 0,
+            until: now,
+        });
+        entry.failures = entry.failures.saturating_add(1);
+        let shift = entry.failures.saturating_sub(1).min(16);
+        let delay = ACCOUNT_BACKOFF_BASE
+            .saturating_mul(1u32 << shift)
+            .min(ACCOUNT_BACKOFF_MAX);
+        entry.until = now + delay;
+        delay
+    }
+
+    /// Records a success: the account is healthy again.
+    pub fn succeeded(&self, account: &str) {
+        let mut map = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(account);
+    }
+}
+
 /// A Twilio account's IncomingPhoneNumbers API.
 #[derive(Clone)]
 pub struct TwilioNumbers {
@@ -332,7 +444,7 @@ impl TwilioNumbers {
                 "a number sid is not PN + 32 hex digits",
             ));
         }
-        let form = [
+        let mut form = vec![
             ("VoiceUrl", wiring.voice_url.as_str()),
             ("VoiceMethod", wiring.voice_method.as_str()),
             ("StatusCallback", wiring.status_callback.as_str()),
@@ -341,6 +453,9 @@ impl TwilioNumbers {
                 wiring.status_callback_method.as_str(),
             ),
         ];
+        if !wiring.friendly_name.is_empty() {
+            form.push(("FriendlyName", wiring.friendly_name.as_str()));
+        }
         let resp = self
             .http
             .post(format!("{}/{sid}.json", self.numbers_url()))
@@ -352,49 +467,48 @@ impl TwilioNumbers {
         Self::answer(resp).await
     }
 
-    /// Points `number` at `wanted`. Returns the wiring it had before when it changed
-    /// something (for the caller to remember), `None` when it was already wired.
-    pub async fn wire(
-        &self,
-        number: &str,
-        wanted: &NumberWiring,
-    ) -> Result<Option<NumberWiring>, TwilioError> {
-        let current = self.find(number).await?;
-        let before = current.wiring();
-        if &before == wanted {
-            return Ok(None);
-        }
-        self.update(&current.sid, wanted).await?;
-        Ok(Some(before))
-    }
-
-    /// Puts `previous` back on `number`, unless someone else rewired it meanwhile
-    /// (then their settings win). A number no longer in the account is done.
+    /// Puts `previous` back on `number` if it is still `ours`; a number someone else
+    /// took (another deployment, a person) keeps their settings. A number no longer
+    /// in the account is done. Returns whether it wrote.
     pub async fn restore(
         &self,
         number: &str,
         ours: &NumberWiring,
         previous: &NumberWiring,
-    ) -> Result<(), TwilioError> {
+    ) -> Result<bool, TwilioError> {
         let current = match self.find(number).await {
             Ok(c) => c,
-            Err(TwilioError::NumberNotFound(_)) => return Ok(()),
+            Err(TwilioError::NumberNotFound(_)) => return Ok(false),
             Err(e) => return Err(e),
         };
-        if current.wiring().voice_url != ours.voice_url {
-            return Ok(());
+        if !is_ours(&current, ours) {
+            return Ok(false);
         }
-        self.update(&current.sid, previous).await.map(|_| ())
+        self.update(&current.sid, previous).await.map(|_| true)
     }
 }
 
-/// The wiring a deployment wants for its numbers.
-pub fn wanted_wiring(webhook_url: String, status_callback_url: String) -> NumberWiring {
+/// Whether `current` is wired by the deployment that wants `ours`: its owner mark,
+/// or (numbers wired before marks existed) no mark at all and our webhook.
+pub fn is_ours(current: &IncomingNumber, ours: &NumberWiring) -> bool {
+    match current.owner() {
+        Some(_) => current.friendly_name.as_deref() == Some(ours.friendly_name.as_str()),
+        None => current.voice_url.as_deref() == Some(ours.voice_url.as_str()),
+    }
+}
+
+/// The wiring a deployment wants for its numbers; `owner_uid` is the deployment's uid.
+pub fn wanted_wiring(
+    webhook_url: String,
+    status_callback_url: String,
+    owner_uid: &str,
+) -> NumberWiring {
     NumberWiring {
         voice_url: webhook_url,
         voice_method: "POST".into(),
         status_callback: status_callback_url,
         status_callback_method: "POST".into(),
+        friendly_name: owner_mark(owner_uid),
     }
 }
 
@@ -404,6 +518,55 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     const SID: &str = "AC0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn account_backoff_doubles_per_failure_caps_and_clears_on_success() {
+        let b = AccountBackoff::default();
+        assert_eq!(b.wait("AC1"), None);
+        assert_eq!(b.failed("AC1"), ACCOUNT_BACKOFF_BASE);
+        assert_eq!(b.failed("AC1"), ACCOUNT_BACKOFF_BASE * 2);
+        assert_eq!(b.failed("AC1"), ACCOUNT_BACKOFF_BASE * 4);
+        assert!(b.wait("AC1").is_some_and(|d| d <= ACCOUNT_BACKOFF_BASE * 4));
+        assert_eq!(b.wait("AC2"), None, "another account does not wait");
+        for _ in 0..40 {
+            b.failed("AC1");
+        }
+        assert_eq!(b.failed("AC1"), ACCOUNT_BACKOFF_MAX);
+        assert!(b.failing_for("AC1").is_some());
+        b.succeeded("AC1");
+        assert_eq!(b.wait("AC1"), None);
+        assert_eq!(b.failing_for("AC1"), None);
+    }
+
+    #[test]
+    fn ownership_is_the_mark_and_unmarked_numbers_fall_back_to_the_webhook() {
+        let ours = wanted_wiring("https://b.example/twilio/voice".into(), "s".into(), "uid-b");
+        let number = |friendly: &str, url: &str| IncomingNumber {
+            sid: "PN00000000000000000000000000000000".into(),
+            phone_number: "+14155550100".into(),
+            voice_url: Some(url.into()),
+            voice_method: None,
+            status_callback: None,
+            status_callback_method: None,
+            friendly_name: Some(friendly.into()),
+        };
+        assert!(is_ours(&number("callmeback:uid-b", "https://x"), &ours));
+        // Same webhook (blue/green on one host), another deployment's mark: not ours.
+        assert!(!is_ours(
+            &number("callmeback:uid-a", "https://b.example/twilio/voice"),
+            &ours
+        ));
+        assert!(is_ours(
+            &number("(415) 555-0100", "https://b.example/twilio/voice"),
+            &ours
+        ));
+        assert!(!is_ours(
+            &number("(415) 555-0100", "https://elsewhere"),
+            &ours
+        ));
+        assert_eq!(mark_owner("callmeback:"), None);
+        assert_eq!(mark_owner(&owner_mark("u1")), Some("u1"));
+    }
 
     #[test]
     fn bases_with_a_query_fragment_credentials_or_odd_scheme_are_refused() {

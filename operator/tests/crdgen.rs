@@ -45,10 +45,9 @@ fn generated_crds_declare_subresources_columns_and_map_conditions() {
             .collect();
         assert!(columns.contains(&"Age"));
     }
-    let vd = serde_json::to_value(
-        <voice_operator::crd::VoiceDeployment as kube::CustomResourceExt>::crd(),
-    )
-    .unwrap();
+    let vd =
+        serde_json::to_value(<callmeback_api::VoiceDeployment as kube::CustomResourceExt>::crd())
+            .unwrap();
     let scale = &vd["spec"]["versions"][0]["subresources"]["scale"];
     assert_eq!(scale["specReplicasPath"], ".spec.replicas");
     assert_eq!(scale["labelSelectorPath"], ".status.selector");

@@ -5,13 +5,13 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use serde::Serialize;
-use voice_operator::crd::PersonaServing;
-use voice_operator::crd::{
+use callmeback_api::PersonaServing;
+use callmeback_api::{
     AutoscalingSpec, CpuAutoscaling, IngressSpec, PersonaSpec, SecretRef, TwilioSpec,
     VoiceDeployment, VoiceDeploymentSpec, VoiceSpec,
 };
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::Serialize;
 use voice_operator::resources::configmap::{
     PRICES_KEY, ROUTES_KEY, persona_config, served_generations,
 };
@@ -464,7 +464,7 @@ fn secret_and_price_changes_roll_the_pods() {
         annotation(&base)
     );
     let mut priced = vd_spec();
-    priced.prices = vec![voice_operator::crd::Price {
+    priced.prices = vec![callmeback_api::Price {
         provider: "deepgram".into(),
         unit: "stt_seconds".into(),
         usd_per_unit: "0.0001".into(),

@@ -1,7 +1,7 @@
 //! `PersonaSpec::problems`: the checks beyond the CRD schema that turn a persona
 //! `Ready=False/Invalid` (and a VoiceDeployment `Degraded/PersonaInvalid`).
 
-use voice_operator::crd::PersonaSpec;
+use callmeback_api::PersonaSpec;
 
 fn spec() -> PersonaSpec {
     serde_json::from_value(serde_json::json!({

@@ -11,6 +11,7 @@
 
 use std::time::{Duration, Instant};
 
+use callmeback_api::{Persona, VoiceDeployment, find_condition};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -18,7 +19,6 @@ use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use tokio_util::sync::CancellationToken;
 use voice_operator::controller::{self, Config};
-use voice_operator::crd::{Persona, VoiceDeployment, find_condition};
 use voice_operator::metrics::Metrics;
 
 fn env_usize(name: &str, default: usize) -> usize {

@@ -10,12 +10,12 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use callmeback_api::VoiceDeployment;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use kube::api::{Api, ListParams, PostParams};
 use serde_json::Value;
-use voice_operator::crd::VoiceDeployment;
 
 use crate::call_harness::Caller;
 use crate::controlplane::ControlPlane;

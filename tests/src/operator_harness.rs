@@ -7,6 +7,7 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+use callmeback_api::{Persona, VoiceDeployment};
 use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{
     ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
@@ -18,7 +19,6 @@ use serde::de::DeserializeOwned;
 use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 use voice_operator::controller::{self, Config};
-use voice_operator::crd::{Persona, VoiceDeployment};
 use voice_operator::metrics::Metrics;
 
 use crate::controlplane::{self, ControlPlane};
@@ -241,6 +241,7 @@ fn run_operator(client: Client, ns: &str) -> Operator {
         instance: Some("test".into()),
         // kwok pods have no /load: their load stays unknown, which scales nothing.
         poller: voice_operator::autoscale::poller::PollerConfig::default(),
+        ..Config::default()
     };
     let task = tokio::spawn(controller::run(
         client,

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use callmeback_api::{Persona, VoiceDeployment};
 use callmeback_tests::controlplane::{self, ControlPlane};
 use callmeback_tests::emulators::twilio_numbers::TwilioNumbersEmulator;
 use callmeback_tests::helm::{Helm, chart_dir, kubectl, parse_manifests, repo_root};
@@ -20,7 +21,6 @@ use kube::api::{Api, ApiResource, DynamicObject, ListParams};
 use serde_json::Value;
 use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
-use voice_operator::crd::{Persona, VoiceDeployment};
 
 /// The prometheus-operator release whose CRDs validate our monitoring objects.
 const PROMETHEUS_OPERATOR: &str = "github.com/prometheus-operator/prometheus-operator@v0.85.0";

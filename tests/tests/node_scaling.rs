@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use callmeback_api::{Persona, VoiceDeployment};
 use callmeback_tests::call_harness::{Caller, Emulators, ProviderProfile, table, table_replies};
 use callmeback_tests::controlplane::node::Node;
 use callmeback_tests::controlplane::{self, ControlPlane};
@@ -30,7 +31,6 @@ use kube::api::{Api, Patch, PatchParams};
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use voice_operator::crd::{Persona, VoiceDeployment};
 
 const FROM: &str = "+14155550123";
 /// Annotations the operator keeps on voice pods.

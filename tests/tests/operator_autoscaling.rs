@@ -11,6 +11,7 @@ use std::future::Future;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
+use callmeback_api::{Persona, VoiceDeployment, find_condition};
 use callmeback_tests::controlplane::{self, ControlPlane};
 use callmeback_tests::fake_voice_pods::{self, FakePods};
 use k8s_openapi::api::apps::v1::Deployment;
@@ -26,7 +27,6 @@ use voice_operator::autoscale::{
     DELETION_COST_ANNOTATION, DO_NOT_DISRUPT_ANNOTATION, SAFE_TO_EVICT_ANNOTATION,
 };
 use voice_operator::controller::{self, Config};
-use voice_operator::crd::{Persona, VoiceDeployment, find_condition};
 use voice_operator::metrics::Metrics;
 
 /// Generous for a loaded 2-core CI: the operator polls every second.

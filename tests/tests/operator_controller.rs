@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+use callmeback_api::{Persona, VoiceDeployment, find_condition};
 use callmeback_tests::controlplane::{self, ControlPlane};
 use callmeback_tests::emulators::twilio_numbers::TwilioNumbersEmulator;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -29,9 +30,10 @@ use serde::de::DeserializeOwned;
 use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 use voice_operator::controller::{self, Config};
-use voice_operator::crd::{Persona, VoiceDeployment, find_condition};
 use voice_operator::metrics::Metrics;
-use voice_operator::reconcile::voice_deployment::{TWILIO_FINALIZER, TWILIO_PREVIOUS_ANNOTATION};
+use voice_operator::reconcile::voice_deployment::twilio::{
+    TWILIO_FINALIZER, TWILIO_PREVIOUS_ANNOTATION, TWILIO_WIRED_ANNOTATION,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 const ACCOUNT_SID: &str = "AC00000000000000000000000000000001";
@@ -223,11 +225,16 @@ async fn operator_client(cp: &ControlPlane, ns: &str) -> Client {
 /// Where an operator without a Twilio emulator sends Twilio requests: a closed port.
 const NO_TWILIO: &str = "http://127.0.0.1:9";
 
-async fn start_operator(cp: &ControlPlane, ns: &str, twilio_api_url: &str) -> Operator {
+async fn start_operator(
+    cp: &ControlPlane,
+    ns: &str,
+    twilio_api_url: &str,
+    tune: impl FnOnce(&mut Config),
+) -> Operator {
     let client = operator_client(cp, ns).await;
     let metrics = Metrics::new();
     let stop = CancellationToken::new();
-    let config = Config {
+    let mut config = Config {
         namespace: Some(ns.into()),
         twilio_restore_deadline: Duration::from_secs(5),
         twilio_api_url: twilio_api_url.into(),
@@ -235,6 +242,7 @@ async fn start_operator(cp: &ControlPlane, ns: &str, twilio_api_url: &str) -> Op
         instance: Some("test".into()),
         ..Config::default()
     };
+    tune(&mut config);
     let task = tokio::spawn(controller::run(
         client,
         config,
@@ -258,10 +266,19 @@ async fn setup_with_twilio(
     prefix: &str,
     twilio_api_url: &str,
 ) -> (&'static ControlPlane, String, Client, Operator) {
+    setup_with_config(prefix, twilio_api_url, |_| {}).await
+}
+
+/// The same, with other operator settings changed by `tune`.
+async fn setup_with_config(
+    prefix: &str,
+    twilio_api_url: &str,
+    tune: impl FnOnce(&mut Config),
+) -> (&'static ControlPlane, String, Client, Operator) {
     let cp = controlplane::shared().await;
     install_crds(cp).await;
     let ns = cp.new_namespace(prefix).await;
-    let op = start_operator(cp, &ns, twilio_api_url).await;
+    let op = start_operator(cp, &ns, twilio_api_url, tune).await;
     (cp, ns, cp.client(), op)
 }
 
@@ -486,7 +503,7 @@ async fn examples_reconcile_into_owned_objects_and_wire_twilio() {
         })
         .await;
         let file = &config.data.as_ref().unwrap()[&format!("{name}.yaml")];
-        let spec: voice_operator::crd::PersonaSpec = serde_saphyr::from_str(file).unwrap();
+        let spec: callmeback_api::PersonaSpec = serde_saphyr::from_str(file).unwrap();
         assert_eq!(spec, p.spec, "the ConfigMap holds the persona's spec");
         // No per-Persona ConfigMap any more: nothing would read it.
         assert!(
@@ -707,6 +724,14 @@ async fn a_second_reconcile_writes_nothing() {
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = resource_versions(&client, &ns, "desk", &["sam"]).await;
+    if settled != after {
+        // Say who wrote what, so a failure points at the writer.
+        let vd: Option<VoiceDeployment> = get(&client, &ns, "desk").await;
+        eprintln!(
+            "VoiceDeployment after the reconcile: {}",
+            serde_json::to_string_pretty(&vd).unwrap_or_default()
+        );
+    }
     assert_eq!(
         settled, after,
         "a reconcile with nothing to do must write nothing"
@@ -1077,6 +1102,338 @@ async fn deletion_with_twilio_down_gives_up_after_the_deadline() {
     let event = wait_event(&client, &ns, "desk", "TwilioRestoreFailed").await;
     assert_eq!(event.type_.as_deref(), Some("Warning"));
     assert!(event.note.unwrap_or_default().contains("+14155550124"));
+    op.stop().await;
+}
+
+/// A VoiceDeployment on `number` served at `https://{host}`.
+fn twilio_vd_at(name: &str, number: &str, host: &str) -> serde_json::Value {
+    let mut doc = twilio_vd(name, number);
+    doc["spec"]["publicUrl"] = format!("https://{host}").into();
+    doc
+}
+
+/// The parsed `callmeback.dev/twilio-wired` record of `name`, once written.
+async fn wired_record(client: &Client, ns: &str, name: &str) -> Option<serde_json::Value> {
+    let vd: VoiceDeployment = get(client, ns, name).await?;
+    let raw = vd.annotations().get(TWILIO_WIRED_ANNOTATION)?.clone();
+    serde_json::from_str(&raw).ok()
+}
+
+#[tokio::test]
+async fn idle_voice_deployments_make_no_twilio_requests_for_ten_resync_periods() {
+    // Proves the wiring record: 100 wired VoiceDeployments reconciled every 2 s for 10 periods send Twilio nothing (the old code sent one lookup per number per reconcile).
+    const COUNT: usize = 100;
+    const RESYNC: Duration = Duration::from_secs(2);
+    let twilio = TwilioNumbersEmulator::start(ACCOUNT_SID, AUTH_TOKEN)
+        .await
+        .unwrap();
+    let (_cp, ns, client, op) = setup_with_config("op-twilio-idle", &twilio.base_url(), |c| {
+        c.resync = RESYNC;
+        c.concurrency = 8;
+    })
+    .await;
+    let numbers: Vec<String> = (0..COUNT).map(|i| format!("+1415556{i:04}")).collect();
+    for n in &numbers {
+        twilio.add_number(n, "https://old.example.com/voice", "");
+    }
+    apply_json(&client, &ns, secret_doc()).await;
+    apply_json(&client, &ns, persona_doc("sam", "Hi!")).await;
+    for (i, n) in numbers.iter().enumerate() {
+        apply_json(&client, &ns, twilio_vd(&format!("desk-{i}"), n)).await;
+    }
+    let started = Instant::now();
+    loop {
+        let mut recorded = 0;
+        for i in 0..COUNT {
+            if wired_record(&client, &ns, &format!("desk-{i}"))
+                .await
+                .is_some()
+            {
+                recorded += 1;
+            }
+        }
+        let wired = numbers
+            .iter()
+            .filter(|n| {
+                twilio
+                    .number(n)
+                    .is_some_and(|r| r.voice_url == "https://voice.example.com/twilio/voice")
+            })
+            .count();
+        if recorded == COUNT && wired == COUNT {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(240),
+            "{wired}/{COUNT} numbers wired, {recorded}/{COUNT} records written"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let wired_in = started.elapsed();
+    let (lookups, updates) = (twilio.lookups(), twilio.updates());
+    let reconciles = op.reconciles("VoiceDeployment");
+    tokio::time::sleep(RESYNC * 10).await;
+    let resynced = op.reconciles("VoiceDeployment") - reconciles;
+    let (more_lookups, more_updates) = (twilio.lookups() - lookups, twilio.updates() - updates);
+    eprintln!(
+        "{COUNT} VoiceDeployments wired in {wired_in:?} ({lookups} lookups, {updates} updates); \
+         then {resynced} reconciles in 10 resync periods made {more_lookups} lookups, \
+         {more_updates} updates"
+    );
+    // Each deployment was reconciled again and again (not merely left alone) ...
+    assert!(
+        resynced >= (COUNT * 5) as u64,
+        "only {resynced} reconciles in 10 resync periods of {COUNT} deployments"
+    );
+    // ... and none of those reconciles asked Twilio anything.
+    assert_eq!((more_lookups, more_updates), (0, 0));
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn a_number_changed_in_the_twilio_console_is_put_back_at_the_next_verification() {
+    // Proves the slow periodic verification: drift outside Kubernetes is repaired within one (stretched) verify interval, at about one lookup per interval.
+    let twilio = TwilioNumbersEmulator::start(ACCOUNT_SID, AUTH_TOKEN)
+        .await
+        .unwrap();
+    let (_cp, ns, client, op) = setup_with_config("op-twilio-verify", &twilio.base_url(), |c| {
+        c.twilio_verify_interval = Duration::from_secs(4);
+        c.resync = Duration::from_secs(1);
+    })
+    .await;
+    twilio.add_number("+14155550140", "https://old.example.com/voice", "");
+    apply_json(&client, &ns, secret_doc()).await;
+    apply_json(&client, &ns, persona_doc("sam", "Hi!")).await;
+    apply_json(&client, &ns, twilio_vd("desk", "+14155550140")).await;
+    eventually("wired and recorded", || async {
+        wired_record(&client, &ns, "desk").await?;
+        twilio
+            .number("+14155550140")
+            .filter(|n| n.voice_url == "https://voice.example.com/twilio/voice")
+    })
+    .await;
+    let lookups = twilio.lookups();
+    let window = Instant::now();
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let in_window = twilio.lookups() - lookups;
+    // 12 s at one lookup per 3..5 s (the 4 s interval stretched per deployment),
+    // with 1 s resyncs in between that must not add any.
+    assert!(
+        (2..=5).contains(&in_window),
+        "{in_window} lookups in {:?}",
+        window.elapsed()
+    );
+    twilio.set_voice_url("+14155550140", "https://someone-else.example.com/voice");
+    let changed = Instant::now();
+    eventually("the console change put back", || async {
+        twilio
+            .number("+14155550140")
+            .filter(|n| n.voice_url == "https://voice.example.com/twilio/voice")
+    })
+    .await;
+    assert!(
+        changed.elapsed() < Duration::from_secs(7),
+        "repaired after {:?}",
+        changed.elapsed()
+    );
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn a_blue_green_move_never_leaves_the_number_on_a_deleted_deployment() {
+    // Proves number ownership: green claims blue's number and takes it over explicitly (Event on green, Degraded on blue); deleting blue leaves the number on green at every sample; deleting green restores the pre-callmeback settings.
+    let twilio = TwilioNumbersEmulator::start(ACCOUNT_SID, AUTH_TOKEN)
+        .await
+        .unwrap();
+    let (_cp, ns, client, op) = setup_with_config("op-twilio-bluegreen", &twilio.base_url(), |c| {
+        c.twilio_verify_interval = Duration::from_secs(2);
+        c.resync = Duration::from_secs(1);
+    })
+    .await;
+    const NUMBER: &str = "+14155550150";
+    twilio.add_number(
+        NUMBER,
+        "https://old.example.com/voice",
+        "https://old.example.com/status",
+    );
+    let original = twilio.number(NUMBER).unwrap();
+    apply_json(&client, &ns, secret_doc()).await;
+    apply_json(&client, &ns, persona_doc("sam", "Hi!")).await;
+    apply_json(
+        &client,
+        &ns,
+        twilio_vd_at("blue", NUMBER, "blue.example.com"),
+    )
+    .await;
+    let blue_uid = eventually("blue's uid", || async {
+        get::<VoiceDeployment>(&client, &ns, "blue").await?.uid()
+    })
+    .await;
+    eventually("the number on blue, marked as blue's", || async {
+        twilio.number(NUMBER).filter(|n| {
+            n.voice_url == "https://blue.example.com/twilio/voice"
+                && n.friendly_name == format!("callmeback:{blue_uid}")
+        })
+    })
+    .await;
+
+    apply_json(
+        &client,
+        &ns,
+        twilio_vd_at("green", NUMBER, "green.example.com"),
+    )
+    .await;
+    let green_url = "https://green.example.com/twilio/voice";
+    eventually("the number on green", || async {
+        twilio.number(NUMBER).filter(|n| n.voice_url == green_url)
+    })
+    .await;
+    let event = wait_event(&client, &ns, "green", "TwilioNumberTakenOver").await;
+    assert!(
+        event.note.unwrap_or_default().contains("blue"),
+        "the Event names the deployment it took the number from"
+    );
+    let (status, _, message) = eventually("blue says it lost the number", || async {
+        vd_condition(&client, &ns, "blue", "Degraded")
+            .await
+            .filter(|(_, reason, _)| reason == "TwilioNumberTakenOver")
+    })
+    .await;
+    assert_eq!(status, "True");
+    assert!(
+        message.contains(&format!("{NUMBER} by VoiceDeployment {ns}/green")),
+        "{message}"
+    );
+
+    // From here on, sample the number: it must never leave green, while blue keeps
+    // verifying (every 1.5..2.5 s) and then is deleted.
+    let sampling = CancellationToken::new();
+    let mut strays: Vec<String> = Vec::new();
+    let samples_until = async {
+        let mut samples = 0u32;
+        while !sampling.is_cancelled() {
+            let url = twilio.number(NUMBER).unwrap().voice_url;
+            if url != green_url {
+                strays.push(url);
+            }
+            samples += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        samples
+    };
+    let scenario = async {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        Api::<VoiceDeployment>::namespaced(client.clone(), &ns)
+            .delete("blue", &DeleteParams::default())
+            .await
+            .unwrap();
+        eventually("blue gone", || async {
+            get::<VoiceDeployment>(&client, &ns, "blue")
+                .await
+                .is_none()
+                .then_some(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        sampling.cancel();
+    };
+    let (samples, ()) = tokio::join!(samples_until, scenario);
+    assert!(samples > 100, "only {samples} samples");
+    assert!(strays.is_empty(), "the number left green: {strays:?}");
+    // Blue yielded the number, so it had nothing of its own left to restore.
+    let restores: Vec<String> = events_for(&client, &ns, "blue")
+        .await
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("TwilioNumbersRestored"))
+        .filter_map(|e| e.note)
+        .filter(|note| note.contains(NUMBER))
+        .collect();
+    assert!(
+        restores.is_empty(),
+        "blue restored green's number: {restores:?}"
+    );
+
+    Api::<VoiceDeployment>::namespaced(client.clone(), &ns)
+        .delete("green", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("green gone", || async {
+        get::<VoiceDeployment>(&client, &ns, "green")
+            .await
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let after = twilio.number(NUMBER).unwrap();
+    assert_eq!(
+        (after.voice_url, after.status_callback, after.friendly_name),
+        (
+            original.voice_url,
+            original.status_callback,
+            original.friendly_name
+        ),
+        "green hands back what was there before callmeback (saved by blue)"
+    );
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn throttling_backs_off_per_account_without_degrading_wired_deployments() {
+    // Proves 429s back off for the whole account (bounded attempts, not one per deployment per check) and do not flip Degraded on deployments whose numbers are wired; verification resumes when Twilio recovers.
+    let twilio = TwilioNumbersEmulator::start(ACCOUNT_SID, AUTH_TOKEN)
+        .await
+        .unwrap();
+    let (_cp, ns, client, op) = setup_with_config("op-twilio-429", &twilio.base_url(), |c| {
+        c.twilio_verify_interval = Duration::from_secs(2);
+        c.resync = Duration::from_secs(1);
+    })
+    .await;
+    apply_json(&client, &ns, secret_doc()).await;
+    apply_json(&client, &ns, persona_doc("sam", "Hi!")).await;
+    for i in 0..3 {
+        let number = format!("+1415555016{i}");
+        twilio.add_number(&number, "https://old.example.com/voice", "");
+        apply_json(&client, &ns, twilio_vd(&format!("desk-{i}"), &number)).await;
+    }
+    for i in 0..3 {
+        let name = format!("desk-{i}");
+        eventually("wired and Available", || async {
+            wired_record(&client, &ns, &name).await?;
+            vd_condition(&client, &ns, &name, "Degraded")
+                .await
+                .filter(|(status, _, _)| status == "False")
+        })
+        .await;
+    }
+    twilio.set_throttled(true);
+    let throttled = Instant::now();
+    while throttled.elapsed() < Duration::from_secs(20) {
+        for i in 0..3 {
+            let degraded = vd_condition(&client, &ns, &format!("desk-{i}"), "Degraded").await;
+            assert!(
+                degraded
+                    .as_ref()
+                    .is_none_or(|(status, _, _)| status == "False"),
+                "desk-{i} degraded by throttling: {degraded:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let refused = twilio.refused();
+    // Three deployments verifying every ~2 s would try ~30 times in 20 s; the
+    // account's backoff (2, 4, 8 s ...) allows a handful, plus the few checks that
+    // were already past the gate when the first 429 came back.
+    eprintln!("{refused} requests refused in 20 s of throttling");
+    assert!(
+        (1..=10).contains(&refused),
+        "{refused} requests while throttled"
+    );
+    twilio.set_throttled(false);
+    let lookups = twilio.lookups();
+    eventually("verification resumes", || async {
+        (twilio.lookups() > lookups).then_some(())
+    })
+    .await;
     op.stop().await;
 }
 

@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use callmeback_api::{Persona, PersonaServing, VoiceDeployment, find_condition};
 use callmeback_tests::operator_harness::{
     apply_json, eventually, get, restart_operator, secret_doc, setup, try_apply_json,
 };
@@ -15,7 +16,6 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::{DeleteParams, ListParams};
 use kube::{Api, Client};
-use voice_operator::crd::{Persona, PersonaServing, VoiceDeployment, find_condition};
 
 /// A valid persona labelled for the deployment's selector.
 fn persona(name: &str, greeting: &str) -> serde_json::Value {

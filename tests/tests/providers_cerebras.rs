@@ -110,7 +110,7 @@ async fn reasoning_tokens_never_arrive_as_content() {
     .unwrap();
     let llm = client(&emu, Arc::new(Metrics::new()), |_| {});
     let mut req = request();
-    req.reasoning_effort = Some(voice_operator::crd::ReasoningEffort::Low);
+    req.reasoning_effort = Some(callmeback_api::ReasoningEffort::Low);
     let (content, reasoning, _, err) =
         drain(llm.stream(req, CancellationToken::new()).await.unwrap()).await;
 

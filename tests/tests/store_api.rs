@@ -5,10 +5,10 @@
 
 use std::time::Duration;
 
+use callmeback_api::Price;
 use callmeback_tests::call_harness::{PodProcess, persona_json};
 use callmeback_tests::postgres::TestDb;
 use serde_json::Value;
-use voice_operator::crd::Price;
 use voice_pod::metrics::Metrics;
 use voice_pod::store::pricing::PriceTable;
 use voice_pod::store::records::{

@@ -3,11 +3,11 @@
 
 use std::time::Duration;
 
+use callmeback_api::{PersonaSpec, Price};
 use callmeback_tests::postgres::{TestDb, metric_value};
 use chrono::{TimeZone, Utc};
 use sqlx::Row;
 use uuid::Uuid;
-use voice_operator::crd::{PersonaSpec, Price};
 use voice_pod::metrics::Metrics;
 use voice_pod::store::postgres::MIGRATOR;
 use voice_pod::store::pricing::PriceTable;

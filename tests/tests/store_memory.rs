@@ -4,11 +4,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use callmeback_api::PersonaSpec;
 use callmeback_tests::emulators::cerebras::{CerebrasEmulator, CerebrasEmulatorConfig, Reply};
 use callmeback_tests::postgres::TestDb;
 use chrono::Utc;
 use uuid::Uuid;
-use voice_operator::crd::PersonaSpec;
 use voice_pod::metrics::Metrics;
 use voice_pod::providers::ApiKey;
 use voice_pod::providers::cerebras::{Cerebras, CerebrasConfig};

@@ -528,7 +528,7 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
 
 /// `+` and 7 to 15 digits, the first not zero (ITU-T E.164): the CRD's own check,
 /// so the pod and the operator accept the same numbers.
-pub use voice_operator::crd::is_e164;
+pub use callmeback_api::is_e164;
 
 fn is_account_sid(s: &str) -> bool {
     s.len() == 34 && s.starts_with("AC") && s[2..].bytes().all(|b| b.is_ascii_hexdigit())

@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TrackedFuture;
 
-pub use voice_operator::crd::POD_SHUTDOWN_AFTER_DRAIN_SECONDS;
+pub use callmeback_api::POD_SHUTDOWN_AFTER_DRAIN_SECONDS;
 
 use crate::metrics::Metrics;
 

@@ -34,10 +34,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 pub use bytes::Bytes;
+use callmeback_api::PersonaSpec;
 use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use voice_operator::crd::PersonaSpec;
 
 use crate::twilio::outbound::OutboundRequest;
 

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::crd::AutoscalingSpec;
+use callmeback_api::AutoscalingSpec;
 use decision::{Buffer, Decision, Limit, LoadSummary, Policy, Scaler};
 
 /// Pod annotation the ReplicaSet controller reads to pick pods to remove (lower first).
@@ -375,7 +375,7 @@ mod tests {
             Err(PolicyError::Buffer(_))
         ));
         a.buffer = Some(IntOrString::Int(5));
-        a.cpu = Some(crate::crd::CpuAutoscaling {
+        a.cpu = Some(callmeback_api::CpuAutoscaling {
             target_utilization: 70,
         });
         assert_eq!(

@@ -31,9 +31,9 @@ use super::decision::{LoadSummary, PodLoad};
 use super::{
     Autoscaler, LOAD_FIELD_MANAGER, ScalingPolicy, VdKey, annotation_patch, scaling_conditions,
 };
-use crate::crd::{VoiceDeployment, find_condition};
 use crate::metrics::{Metrics, ScalingObservation};
 use crate::resources::{MANAGED_SELECTOR, METRICS_PORT, VOICE_DEPLOYMENT_LABEL};
+use callmeback_api::{VoiceDeployment, find_condition};
 
 /// Default poll interval.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);

@@ -19,9 +19,9 @@ use kube::{Api, Resource};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::crd::Condition;
 use crate::error::Result;
 use crate::resources::{FIELD_MANAGER, MANAGED_BY, PERSONA_LABEL, VOICE_DEPLOYMENT_LABEL};
+use callmeback_api::Condition;
 
 /// How soon a reconcile blocked by someone else's object looks again (that object's
 /// removal triggers no watch: it lacks the operator's labels).

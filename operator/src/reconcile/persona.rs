@@ -19,10 +19,10 @@ use kube::{Api, Resource, ResourceExt};
 
 use super::{apply_status, condition};
 use crate::controller::Context;
-use crate::crd::{Persona, PersonaStatus, find_condition};
 use crate::error::Result;
 use crate::resources::configmap::render_persona_file;
 use crate::resources::{name_ns, short_hash};
+use callmeback_api::{Persona, PersonaStatus, find_condition};
 
 /// Metric and log label of this kind.
 pub const KIND: &str = "Persona";

@@ -21,7 +21,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use serde::Serialize;
 
 use super::{BuildError, InvalidPersona, ResolvedPersona, name_ns, owned_meta};
-use crate::crd::{PersonaServing, PersonaSpec, Price, VoiceDeployment};
+use callmeback_api::{PersonaServing, PersonaSpec, Price, VoiceDeployment};
 
 /// Key of the routes file.
 pub const ROUTES_KEY: &str = "_routes.yaml";

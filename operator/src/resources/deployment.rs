@@ -43,13 +43,13 @@ use super::{
     short_hash,
 };
 use crate::autoscale::ScalingPolicy;
-use crate::crd::VoiceDeployment;
+use callmeback_api::VoiceDeployment;
 
 /// Seconds the preStop hook sleeps so endpoint removal propagates before SIGTERM.
 pub const PRESTOP_SLEEP_SECONDS: i64 = 5;
 /// Extra grace beyond the longest call and the preStop sleep: the pod's own
 /// after-drain shutdown budget (ending calls, final writes) plus 5 s of slack.
-pub const GRACE_MARGIN_SECONDS: i64 = crate::crd::POD_SHUTDOWN_AFTER_DRAIN_SECONDS as i64 + 5;
+pub const GRACE_MARGIN_SECONDS: i64 = callmeback_api::POD_SHUTDOWN_AFTER_DRAIN_SECONDS as i64 + 5;
 /// UID/GID the voice pod runs as (the distroless `nonroot` user).
 pub const RUN_AS_USER: i64 = 65532;
 

@@ -9,7 +9,7 @@ use k8s_openapi::api::autoscaling::v2::{
 };
 
 use super::{BuildError, name_ns, owned_meta};
-use crate::crd::VoiceDeployment;
+use callmeback_api::VoiceDeployment;
 
 /// Seconds of lower recommendations before scaling down.
 pub const SCALE_DOWN_STABILIZATION_SECONDS: i32 = 300;

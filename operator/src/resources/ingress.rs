@@ -18,7 +18,7 @@ use k8s_openapi::api::networking::v1::{
 use std::collections::BTreeMap;
 
 use super::{BuildError, name_ns, owned_meta};
-use crate::crd::VoiceDeployment;
+use callmeback_api::VoiceDeployment;
 
 /// The shape an allowed annotation's value must have.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -30,7 +30,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::Resource;
 use sha2::{Digest, Sha256};
 
-use crate::crd::{PersonaSpec, VoiceDeployment};
+use callmeback_api::{PersonaSpec, VoiceDeployment};
 
 /// The one field manager every server-side apply of the operator uses.
 pub const FIELD_MANAGER: &str = "callmeback-operator";

@@ -6,7 +6,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{BuildError, name_ns, owned_meta, selector_labels};
-use crate::crd::VoiceDeployment;
+use callmeback_api::VoiceDeployment;
 
 /// The voice pods' PodDisruptionBudget.
 pub fn pdb(vd: &VoiceDeployment) -> Result<PodDisruptionBudget, BuildError> {

@@ -8,7 +8,7 @@
 use k8s_openapi::api::core::v1::ServiceAccount;
 
 use super::{BuildError, name_ns, owned_meta};
-use crate::crd::VoiceDeployment;
+use callmeback_api::VoiceDeployment;
 
 /// ServiceAccount name for deployment `vd`.
 pub fn service_account_name(vd: &str) -> String {

@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{BuildError, HTTP_PORT, METRICS_PORT, name_ns, owned_meta, selector_labels};
-use crate::crd::VoiceDeployment;
+use callmeback_api::VoiceDeployment;
 
 /// The voice pods' Service.
 pub fn service(vd: &VoiceDeployment) -> Result<Service, BuildError> {

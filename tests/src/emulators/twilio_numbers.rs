@@ -3,12 +3,14 @@
 //! - `GET  /2010-04-01/Accounts/{AccountSid}/IncomingPhoneNumbers.json?PhoneNumber=+1...`
 //!   answers `{"incoming_phone_numbers": [...]}` (filtered by exact number).
 //! - `POST /2010-04-01/Accounts/{AccountSid}/IncomingPhoneNumbers/{PNsid}.json` with a
-//!   form (`VoiceUrl`, `VoiceMethod`, `StatusCallback`, `StatusCallbackMethod`) updates
-//!   the number and answers it.
+//!   form (`VoiceUrl`, `VoiceMethod`, `StatusCallback`, `StatusCallbackMethod`,
+//!   `FriendlyName`) updates the number and answers it.
 //!
 //! Like Twilio it checks HTTP Basic auth (account SID and auth token; 401 with code
-//! 20003 otherwise), scopes numbers to the account in the path (404 code 20404), and
-//! can be switched down (503 on every request) to test a Twilio outage.
+//! 20003 otherwise), scopes numbers to the account in the path (404 code 20404),
+//! gives new numbers Twilio's default label (`(415) 555-0100`), refuses labels over
+//! 64 characters, and can be switched down (503 on every request) or throttled (429
+//! code 20429, as Twilio answers over its concurrency limit) to test an outage.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -42,6 +44,8 @@ pub struct NumberRecord {
     pub status_callback: String,
     /// Its method.
     pub status_callback_method: String,
+    /// The label.
+    pub friendly_name: String,
 }
 
 #[derive(Default)]
@@ -54,6 +58,8 @@ struct Shared {
     auth_token: String,
     inner: Mutex<Inner>,
     down: AtomicBool,
+    throttled: AtomicBool,
+    refused: AtomicU64,
     lookups: AtomicU64,
     updates: AtomicU64,
     next_sid: AtomicU64,
@@ -92,6 +98,8 @@ impl TwilioNumbersEmulator {
             auth_token: auth_token.into(),
             inner: Mutex::new(Inner::default()),
             down: AtomicBool::new(false),
+            throttled: AtomicBool::new(false),
+            refused: AtomicU64::new(0),
             lookups: AtomicU64::new(0),
             updates: AtomicU64::new(0),
             next_sid: AtomicU64::new(1),
@@ -135,6 +143,7 @@ impl TwilioNumbersEmulator {
             voice_method: "POST".into(),
             status_callback: status_callback.into(),
             status_callback_method: "POST".into(),
+            friendly_name: default_label(phone_number),
         };
         self.lock().numbers.insert(sid.clone(), record);
         sid
@@ -147,6 +156,28 @@ impl TwilioNumbersEmulator {
             .values()
             .find(|n| n.phone_number == phone_number)
             .cloned()
+    }
+
+    /// Changes a number's voice webhook as a person in the Twilio console would.
+    pub fn set_voice_url(&self, phone_number: &str, voice_url: &str) {
+        if let Some(n) = self
+            .lock()
+            .numbers
+            .values_mut()
+            .find(|n| n.phone_number == phone_number)
+        {
+            n.voice_url = voice_url.into();
+        }
+    }
+
+    /// Throttles every request (429, code 20429) or stops throttling.
+    pub fn set_throttled(&self, throttled: bool) {
+        self.shared.throttled.store(throttled, Ordering::Relaxed);
+    }
+
+    /// Requests refused while down or throttled.
+    pub fn refused(&self) -> u64 {
+        self.shared.refused.load(Ordering::Relaxed)
     }
 
     /// Switches the emulator down (503 on everything) or back up.
@@ -173,7 +204,16 @@ impl TwilioNumbersEmulator {
 // `Err` is the ready response the handler returns at once.
 #[allow(clippy::result_large_err)]
 fn gate(shared: &Shared, headers: &HeaderMap, account: &str) -> Result<(), Response> {
+    if shared.throttled.load(Ordering::Relaxed) {
+        shared.refused.fetch_add(1, Ordering::Relaxed);
+        return Err(twilio_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            20429,
+            "Too Many Requests",
+        ));
+    }
     if shared.down.load(Ordering::Relaxed) {
+        shared.refused.fetch_add(1, Ordering::Relaxed);
         return Err(twilio_error(
             StatusCode::SERVICE_UNAVAILABLE,
             20503,
@@ -236,21 +276,44 @@ async fn update(
             "The requested resource was not found",
         );
     };
+    // Like Twilio, a request with one bad field changes nothing.
+    let method_ok = |v: &str| v.is_empty() || v == "GET" || v == "POST";
     for (field, value) in &form {
-        let method_ok = |v: &str| v.is_empty() || v == "GET" || v == "POST";
         match field.as_str() {
-            "VoiceUrl" => record.voice_url = value.clone(),
-            "StatusCallback" => record.status_callback = value.clone(),
-            "VoiceMethod" if method_ok(value) => record.voice_method = value.clone(),
-            "StatusCallbackMethod" if method_ok(value) => {
-                record.status_callback_method = value.clone()
-            }
-            "VoiceMethod" | "StatusCallbackMethod" => {
+            "VoiceMethod" | "StatusCallbackMethod" if !method_ok(value) => {
                 return twilio_error(StatusCode::BAD_REQUEST, 21200, "Invalid HTTP method");
             }
+            "FriendlyName" if value.chars().count() > 64 => {
+                return twilio_error(
+                    StatusCode::BAD_REQUEST,
+                    21200,
+                    "FriendlyName must be 64 characters or less",
+                );
+            }
+            _ => {}
+        }
+    }
+    for (field, value) in form {
+        match field.as_str() {
+            "VoiceUrl" => record.voice_url = value,
+            "StatusCallback" => record.status_callback = value,
+            "VoiceMethod" => record.voice_method = value,
+            "StatusCallbackMethod" => record.status_callback_method = value,
+            "FriendlyName" => record.friendly_name = value,
             _ => {}
         }
     }
     shared.updates.fetch_add(1, Ordering::Relaxed);
     Json(record.clone()).into_response()
+}
+
+/// Twilio's default label for a new number: `(415) 555-0100` for a North American
+/// number, the E.164 form otherwise.
+fn default_label(phone_number: &str) -> String {
+    match phone_number.strip_prefix("+1") {
+        Some(d) if d.len() == 10 && d.bytes().all(|b| b.is_ascii_digit()) => {
+            format!("({}) {}-{}", &d[..3], &d[3..6], &d[6..])
+        }
+        _ => phone_number.to_string(),
+    }
 }

@@ -31,11 +31,11 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
+use callmeback_api::is_e164;
 use chrono::{DateTime, NaiveDate, Utc};
 use quick_xml::events::Event;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
-use voice_operator::crd::is_e164;
 
 pub use super::twilio_error;
 

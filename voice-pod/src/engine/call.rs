@@ -25,12 +25,12 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use callmeback_api::PersonaSpec;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio::time::{Duration, Instant, Sleep, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, debug, info, info_span, warn};
-use voice_operator::crd::PersonaSpec;
 
 use super::chunker::{Chunker, ChunkerConfig};
 use super::greeting_cache::{GreetingCache, GreetingKey, Phrase};

@@ -10,8 +10,8 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
+use callmeback_api::{PersonaSpec, VoiceSpec};
 use tokio::sync::OnceCell;
-use voice_operator::crd::{PersonaSpec, VoiceSpec};
 
 use super::playout::{FRAME_BYTES, MULAW_SILENCE};
 

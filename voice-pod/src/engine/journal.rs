@@ -20,11 +20,11 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
+use callmeback_api::{CallerRecognition, PersonaSpec};
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use tokio::time::Instant;
 use uuid::Uuid;
-use voice_operator::crd::{CallerRecognition, PersonaSpec};
 
 use super::prompt::RelationshipContext;
 use crate::providers::ChatModel;

@@ -8,9 +8,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use callmeback_api::ReasoningEffort;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
-use voice_operator::crd::ReasoningEffort;
 
 use super::turn_taking::TurnJudge;
 use crate::providers::{ChatDelta, ChatMessage, ChatModel, ChatRequest, Role};

@@ -32,11 +32,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use callmeback_api::PersonaSpec;
 use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
-use voice_operator::crd::PersonaSpec;
 
 pub use call::EngineSettings;
 use call::{Call, Shared};

@@ -14,7 +14,7 @@
 
 use std::collections::VecDeque;
 
-use voice_operator::crd::PersonaSpec;
+use callmeback_api::PersonaSpec;
 
 /// Rules every persona gets: the reply is heard on a phone, not read.
 pub const PHONE_STYLE: &str = "You are on a live phone call. Everything you write is \

@@ -21,8 +21,8 @@
 use std::future::Future;
 use std::pin::Pin;
 
+use callmeback_api::{SttSpec, TurnTakingSpec};
 use tokio::time::{Duration, Instant};
-use voice_operator::crd::{SttSpec, TurnTakingSpec};
 
 /// Provider-neutral speech events (Deepgram's live messages map one to one).
 #[derive(Clone, Debug, PartialEq)]

@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use callmeback_api::PersonaSpec;
 use serde::Deserialize;
-use voice_operator::crd::PersonaSpec;
 
 use crate::config::is_e164;
 

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use voice_operator::crd::PersonaSpec;
+use callmeback_api::PersonaSpec;
 
 use crate::metrics::Metrics;
 pub use load::{LoadError, PersonaFile, Routes};

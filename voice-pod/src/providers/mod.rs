@@ -26,11 +26,11 @@ use std::fmt;
 use std::time::Duration;
 
 pub use bytes::Bytes;
+use callmeback_api::{LlmSpec, ReasoningEffort, SttSpec, VoiceSpec};
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use voice_operator::crd::{LlmSpec, ReasoningEffort, SttSpec, VoiceSpec};
 
 use crate::metrics::SocketErrorKind;
 

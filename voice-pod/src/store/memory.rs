@@ -8,11 +8,11 @@
 
 use std::time::Duration;
 
+use callmeback_api::{LlmSpec, PersonaSpec};
 use chrono::Utc;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-use voice_operator::crd::{LlmSpec, PersonaSpec};
 
 use super::postgres::PgStore;
 use super::records::{MemoryNote, Speaker, TurnRecord};

@@ -1,7 +1,7 @@
 //! The price table: USD per unit for each (provider, unit), from configuration only.
 //!
 //! The operator renders the VoiceDeployment's `spec.prices` (a list of
-//! [`voice_operator::crd::Price`]) into the pod's configuration; the pod reads that
+//! [`callmeback_api::Price`]) into the pod's configuration; the pod reads that
 //! list from the file named by `CALLMEBACK_PRICES_FILE` (YAML or JSON, the CRD's
 //! field names). Prices stay decimal strings end to end: PostgreSQL's `numeric`
 //! multiplies them exactly, no float ever touches money.
@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use voice_operator::crd::Price;
+use callmeback_api::Price;
 
 use super::records::UsageUnit;
 

@@ -5,9 +5,9 @@
 //! counted at call end by the writer; memory notes appended after the call
 //! ([`super::memory`]).
 
+use callmeback_api::PersonaSpec;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use voice_operator::crd::PersonaSpec;
 
 /// Longest custom voice id accepted (the CRD's bound); it goes into a provider URL.
 const MAX_VOICE_ID_LEN: usize = 64;

@@ -21,14 +21,11 @@
 //!   says which generation of each persona is served.
 //! - Status is written only when it differs; Events only when the Degraded reason or
 //!   message changes, so a steady state makes no API writes.
-//! - Twilio: the previous wiring of a number is saved in an annotation *before* it is
-//!   changed, and put back when the number leaves the spec or the object is deleted
-//!   (finalizer `callmeback.dev/twilio-numbers`, only present while numbers are wired).
-//!   Deletion gives Twilio `twilio_restore_deadline`, then releases with an Event.
+//! - Twilio numbers: wired, verified, handed over and restored by [`twilio`], which
+//!   calls Twilio only when the spec, the Secret or its record says so.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
@@ -48,26 +45,19 @@ use crate::autoscale::{
     HANDOVER_FIELD_MANAGER, PolicyError, ScalingPolicy, ScalingView, scaling_conditions,
 };
 use crate::controller::Context;
-use crate::crd::{Condition, Persona, VoiceDeployment, VoiceDeploymentStatus, find_condition};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::resources::configmap::{PersonaConfig, config_map_name, legacy_routes_config_map_name};
 use crate::resources::deployment::{SECRET_ENV_KEYS, required_secret_keys};
 use crate::resources::{
     DeploymentInputs, DesiredObjects, FIELD_MANAGER, InvalidPersona, ResolvedPersona,
     desired_objects, name_ns, owned_meta, selector_string, short_hash,
 };
-use crate::twilio_numbers::{PreviousWiring, TwilioError, TwilioNumbers, wanted_wiring};
+use callmeback_api::{Condition, Persona, VoiceDeployment, VoiceDeploymentStatus, find_condition};
+
+pub mod twilio;
 
 /// Metric and log label of this kind.
 pub const KIND: &str = "VoiceDeployment";
-/// Finalizer held while Twilio numbers point at the deployment.
-pub const TWILIO_FINALIZER: &str = "callmeback.dev/twilio-numbers";
-/// Annotation remembering each wired number's previous settings (JSON).
-pub const TWILIO_PREVIOUS_ANNOTATION: &str = "callmeback.dev/twilio-previous";
-/// Periodic resync: Twilio settings can drift outside Kubernetes.
-pub const RESYNC: Duration = Duration::from_secs(300);
-/// Retry interval while Twilio is failing.
-pub const TWILIO_RETRY: Duration = Duration::from_secs(30);
 
 /// Outcome of looking up the deployment's personas.
 #[derive(Debug, Default, PartialEq)]
@@ -186,7 +176,7 @@ pub async fn reconcile(vd: Arc<VoiceDeployment>, ctx: Arc<Context>) -> Result<Ac
     let secret_check = check_secret(secret.as_ref());
 
     if vd.meta().deletion_timestamp.is_some() {
-        return cleanup(&vd, &ctx, &secret_check).await;
+        return twilio::cleanup(&vd, &ctx, &secret_check).await;
     }
 
     let personas = resolve_personas(&vd, &ns, &ctx.personas);
@@ -218,7 +208,7 @@ pub async fn reconcile(vd: Arc<VoiceDeployment>, ctx: Arc<Context>) -> Result<Ac
         .number_routes
         .iter()
         .flat_map(|routes| routes.keys())
-        .filter(|n| !crate::crd::is_e164(n))
+        .filter(|n| !callmeback_api::is_e164(n))
         .map(String::as_str)
         .collect();
     if !bad_routes.is_empty() {
@@ -336,17 +326,19 @@ pub async fn reconcile(vd: Arc<VoiceDeployment>, ctx: Arc<Context>) -> Result<Ac
     };
 
     let mut requeue = if foreign_objects.is_empty() {
-        RESYNC
+        ctx.config.resync
     } else {
         // Their removal triggers no watch of ours (they lack our labels).
         super::NOT_OWNED_RECHECK
     };
-    if let SecretCheck::Ok { data, .. } = &secret_check
-        && let Err(e) = wire_twilio(&vd, &ctx, data).await
-    {
-        problems.push(("TwilioError", e.to_string()));
-        ctx.metrics.error(KIND, "twilio");
-        requeue = TWILIO_RETRY;
+    if let SecretCheck::Ok { hash, data } = &secret_check {
+        let numbers = twilio::sync_numbers(&vd, &ctx, hash, data).await?;
+        if let Some(problem) = numbers.problem {
+            problems.push(problem);
+        }
+        if let Some(next) = numbers.requeue {
+            requeue = requeue.min(next);
+        }
     }
 
     let scaling = ScalingInput {
@@ -798,246 +790,4 @@ async fn publish_degraded_change(
         )
         .await;
     }
-}
-
-fn has_finalizer(vd: &VoiceDeployment) -> bool {
-    vd.finalizers().iter().any(|f| f == TWILIO_FINALIZER)
-}
-
-fn previous_wiring(vd: &VoiceDeployment) -> PreviousWiring {
-    vd.annotations()
-        .get(TWILIO_PREVIOUS_ANNOTATION)
-        .and_then(|s| match serde_json::from_str(s) {
-            Ok(v) => Some(v),
-            Err(e) => {
-                tracing::warn!(error = %e, "ignoring unreadable {TWILIO_PREVIOUS_ANNOTATION}");
-                None
-            }
-        })
-        .unwrap_or_default()
-}
-
-/// Sets the finalizer list, guarded by resourceVersion (a concurrent change makes
-/// this fail with 409 and the reconcile retry).
-async fn set_finalizers(
-    vd: &VoiceDeployment,
-    ctx: &Context,
-    finalizers: Vec<String>,
-) -> Result<()> {
-    let (name, ns) = name_ns(vd)?;
-    let patch = serde_json::json!({
-        "metadata": { "finalizers": finalizers, "resourceVersion": vd.resource_version() }
-    });
-    Api::<VoiceDeployment>::namespaced(ctx.client.clone(), &ns)
-        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
-    Ok(())
-}
-
-async fn save_previous(
-    vd: &VoiceDeployment,
-    ctx: &Context,
-    previous: &PreviousWiring,
-) -> Result<()> {
-    let (name, ns) = name_ns(vd)?;
-    let value = if previous.is_empty() {
-        serde_json::Value::Null
-    } else {
-        serde_json::Value::String(serde_json::to_string(previous)?)
-    };
-    let patch =
-        serde_json::json!({ "metadata": { "annotations": { TWILIO_PREVIOUS_ANNOTATION: value } } });
-    let params = PatchParams {
-        field_manager: Some(FIELD_MANAGER.into()),
-        ..PatchParams::default()
-    };
-    Api::<VoiceDeployment>::namespaced(ctx.client.clone(), &ns)
-        .patch(&name, &params, &Patch::Merge(&patch))
-        .await?;
-    Ok(())
-}
-
-fn twilio_client(
-    ctx: &Context,
-    data: &BTreeMap<String, String>,
-) -> Result<TwilioNumbers, TwilioError> {
-    let sid = data
-        .get("TWILIO_ACCOUNT_SID")
-        .filter(|v| !v.is_empty())
-        .ok_or(TwilioError::MissingCredential("TWILIO_ACCOUNT_SID"))?;
-    let token = data
-        .get("TWILIO_AUTH_TOKEN")
-        .filter(|v| !v.is_empty())
-        .ok_or(TwilioError::MissingCredential("TWILIO_AUTH_TOKEN"))?;
-    // The base is the operator's own setting; the Secret's TWILIO_API_URL is for the
-    // pods (see `twilio_numbers`: a tenant must not choose where the operator sends).
-    TwilioNumbers::new(
-        ctx.http.clone(),
-        &ctx.config.twilio_api_url,
-        sid.clone(),
-        token.clone(),
-    )
-}
-
-/// Points the spec's numbers at this deployment and restores numbers it dropped.
-async fn wire_twilio(
-    vd: &VoiceDeployment,
-    ctx: &Context,
-    data: &BTreeMap<String, String>,
-) -> Result<()> {
-    let numbers = vd.spec.twilio_numbers();
-    let previous = previous_wiring(vd);
-    if numbers.is_empty() && previous.is_empty() {
-        if has_finalizer(vd) {
-            let rest = vd
-                .finalizers()
-                .iter()
-                .filter(|f| *f != TWILIO_FINALIZER)
-                .cloned()
-                .collect();
-            set_finalizers(vd, ctx, rest).await?;
-        }
-        return Ok(());
-    }
-    if !has_finalizer(vd) {
-        // Before touching Twilio: a deletion from here on waits for the restore.
-        let mut all = vd.finalizers().to_vec();
-        all.push(TWILIO_FINALIZER.into());
-        set_finalizers(vd, ctx, all).await?;
-    }
-    let twilio = twilio_client(ctx, data)?;
-    let wanted = wanted_wiring(vd.spec.webhook_url(), vd.spec.status_callback_url());
-    let mut remembered = previous.clone();
-    let mut current = Vec::new();
-    for number in numbers {
-        let found = twilio.find(number).await?;
-        let wiring = found.wiring();
-        if !remembered.contains_key(number) && wiring.voice_url != wanted.voice_url {
-            remembered.insert(number.clone(), wiring);
-        }
-        current.push(found);
-    }
-    let mut first_error = None;
-    for (number, before) in &previous {
-        if numbers.contains(number) {
-            continue;
-        }
-        match twilio.restore(number, &wanted, before).await {
-            Ok(()) => {
-                remembered.remove(number);
-            }
-            Err(e) => {
-                first_error.get_or_insert(e);
-            }
-        }
-    }
-    if remembered != previous {
-        // Remember first, then change: a crash in between loses nothing.
-        save_previous(vd, ctx, &remembered).await?;
-    }
-    for found in current {
-        if found.wiring() != wanted {
-            twilio.update(&found.sid, &wanted).await?;
-            tracing::info!(number = %found.phone_number, "pointed Twilio number at the deployment");
-        }
-    }
-    match first_error {
-        Some(e) => Err(e.into()),
-        None => Ok(()),
-    }
-}
-
-/// Deletion: restore the numbers' previous wiring, then release the finalizer; give
-/// up after the deadline so a dead Twilio never wedges deletion.
-async fn cleanup(vd: &VoiceDeployment, ctx: &Context, secret: &SecretCheck) -> Result<Action> {
-    if !has_finalizer(vd) {
-        return Ok(Action::await_change());
-    }
-    let previous = previous_wiring(vd);
-    let wanted = wanted_wiring(vd.spec.webhook_url(), vd.spec.status_callback_url());
-    let mut failed: Vec<String> = Vec::new();
-    if !previous.is_empty() {
-        let client = match secret {
-            SecretCheck::Ok { data, .. } | SecretCheck::MissingKeys { data, .. } => {
-                twilio_client(ctx, data)
-            }
-            SecretCheck::Missing => Err(TwilioError::MissingCredential("TWILIO_ACCOUNT_SID")),
-        };
-        match client {
-            Ok(twilio) => {
-                for (number, before) in &previous {
-                    if let Err(e) = twilio.restore(number, &wanted, before).await {
-                        tracing::warn!(%number, error = %e, "restoring Twilio number failed");
-                        failed.push(format!("{number}: {e}"));
-                    }
-                }
-            }
-            Err(e) => failed.push(e.to_string()),
-        }
-    }
-    let release = |reason: &str, note: String| Event {
-        type_: if failed.is_empty() {
-            EventType::Normal
-        } else {
-            EventType::Warning
-        },
-        reason: reason.into(),
-        note: Some(super::persona::truncate(&note, 1000)),
-        action: "Finalize".into(),
-        secondary: None,
-    };
-    if !failed.is_empty() {
-        ctx.metrics.error(KIND, "twilio");
-        let elapsed = vd
-            .meta()
-            .deletion_timestamp
-            .as_ref()
-            .map(|t| {
-                let since = jiff_elapsed(&t.0);
-                Duration::from_secs(since.max(0) as u64)
-            })
-            .unwrap_or_default();
-        let deadline = ctx.config.twilio_restore_deadline;
-        if elapsed < deadline {
-            let retry = (deadline / 4).clamp(Duration::from_secs(1), TWILIO_RETRY);
-            return Ok(Action::requeue(
-                retry.min(deadline - elapsed + Duration::from_millis(100)),
-            ));
-        }
-        ctx.publish(
-            &vd.object_ref(&()),
-            release(
-                "TwilioRestoreFailed",
-                format!(
-                    "gave up restoring Twilio numbers after {}s; set them by hand: {}",
-                    deadline.as_secs(),
-                    failed.join("; ")
-                ),
-            ),
-        )
-        .await;
-    } else if !previous.is_empty() {
-        let numbers = previous.keys().cloned().collect::<Vec<_>>().join(", ");
-        ctx.publish(
-            &vd.object_ref(&()),
-            release("TwilioNumbersRestored", format!("restored {numbers}")),
-        )
-        .await;
-    }
-    let rest = vd
-        .finalizers()
-        .iter()
-        .filter(|f| *f != TWILIO_FINALIZER)
-        .cloned()
-        .collect();
-    match set_finalizers(vd, ctx, rest).await {
-        Ok(()) => Ok(Action::await_change()),
-        Err(Error::Kube(kube::Error::Api(s))) if s.code == 404 => Ok(Action::await_change()),
-        Err(e) => Err(e),
-    }
-}
-
-/// Seconds since `t`.
-fn jiff_elapsed(t: &k8s_openapi::jiff::Timestamp) -> i64 {
-    k8s_openapi::jiff::Timestamp::now().as_second() - t.as_second()
 }
