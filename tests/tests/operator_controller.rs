@@ -699,6 +699,15 @@ async fn a_second_reconcile_writes_nothing() {
             .filter(|c| c.1 != "Creating")
     })
     .await;
+    // The load poller's first pass (every 5 s) writes the load fields once; a
+    // window that closes before it would blame the reconcile for that write.
+    eventually("the load poller's first write", || async {
+        get::<VoiceDeployment>(&client, &ns, "desk")
+            .await?
+            .status?
+            .unknown_load_pods
+    })
+    .await;
     // Let the Deployment controller's status updates settle, then compare.
     let settled = eventually("stable resourceVersions", || async {
         let a = resource_versions(&client, &ns, "desk", &["sam"]).await;
