@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{
@@ -21,7 +21,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::core::{PartialObjectMeta, Selector, SelectorExt};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -35,6 +35,7 @@ use crate::autoscale::poller::{Poller, PollerConfig};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::reconcile::{persona, voice_deployment};
+use crate::references::References;
 use crate::resources::MANAGED_SELECTOR;
 use crate::twilio_numbers::{AccountBackoff, DEFAULT_TWILIO_API_URL, TwilioNumbers};
 use callmeback_api::{Persona, VoiceDeployment};
@@ -179,51 +180,6 @@ fn error_policy<K: Resource>(
     }
 }
 
-/// VoiceDeployments in the persona's namespace that select it, or still serve it (a
-/// persona deleted or relabelled out of a selector must leave their ConfigMaps now,
-/// not at the next resync).
-pub fn deployments_using_persona(
-    store: &Store<VoiceDeployment>,
-    persona: &Persona,
-) -> Vec<ObjectRef<VoiceDeployment>> {
-    let ns = persona.namespace();
-    let name = persona.name_any();
-    store
-        .state()
-        .into_iter()
-        .filter(|vd| vd.namespace() == ns)
-        .filter(|vd| {
-            vd.spec.personas.iter().flatten().any(|p| *p == name)
-                || vd
-                    .status
-                    .as_ref()
-                    .is_some_and(|s| s.personas.iter().any(|p| p.name == name))
-                || vd
-                    .spec
-                    .persona_selector
-                    .clone()
-                    .and_then(|s| Selector::try_from(s).ok())
-                    .is_some_and(|s| s.matches(persona.labels()))
-        })
-        .map(|vd| ObjectRef::from_obj(vd.as_ref()))
-        .collect()
-}
-
-/// VoiceDeployments in the Secret's namespace that reference it.
-pub fn deployments_using_secret(
-    store: &Store<VoiceDeployment>,
-    secret: &PartialObjectMeta<Secret>,
-) -> Vec<ObjectRef<VoiceDeployment>> {
-    let ns = secret.namespace();
-    let name = secret.name_any();
-    store
-        .state()
-        .into_iter()
-        .filter(|vd| vd.namespace() == ns && vd.spec.secret_ref.name == name)
-        .map(|vd| ObjectRef::from_obj(vd.as_ref()))
-        .collect()
-}
-
 fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
@@ -288,12 +244,22 @@ pub async fn run(client: Client, config: Config, metrics: Metrics, shutdown: Can
     )
     .default_backoff()
     .touched_objects();
-    let vds = Controller::new(
+    // The VoiceDeployment watch feeds the controller's cache and the index the
+    // Persona and Secret mappers read ([`References`]), from the same events.
+    let (vd_store, vd_writer) = reflector::store::<VoiceDeployment>();
+    let references = Arc::new(References::default());
+    let indexing = references.clone();
+    let vd_events = watcher(
         api::<VoiceDeployment>(&client, ns),
         watcher::Config::default(),
-    );
-    let by_persona = vds.store();
-    let by_secret = vds.store();
+    )
+    .default_backoff()
+    .reflect(vd_writer)
+    .inspect_ok(move |event| indexing.observe(event))
+    .applied_objects();
+    let vds = Controller::for_stream(vd_events, vd_store);
+    let by_persona = references.clone();
+    let by_secret = references;
     // The load poller asks for reconciles when the decided replicas or the scaling
     // conditions differ from the status; bounded, and re-checked every poll.
     let (trigger, triggers) = tokio::sync::mpsc::channel::<ObjectRef<VoiceDeployment>>(1024);
@@ -319,10 +285,10 @@ pub async fn run(client: Client, config: Config, metrics: Metrics, shutdown: Can
         .owns(api::<PodDisruptionBudget>(&client, ns), owned.clone())
         .owns(api::<Ingress>(&client, ns), owned)
         .watches_stream(persona_events, move |p: Persona| {
-            deployments_using_persona(&by_persona, &p)
+            by_persona.using_persona(&p)
         })
         .watches_stream(secret_events, move |s: PartialObjectMeta<Secret>| {
-            deployments_using_secret(&by_secret, &s)
+            by_secret.using_secret(&s.namespace().unwrap_or_default(), &s.name_any())
         })
         .reconcile_on(triggers)
         .with_config(controller_config)

@@ -10,7 +10,8 @@
 //! - `reconcile`: one reconciler per kind (`persona`, `voice_deployment`).
 //! - `autoscale`: call-capacity autoscaling (pod load poller, pure scaler, pod
 //!   deletion-cost and eviction annotations).
-//! - `controller`: watches, [`controller::Context`], per-object backoff, `run`.
+//! - `controller`: watches, [`controller::Context`], per-object backoff, `run`;
+//!   `references`: the index that maps Persona and Secret events to VoiceDeployments.
 //! - `twilio_numbers`: pointing Twilio numbers at a deployment and back.
 //! - `leader`: Lease-based leader election; `metrics` and `web`: `/metrics`,
 //!   `/healthz`, `/readyz`; `crdgen` and `render`: the offline CLI commands.
@@ -23,6 +24,7 @@ pub mod error;
 pub mod leader;
 pub mod metrics;
 pub mod reconcile;
+pub mod references;
 pub mod render;
 pub mod resources;
 pub mod twilio_numbers;
