@@ -1128,6 +1128,25 @@ async fn wired_record(client: &Client, ns: &str, name: &str) -> Option<serde_jso
     serde_json::from_str(&raw).ok()
 }
 
+/// A Twilio emulator and an operator using it, verifying every `verify_interval`
+/// and resyncing every second, with the Secret and the persona `sam` applied.
+async fn twilio_setup(
+    prefix: &str,
+    verify_interval: Duration,
+) -> (TwilioNumbersEmulator, String, Client, Operator) {
+    let twilio = TwilioNumbersEmulator::start(ACCOUNT_SID, AUTH_TOKEN)
+        .await
+        .unwrap();
+    let (_cp, ns, client, op) = setup_with_config(prefix, &twilio.base_url(), |c| {
+        c.twilio_verify_interval = verify_interval;
+        c.resync = Duration::from_secs(1);
+    })
+    .await;
+    apply_json(&client, &ns, secret_doc()).await;
+    apply_json(&client, &ns, persona_doc("sam", "Hi!")).await;
+    (twilio, ns, client, op)
+}
+
 #[tokio::test]
 async fn idle_voice_deployments_make_no_twilio_requests_for_ten_resync_periods() {
     // Proves the wiring record: 100 wired VoiceDeployments reconciled every 2 s for 10 periods send Twilio nothing (the old code sent one lookup per number per reconcile).
@@ -1202,17 +1221,8 @@ async fn idle_voice_deployments_make_no_twilio_requests_for_ten_resync_periods()
 #[tokio::test]
 async fn a_number_changed_in_the_twilio_console_is_put_back_at_the_next_verification() {
     // Proves the slow periodic verification: drift outside Kubernetes is repaired within one (stretched) verify interval, at about one lookup per interval.
-    let twilio = TwilioNumbersEmulator::start(ACCOUNT_SID, AUTH_TOKEN)
-        .await
-        .unwrap();
-    let (_cp, ns, client, op) = setup_with_config("op-twilio-verify", &twilio.base_url(), |c| {
-        c.twilio_verify_interval = Duration::from_secs(4);
-        c.resync = Duration::from_secs(1);
-    })
-    .await;
+    let (twilio, ns, client, op) = twilio_setup("op-twilio-verify", Duration::from_secs(4)).await;
     twilio.add_number("+14155550140", "https://old.example.com/voice", "");
-    apply_json(&client, &ns, secret_doc()).await;
-    apply_json(&client, &ns, persona_doc("sam", "Hi!")).await;
     apply_json(&client, &ns, twilio_vd("desk", "+14155550140")).await;
     eventually("wired and recorded", || async {
         wired_record(&client, &ns, "desk").await?;
@@ -1251,14 +1261,8 @@ async fn a_number_changed_in_the_twilio_console_is_put_back_at_the_next_verifica
 #[tokio::test]
 async fn a_blue_green_move_never_leaves_the_number_on_a_deleted_deployment() {
     // Proves number ownership: green claims blue's number and takes it over explicitly (Event on green, Degraded on blue); deleting blue leaves the number on green at every sample; deleting green restores the pre-callmeback settings.
-    let twilio = TwilioNumbersEmulator::start(ACCOUNT_SID, AUTH_TOKEN)
-        .await
-        .unwrap();
-    let (_cp, ns, client, op) = setup_with_config("op-twilio-bluegreen", &twilio.base_url(), |c| {
-        c.twilio_verify_interval = Duration::from_secs(2);
-        c.resync = Duration::from_secs(1);
-    })
-    .await;
+    let (twilio, ns, client, op) =
+        twilio_setup("op-twilio-bluegreen", Duration::from_secs(2)).await;
     const NUMBER: &str = "+14155550150";
     twilio.add_number(
         NUMBER,
@@ -1266,8 +1270,6 @@ async fn a_blue_green_move_never_leaves_the_number_on_a_deleted_deployment() {
         "https://old.example.com/status",
     );
     let original = twilio.number(NUMBER).unwrap();
-    apply_json(&client, &ns, secret_doc()).await;
-    apply_json(&client, &ns, persona_doc("sam", "Hi!")).await;
     apply_json(
         &client,
         &ns,
@@ -1389,16 +1391,7 @@ async fn a_blue_green_move_never_leaves_the_number_on_a_deleted_deployment() {
 #[tokio::test]
 async fn throttling_backs_off_per_account_without_degrading_wired_deployments() {
     // Proves 429s back off for the whole account (bounded attempts, not one per deployment per check) and do not flip Degraded on deployments whose numbers are wired; verification resumes when Twilio recovers.
-    let twilio = TwilioNumbersEmulator::start(ACCOUNT_SID, AUTH_TOKEN)
-        .await
-        .unwrap();
-    let (_cp, ns, client, op) = setup_with_config("op-twilio-429", &twilio.base_url(), |c| {
-        c.twilio_verify_interval = Duration::from_secs(2);
-        c.resync = Duration::from_secs(1);
-    })
-    .await;
-    apply_json(&client, &ns, secret_doc()).await;
-    apply_json(&client, &ns, persona_doc("sam", "Hi!")).await;
+    let (twilio, ns, client, op) = twilio_setup("op-twilio-429", Duration::from_secs(2)).await;
     for i in 0..3 {
         let number = format!("+1415555016{i}");
         twilio.add_number(&number, "https://old.example.com/voice", "");
