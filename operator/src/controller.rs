@@ -106,7 +106,43 @@ pub struct Context {
     /// Per-account backoff of Twilio requests.
     pub twilio_backoff: AccountBackoff,
     /// Consecutive failures per object, for per-object backoff.
-    failures: Mutex<HashMap<String, u32>>,
+    failures: FailureCounts,
+}
+
+/// Consecutive reconcile failures per object (`Kind/namespace/name`). An entry
+/// lives from an object's first failure to its next success or its deletion, so
+/// the map holds only objects that exist and are failing.
+#[derive(Default)]
+pub struct FailureCounts {
+    counts: Mutex<HashMap<String, u32>>,
+}
+
+impl FailureCounts {
+    /// Records a failure; returns the delay before the retry (doubling from
+    /// [`BACKOFF_BASE`] to [`BACKOFF_MAX`]).
+    pub fn failed(&self, key: String) -> Duration {
+        let mut map = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(key).or_insert(0);
+        *n = n.saturating_add(1);
+        let delay = BACKOFF_BASE.saturating_mul(1u32 << n.saturating_sub(1).min(16));
+        delay.min(BACKOFF_MAX)
+    }
+
+    /// Forgets `key`: it succeeded, or its object is gone.
+    pub fn forget(&self, key: &str) {
+        let mut map = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(key);
+    }
+
+    /// Objects currently failing.
+    pub fn len(&self) -> usize {
+        self.counts.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether no object is failing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl Context {
@@ -118,16 +154,11 @@ impl Context {
     }
 
     fn failed(&self, key: String) -> Duration {
-        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let n = map.entry(key).or_insert(0);
-        *n = n.saturating_add(1);
-        let delay = BACKOFF_BASE.saturating_mul(1u32 << (*n - 1).min(16));
-        delay.min(BACKOFF_MAX)
+        self.failures.failed(key)
     }
 
     fn succeeded(&self, key: &str) {
-        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        map.remove(key);
+        self.failures.forget(key);
     }
 }
 
@@ -215,7 +246,7 @@ pub async fn run(client: Client, config: Config, metrics: Metrics, shutdown: Can
         http: http.clone(),
         autoscaler: autoscaler.clone(),
         twilio_backoff: AccountBackoff::default(),
-        failures: Mutex::new(HashMap::new()),
+        failures: FailureCounts::default(),
     });
     let owned = watcher::Config::default().labels(MANAGED_SELECTOR);
     let controller_config = controller::Config::default().concurrency(config.concurrency);
@@ -237,6 +268,14 @@ pub async fn run(client: Client, config: Config, metrics: Metrics, shutdown: Can
     let persona_events = watcher(api::<Persona>(&client, ns), watcher::Config::default())
         .default_backoff()
         .reflect(persona_writer)
+        .inspect_ok({
+            let ctx = ctx.clone();
+            move |event| {
+                if let watcher::Event::Delete(p) = event {
+                    ctx.failures.forget(&key_of(persona::KIND, p));
+                }
+            }
+        })
         .touched_objects();
     let secret_events = watcher(
         api::<PartialObjectMeta<Secret>>(&client, ns),
@@ -249,13 +288,21 @@ pub async fn run(client: Client, config: Config, metrics: Metrics, shutdown: Can
     let (vd_store, vd_writer) = reflector::store::<VoiceDeployment>();
     let references = Arc::new(References::default());
     let indexing = references.clone();
+    let forgetting = ctx.clone();
     let vd_events = watcher(
         api::<VoiceDeployment>(&client, ns),
         watcher::Config::default(),
     )
     .default_backoff()
     .reflect(vd_writer)
-    .inspect_ok(move |event| indexing.observe(event))
+    .inspect_ok(move |event| {
+        indexing.observe(event);
+        if let watcher::Event::Delete(vd) = event {
+            forgetting
+                .failures
+                .forget(&key_of(voice_deployment::KIND, vd));
+        }
+    })
     .applied_objects();
     let vds = Controller::for_stream(vd_events, vd_store);
     let by_persona = references.clone();
@@ -311,6 +358,26 @@ pub async fn run(client: Client, config: Config, metrics: Metrics, shutdown: Can
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failure_backoff_doubles_caps_and_an_entry_ends_at_success_or_deletion() {
+        let f = FailureCounts::default();
+        assert_eq!(f.failed("VoiceDeployment/a/desk".into()), BACKOFF_BASE);
+        assert_eq!(f.failed("VoiceDeployment/a/desk".into()), BACKOFF_BASE * 2);
+        assert_eq!(f.failed("Persona/a/sam".into()), BACKOFF_BASE);
+        for _ in 0..40 {
+            f.failed("VoiceDeployment/a/desk".into());
+        }
+        assert_eq!(f.failed("VoiceDeployment/a/desk".into()), BACKOFF_MAX);
+        assert_eq!(f.len(), 2);
+        f.forget("VoiceDeployment/a/desk");
+        f.forget("Persona/a/sam");
+        assert!(
+            f.is_empty(),
+            "deleted or recovered objects leave no entry behind"
+        );
+        assert_eq!(f.failed("VoiceDeployment/a/desk".into()), BACKOFF_BASE);
+    }
 
     /// `run` is spawned by tests and by the leader loop: it must stay `Send`.
     #[allow(dead_code)]
