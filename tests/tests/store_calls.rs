@@ -75,8 +75,11 @@ async fn migrations_build_the_schema_from_empty_and_rerun_cleanly() {
             "call_turns",
             "call_usage",
             "calls",
+            "dial_rate_windows",
             "relationships",
-            "stream_claims"
+            "stream_claims",
+            "user_numbers",
+            "user_tokens"
         ]
     );
     let fk: i64 = sqlx::query_scalar(

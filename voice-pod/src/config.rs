@@ -104,6 +104,14 @@ pub struct ServeArgs {
     /// Region national numbers in requests are read in (default: the caller ID's).
     #[arg(long, env = "CALLMEBACK_DIAL_DEFAULT_REGION", default_value = "")]
     pub dial_default_region: String,
+    /// Calls to one number at most, `N/duration` or `off` (default 5/1h); shared by
+    /// the pods through PostgreSQL when configured.
+    #[arg(long, env = "CALLMEBACK_DIAL_LIMIT_PER_NUMBER", default_value = "5/1h")]
+    pub dial_limit_per_number: String,
+    /// Calls for one user at most (a request's `user`, or a user token's), `N/duration`
+    /// or `off` (default 20/1h).
+    #[arg(long, env = "CALLMEBACK_DIAL_LIMIT_PER_USER", default_value = "20/1h")]
+    pub dial_limit_per_user: String,
 }
 
 /// A secret string: never printed by `Debug` or `Display`.
@@ -273,6 +281,8 @@ pub struct Config {
     pub max_calls: usize,
     /// Which destinations `POST /v1/calls` may dial.
     pub dial: crate::dial_guard::DialSettings,
+    /// How often `POST /v1/calls` may ring one number or call for one user.
+    pub dial_limits: crate::dial_rate::DialLimits,
 }
 
 /// Default of `CALLMEBACK_MAX_CALLS`.
@@ -442,6 +452,27 @@ impl Config {
         .map_err(|e| {
             ConfigError::new("CALLMEBACK_DIAL_COUNTRIES", "dial-countries", e.to_string())
         })?;
+        // Empty (as a default-constructed `ServeArgs` has it) means the default.
+        let limit = |raw: &str, default, env, flag| match raw.trim() {
+            "" => Ok(Some(default)),
+            raw => {
+                crate::dial_rate::RateLimit::parse(raw).map_err(|r| ConfigError::new(env, flag, r))
+            }
+        };
+        let dial_limits = crate::dial_rate::DialLimits {
+            per_number: limit(
+                &args.dial_limit_per_number,
+                crate::dial_rate::DEFAULT_PER_NUMBER,
+                "CALLMEBACK_DIAL_LIMIT_PER_NUMBER",
+                "dial-limit-per-number",
+            )?,
+            per_user: limit(
+                &args.dial_limit_per_user,
+                crate::dial_rate::DEFAULT_PER_USER,
+                "CALLMEBACK_DIAL_LIMIT_PER_USER",
+                "dial-limit-per-user",
+            )?,
+        };
         Ok(Self {
             listen,
             metrics_listen,
@@ -462,6 +493,7 @@ impl Config {
             server,
             max_calls,
             dial,
+            dial_limits,
         })
     }
 

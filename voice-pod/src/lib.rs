@@ -19,12 +19,17 @@
 //! - [`metrics`]: the Prometheus metrics (names are the dashboard's contract).
 //! - [`drain`]: graceful shutdown: readiness off, refuse new calls, finish active ones.
 //! - [`capacity`]: the per-pod call cap (`CALLMEBACK_MAX_CALLS`).
+//! - [`access`]: API tokens (admin and per-user) and what each may touch.
+//! - [`dial_guard`] and [`dial_rate`]: which numbers `POST /v1/calls` may dial, and
+//!   how often.
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod audio;
 pub mod capacity;
 pub mod config;
 pub mod dial_guard;
+pub mod dial_rate;
 pub mod drain;
 pub mod engine;
 pub mod http;

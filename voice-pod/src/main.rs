@@ -30,7 +30,52 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve Twilio webhooks, media streams and the call-me-back API.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    /// Per-user API tokens: a user token places calls only to its user's registered
+    /// numbers and reads only its user's calls (kept in PostgreSQL as digests).
+    #[command(subcommand)]
+    UserToken(UserTokenCommand),
+}
+
+#[derive(Subcommand)]
+enum UserTokenCommand {
+    /// Registers numbers for a user and prints a new token for them (shown once).
+    Issue {
+        #[command(flatten)]
+        db: DatabaseArg,
+        /// The user (the `user` of their calls).
+        #[arg(long)]
+        user: String,
+        /// A number (E.164) the user may be called back on; repeat for more.
+        #[arg(long = "number")]
+        numbers: Vec<String>,
+    },
+    /// Revokes every token of a user.
+    Revoke {
+        #[command(flatten)]
+        db: DatabaseArg,
+        /// The user.
+        #[arg(long)]
+        user: String,
+    },
+    /// Removes a registered number of a user.
+    RemoveNumber {
+        #[command(flatten)]
+        db: DatabaseArg,
+        /// The user.
+        #[arg(long)]
+        user: String,
+        /// The number (E.164).
+        #[arg(long)]
+        number: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct DatabaseArg {
+    /// PostgreSQL URL of the deployment's store.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
 }
 
 fn main() -> ExitCode {
@@ -48,8 +93,15 @@ fn main() -> ExitCode {
     };
     init_logging();
     match cli.command {
+        Command::UserToken(command) => match run_user_token(command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("voice-pod: {err:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Serve(args) => {
-            let config = match Config::from_args(args) {
+            let config = match Config::from_args(*args) {
                 Ok(c) => c,
                 Err(err) => {
                     tracing::error!(error = %err, "bad configuration");
@@ -77,6 +129,69 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// `voice-pod user-token ...`: migrates the store (a new deployment may not have
+/// run a pod yet), then issues, revokes or unregisters. Only a new token reaches
+/// stdout; nothing secret is logged.
+fn run_user_token(command: UserTokenCommand) -> anyhow::Result<()> {
+    use voice_pod::access;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    runtime.block_on(async {
+        let url = match &command {
+            UserTokenCommand::Issue { db, .. }
+            | UserTokenCommand::Revoke { db, .. }
+            | UserTokenCommand::RemoveNumber { db, .. } => db.database_url.clone(),
+        };
+        let pool = tokio::time::timeout(
+            Duration::from_secs(10),
+            sqlx::postgres::PgPoolOptions::new()
+                .max_connections(1)
+                .connect(&url),
+        )
+        .await
+        .context("PostgreSQL did not answer within 10 s (DATABASE_URL)")?
+        .context("cannot connect to PostgreSQL (DATABASE_URL)")?;
+        voice_pod::store::postgres::MIGRATOR
+            .run(&pool)
+            .await
+            .context("migrating the store")?;
+        match command {
+            UserTokenCommand::Issue { user, numbers, .. } => {
+                let numbers: Vec<String> = numbers
+                    .iter()
+                    .map(|n| {
+                        voice_pod::twilio::normalize_e164(n)
+                            .with_context(|| format!("{n:?} is not an international number"))
+                    })
+                    .collect::<anyhow::Result<_>>()?;
+                let token = access::issue_user_token(&pool, &user, &numbers).await?;
+                eprintln!(
+                    "issued a token for user {user:?} ({} number(s) registered); it is shown once:",
+                    numbers.len()
+                );
+                println!("{token}");
+            }
+            UserTokenCommand::Revoke { user, .. } => {
+                let n = access::revoke_user_tokens(&pool, &user).await?;
+                eprintln!("revoked {n} token(s) of user {user:?}");
+            }
+            UserTokenCommand::RemoveNumber { user, number, .. } => {
+                let number = voice_pod::twilio::normalize_e164(&number)
+                    .with_context(|| format!("{number:?} is not an international number"))?;
+                if access::remove_user_number(&pool, &user, &number).await? {
+                    eprintln!("removed the number from user {user:?}");
+                } else {
+                    anyhow::bail!("user {user:?} had no such number");
+                }
+            }
+        }
+        pool.close().await;
+        Ok(())
+    })
 }
 
 fn init_logging() {

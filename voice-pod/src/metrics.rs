@@ -118,6 +118,12 @@ pub enum Refusal {
     /// A destination `POST /v1/calls` may not dial
     /// ([`crate::dial_guard::DialRefusal::metric_label`], prefixed `dial_`).
     Dial(&'static str),
+    /// A call over a dial rate limit
+    /// ([`crate::dial_rate::RateRefusal::metric_label`], prefixed `rate_limited_`).
+    RateLimited(&'static str),
+    /// A user token asking for more than its grant (another user, another number,
+    /// another caller ID, another user's call).
+    TokenScope,
 }
 
 impl Refusal {
@@ -132,7 +138,8 @@ impl Refusal {
             Refusal::ContextReused => "context_reused",
             Refusal::BadCallSid => "bad_call_sid",
             Refusal::UnverifiedCaller => "unverified_caller",
-            Refusal::Dial(reason) => reason,
+            Refusal::Dial(reason) | Refusal::RateLimited(reason) => reason,
+            Refusal::TokenScope => "token_scope",
         }
     }
 }

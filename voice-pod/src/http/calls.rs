@@ -29,6 +29,7 @@ use subtle::ConstantTimeEq;
 
 use super::AppState;
 use super::error::{ApiError, Problem};
+use crate::access::{self, Principal};
 use crate::config::{is_e164, parse_duration};
 use crate::dial_guard::DialRefusal;
 use crate::metrics::Refusal;
@@ -264,29 +265,48 @@ fn count(state: &AppState, result: &str) {
         .inc();
 }
 
-/// Checks `Authorization: Bearer <token>` in constant time. The API is off (503)
-/// without a configured token.
-fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(expected) = &state.config.api_token else {
+/// The principal of `Authorization: Bearer <token>`: the admin token (compared in
+/// constant time) or a live user token (looked up by its digest in PostgreSQL).
+/// The API is off (503) with neither an admin token nor a database of user tokens.
+async fn authorize(state: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
+    if state.config.api_token.is_none() && state.store.is_none() {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "api_disabled",
-            "the call-me-back API is disabled on this pod (CALLMEBACK_API_TOKEN is unset)",
+            "the call-me-back API is disabled on this pod (CALLMEBACK_API_TOKEN is unset \
+             and no DATABASE_URL holds user tokens)",
         ));
-    };
+    }
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    // Comparing digests keeps the comparison constant-time regardless of length.
-    let a = Sha256::digest(given.as_bytes());
-    let b = Sha256::digest(expected.expose().as_bytes());
-    if bool::from(a.ct_eq(&b)) && !given.is_empty() {
-        Ok(())
-    } else {
-        Err(ApiError::unauthorized())
+    if let Some(expected) = &state.config.api_token {
+        // Comparing digests keeps the comparison constant-time regardless of length.
+        let a = Sha256::digest(given.as_bytes());
+        let b = Sha256::digest(expected.expose().as_bytes());
+        if bool::from(a.ct_eq(&b)) && !given.is_empty() {
+            return Ok(Principal::Admin);
+        }
     }
+    if let Some(store) = &state.store
+        && access::is_user_token(given)
+        && let Some(grant) = db("token lookup", access::user_grant(store.pool(), given)).await?
+    {
+        return Ok(Principal::User(grant));
+    }
+    Err(ApiError::unauthorized())
+}
+
+/// 403 for a user token asking for more than its grant; counted and logged.
+fn out_of_scope(state: &AppState, message: &'static str) -> ApiError {
+    state.metrics.refused(Refusal::TokenScope);
+    tracing::warn!(
+        reason = message,
+        "request refused: outside the user token's grant"
+    );
+    ApiError::new(StatusCode::FORBIDDEN, "token_scope", message)
 }
 
 fn check_text(field: &'static str, value: &str, max: usize, problems: &mut Vec<Problem>) {
@@ -317,6 +337,9 @@ pub async fn create(
                 StatusCode::UNAUTHORIZED => "unauthorized",
                 StatusCode::BAD_REQUEST if err.code == "invalid_request" => "invalid",
                 StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+                // The dial guard, a rate limit or a token's scope said no.
+                StatusCode::FORBIDDEN => "refused",
+                StatusCode::TOO_MANY_REQUESTS if err.code != "twilio_error" => "refused",
                 _ => "twilio_error",
             };
             count(&state, result);
@@ -377,7 +400,11 @@ async fn create_inner(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<Response, ApiError> {
-    authorize(state, headers)?;
+    let principal = authorize(state, headers).await?;
+    let grant = match &principal {
+        Principal::User(grant) => Some(grant),
+        Principal::Admin => None,
+    };
     if state.drain.is_draining() {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -402,6 +429,20 @@ async fn create_inner(
             problem: format!("not a valid call request: {e}"),
         }])
     })?;
+    if let Some(grant) = grant {
+        if req.from.is_some() {
+            return Err(out_of_scope(
+                state,
+                "a user token calls from the deployment's caller ID; `from` needs the admin token",
+            ));
+        }
+        if req.user.as_deref().is_some_and(|u| u != grant.user) {
+            return Err(out_of_scope(
+                state,
+                "a user token places calls only for its own user",
+            ));
+        }
+    }
     let (Some(public), Some(signer), Some(client)) =
         (&state.config.public_url, &state.signer, &state.twilio)
     else {
@@ -478,6 +519,36 @@ async fn create_inner(
     else {
         return Err(ApiError::invalid(problems));
     };
+    if let Some(grant) = grant
+        && !grant.numbers.contains(&to)
+    {
+        return Err(out_of_scope(
+            state,
+            "this number is not registered for the token's user (voice-pod user-token issue --number)",
+        ));
+    }
+    let user = match grant {
+        Some(grant) => Some(grant.user.clone()),
+        None => req.user.clone().filter(|u| !u.is_empty()),
+    };
+    if let Err(limited) = state.dial_rate.admit(&to, user.as_deref()).await {
+        state
+            .metrics
+            .refused(Refusal::RateLimited(limited.metric_label()));
+        tracing::warn!(
+            to = %mask_number(&to),
+            reason = limited.metric_label(),
+            "call refused: dial rate limit"
+        );
+        let retry_after = limited.retry_after.as_secs().max(1);
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            limited.metric_label(),
+            limited.to_string(),
+        )
+        .with("retry_after_seconds", json!(retry_after))
+        .retry_after(retry_after));
+    }
     // The request's limit wins, then the persona's; the row keeps the one that applied,
     // so a persona edited later does not change a promise already made.
     timing.max_lateness_seconds = timing.max_lateness_seconds.or_else(|| {
@@ -494,7 +565,7 @@ async fn create_inner(
         from: from.clone(),
         to: to.clone(),
         pretext: req.pretext.clone().filter(|p| !p.is_empty()),
-        user: req.user.clone().filter(|u| !u.is_empty()),
+        user,
     };
     // Retries need the durable row the scheduler watches, so a call that asks for
     // them goes through the scheduler even when it is due now (placed within one
@@ -598,9 +669,10 @@ pub async fn get(
     headers: HeaderMap,
     Path(sid): Path<String>,
 ) -> Response {
-    if let Err(err) = authorize(&state, &headers) {
-        return err.into_response();
-    }
+    let principal = match authorize(&state, &headers).await {
+        Ok(p) => p,
+        Err(err) => return err.into_response(),
+    };
     if sid.is_empty() || sid.len() > 64 {
         return ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such call").into_response();
     }
@@ -608,6 +680,10 @@ pub async fn get(
         return store_failed("call record lookup", &"timed out").into_response();
     };
     match found {
+        // Another user's call is "no such call" to a user token: not even its existence leaks.
+        Ok(Some(call)) if !principal.may_see(call.get("user").and_then(|u| u.as_str())) => {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such call").into_response()
+        }
         Ok(Some(call)) => Json(call).into_response(),
         Ok(None) => {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such call").into_response()
@@ -721,9 +797,9 @@ pub async fn list(
     params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let result = async {
-        authorize(&state, &headers)?;
+        let principal = authorize(&state, &headers).await?;
         let store = store_of(&state)?;
-        let Query(p) = params.map_err(|e| {
+        let Query(mut p) = params.map_err(|e| {
             ApiError::invalid(vec![Problem {
                 field: "query",
                 problem: e.body_text(),
@@ -752,6 +828,15 @@ pub async fn list(
         if !problems.is_empty() {
             return Err(ApiError::invalid(problems));
         }
+        if let Some(own) = principal.confined_to() {
+            if p.user.as_deref().is_some_and(|u| u != own) {
+                return Err(out_of_scope(
+                    &state,
+                    "a user token lists only its own user's calls",
+                ));
+            }
+            p.user = Some(own.to_string());
+        }
         let filter = CallFilter {
             user: p.user,
             persona: p.persona,
@@ -773,7 +858,7 @@ pub async fn cancel(
     Path(sid): Path<String>,
 ) -> Response {
     let result = async {
-        authorize(&state, &headers)?;
+        let principal = authorize(&state, &headers).await?;
         let store = store_of(&state)?;
         let not_found = || ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such call");
         let id = match call_key(&sid) {
@@ -791,6 +876,17 @@ pub async fn cancel(
                 .ok_or_else(not_found)?
             }
         };
+        if principal.confined_to().is_some() {
+            let owner = db(
+                "cancelling a call",
+                schedule_sql::owner_of(store.pool(), id),
+            )
+            .await?;
+            match owner {
+                Some(owner) if principal.may_see(owner.as_deref()) => {}
+                _ => return Err(not_found()),
+            }
+        }
         let outcome = db("cancelling a call", schedule_sql::cancel(store.pool(), id)).await?;
         match outcome {
             CancelOutcome::Canceled | CancelOutcome::AlreadyCanceled => {

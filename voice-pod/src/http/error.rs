@@ -28,6 +28,8 @@ pub struct ApiError {
     pub message: String,
     /// Extra top-level fields (`problems`, `twilio`).
     pub extra: Option<(&'static str, Value)>,
+    /// `Retry-After` in seconds (429s of the dial rate limits).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -38,7 +40,14 @@ impl ApiError {
             code,
             message: message.into(),
             extra: None,
+            retry_after: None,
         }
+    }
+
+    /// Sets `Retry-After`.
+    pub fn retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
     }
 
     /// Adds an extra top-level field.
@@ -75,6 +84,10 @@ impl IntoResponse for ApiError {
             obj.insert(k.to_string(), v);
         }
         let mut resp = (self.status, Json(body)).into_response();
+        if let Some(seconds) = self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

@@ -72,6 +72,8 @@ pub struct AppState {
     pub stream: Option<Arc<StreamDeps>>,
     /// The per-pod call cap.
     pub call_slots: CallSlots,
+    /// Dial rate limits of `POST /v1/calls` (in PostgreSQL when configured).
+    pub dial_rate: crate::dial_rate::DialRate,
 }
 
 /// The app router (port 8080). Every body is read under the configured deadline
@@ -281,6 +283,10 @@ pub async fn serve_until(
         }
         (None, ..) => None,
     };
+    let dial_rate = crate::dial_rate::DialRate::new(
+        config.dial_limits,
+        store.as_ref().map(|s| s.pool().clone()),
+    );
     let state = Arc::new(AppState {
         config: Arc::clone(&config),
         metrics: Arc::clone(&metrics),
@@ -291,6 +297,7 @@ pub async fn serve_until(
         twilio,
         signer,
         drain: drain.clone(),
+        dial_rate,
         stream,
         call_slots: call_slots.clone(),
     });

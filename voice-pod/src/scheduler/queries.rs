@@ -66,6 +66,15 @@ pub async fn id_of_call_sid(pool: &PgPool, call_sid: &str) -> Result<Option<Uuid
         .await
 }
 
+/// The user a call is recorded under: `None` when there is no such call,
+/// `Some(None)` for a call of no user.
+pub async fn owner_of(pool: &PgPool, id: Uuid) -> Result<Option<Option<String>>, sqlx::Error> {
+    sqlx::query_scalar("SELECT user_id FROM calls WHERE id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+}
+
 /// What `DELETE /v1/calls/{id}` found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CancelOutcome {
