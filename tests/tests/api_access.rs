@@ -216,7 +216,7 @@ async fn a_user_token_calls_only_its_own_numbers_and_sees_only_its_own_calls() {
     let lees_call = lees_call.body["id"].as_str().expect("an id").to_string();
     let listed = d.get(&pod, &lee, "/v1/calls").await;
     assert_eq!(listed.status, 200, "{}", listed.body);
-    assert_eq!(ids(&listed), [lees_call.clone()]);
+    assert_eq!(ids(&listed), std::slice::from_ref(&lees_call));
     assert_eq!(d.get(&pod, &lee, "/v1/calls?user=kim").await.status, 403);
     let all = ids(&d.get(&pod, TEST_API_TOKEN, "/v1/calls").await);
     assert!(
