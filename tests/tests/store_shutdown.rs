@@ -143,16 +143,31 @@ async fn sigterm_with_a_hung_database_and_five_live_calls_exits_within_grace_and
     let report = final_store_report(&pod.log()).expect("the pod reported its records");
     let fields = &report["fields"];
     let written_after = fields["written"].as_f64().expect("written");
-    let lost = fields["dropped_shutdown"]
-        .as_f64()
-        .expect("dropped_shutdown")
-        + fields["dropped_orphaned"]
+    let field = |k: &str| {
+        fields[k]
             .as_f64()
-            .expect("dropped_orphaned");
+            .unwrap_or_else(|| panic!("{k} in {report}"))
+    };
+    let lost = field("dropped_shutdown") + field("dropped_orphaned");
+    let dropped_otherwise = field("dropped_poison")
+        + field("dropped_rejected")
+        + field("dropped_queue_full")
+        + field("dropped_buffer_full");
     assert_eq!(
         written_after, written_before,
         "nothing is written to a hung database"
     );
+    // Every record the pod took is accounted for, exactly: written before the hang,
+    // or counted lost at shutdown; none silently vanished and none is left pending.
+    assert_eq!(field("pending"), 0.0, "{report}");
+    assert_eq!(dropped_otherwise, 0.0, "{report}");
+    assert_eq!(
+        field("submitted"),
+        written_after + lost,
+        "submitted = written + lost: {report}"
+    );
+    // What was held when SIGTERM came is part of the loss (the ended calls add their
+    // final records to it during the drain).
     assert!(
         lost >= withheld,
         "{withheld} records were held at SIGTERM but only {lost} counted: {report}"

@@ -5,7 +5,7 @@
 //! database ends in `voice_store_dropped_records_total{reason}`. Database errors also
 //! count in the pod-wide `voice_socket_errors_total{peer="database"}`.
 
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts};
 
 use crate::metrics::{Metrics, Peer, SocketErrorKind};
 
@@ -71,6 +71,9 @@ impl LookupResult {
 #[derive(Clone)]
 pub struct StoreMetrics {
     pod: Metrics,
+    /// `voice_store_submitted_records_total`: every record handed to the writer; each
+    /// ends written, dropped (with a reason) or pending, so the three always add up.
+    pub submitted: IntCounter,
     /// `voice_store_written_records_total{kind}`.
     pub written: IntCounterVec,
     /// `voice_store_dropped_records_total{reason}`.
@@ -92,6 +95,10 @@ impl StoreMetrics {
     pub fn register(pod: &Metrics) -> Result<Self, prometheus::Error> {
         let m = Self {
             pod: pod.clone(),
+            submitted: IntCounter::new(
+                "voice_store_submitted_records_total",
+                "Records handed to the writer (each ends written, dropped or pending)",
+            )?,
             written: IntCounterVec::new(
                 Opts::new(
                     "voice_store_written_records_total",
@@ -139,6 +146,7 @@ impl StoreMetrics {
             )?,
         };
         let reg = pod.registry();
+        reg.register(Box::new(m.submitted.clone()))?;
         reg.register(Box::new(m.written.clone()))?;
         reg.register(Box::new(m.dropped.clone()))?;
         reg.register(Box::new(m.pending.clone()))?;

@@ -305,7 +305,10 @@ impl PgStore {
                 .map(|k| m.written.with_label_values(&[k]).get())
                 .sum();
             // The pod's last word on its records: the metrics server stops right after.
+            // submitted = written + every dropped_* + pending, exactly.
             tracing::info!(
+                submitted = m.submitted.get(),
+                pending = m.pending.get(),
                 written,
                 dropped_shutdown = dropped(DropReason::Shutdown),
                 dropped_orphaned = dropped(DropReason::Orphaned),

@@ -130,6 +130,7 @@ impl WriterHandle {
     /// Hands a record to the writer without waiting. A full queue or a stopped
     /// writer drops the record and counts it in `voice_store_dropped_records_total`.
     pub fn submit(&self, record: Record) -> Result<(), SubmitError> {
+        self.metrics.submitted.inc();
         self.metrics.pending.inc();
         match self.tx.try_send(Msg::Record(record)) {
             Ok(()) => Ok(()),
