@@ -34,6 +34,7 @@ use crate::autoscale::Autoscaler;
 use crate::autoscale::poller::{Poller, PollerConfig};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
+use crate::observed::Observed;
 use crate::reconcile::{persona, voice_deployment};
 use crate::references::References;
 use crate::resources::MANAGED_SELECTOR;
@@ -105,6 +106,10 @@ pub struct Context {
     pub autoscaler: Arc<Autoscaler>,
     /// Per-account backoff of Twilio requests.
     pub twilio_backoff: AccountBackoff,
+    /// What the watches show of owned objects and what was last applied to them.
+    pub observed: Observed,
+    /// Owned Deployments in full (their status feeds the VoiceDeployment's).
+    pub deployments: Store<Deployment>,
     /// Consecutive failures per object, for per-object backoff.
     failures: FailureCounts,
 }
@@ -159,6 +164,22 @@ impl Context {
 
     fn succeeded(&self, key: &str) {
         self.failures.forget(key);
+    }
+
+    /// An owned Deployment: from the watch cache, or read when the cache does not
+    /// have it (yet).
+    pub async fn deployment(&self, namespace: &str, name: &str) -> Result<Option<Deployment>> {
+        if let Some(d) = self
+            .deployments
+            .get(&ObjectRef::new(name).within(namespace))
+        {
+            return Ok(Some(d.as_ref().clone()));
+        }
+        Ok(
+            Api::<Deployment>::namespaced(self.client.clone(), namespace)
+                .get_opt(name)
+                .await?,
+        )
     }
 }
 
@@ -224,6 +245,67 @@ where
     }
 }
 
+/// A bounded channel's receiver as the `Result` stream a controller takes.
+fn receiver_stream<T: Send + 'static>(
+    rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures::Stream<Item = std::result::Result<T, watcher::Error>> + Send + 'static {
+    futures::stream::unfold(
+        rx,
+        |mut rx| async move { rx.recv().await.map(|t| (Ok(t), rx)) },
+    )
+}
+
+/// Forwards the one Persona watch: applied personas to `changed` (the Persona
+/// controller), applied and deleted ones to `touched` (the VoiceDeployment mapper).
+/// Bounded channels pass backpressure on to the watch; shutdown ends it even when
+/// a controller has stopped reading.
+async fn fan_out_personas(
+    watch: impl futures::Stream<Item = std::result::Result<watcher::Event<Persona>, watcher::Error>>,
+    changed: tokio::sync::mpsc::Sender<Persona>,
+    touched: tokio::sync::mpsc::Sender<Persona>,
+    shutdown: CancellationToken,
+) {
+    let forward = async {
+        let mut watch = std::pin::pin!(watch);
+        while let Some(event) = watch.next().await {
+            let (persona, applied) = match event {
+                Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => (p, true),
+                Ok(watcher::Event::Delete(p)) => (p, false),
+                Ok(watcher::Event::Init | watcher::Event::InitDone) => continue,
+                Err(e) => {
+                    // The backoff retries the watch; the controllers need not hear of it.
+                    tracing::debug!(error = %e, "persona watch error");
+                    continue;
+                }
+            };
+            if applied {
+                // A closed receiver is a controller that stopped: nothing to tell it.
+                let _ = changed.send(persona.clone()).await;
+            }
+            let _ = touched.send(persona).await;
+        }
+    };
+    shutdown.run_until_cancelled(forward).await;
+}
+
+/// A metadata-only watch of one owned kind, feeding the owned-object cache.
+fn owned_metadata<K>(
+    api: Api<PartialObjectMeta<K>>,
+    config: &watcher::Config,
+    ctx: &Arc<Context>,
+) -> impl futures::Stream<Item = std::result::Result<PartialObjectMeta<K>, watcher::Error>>
++ Send
++ 'static
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let ctx = ctx.clone();
+    watcher(api, config.clone())
+        .default_backoff()
+        .inspect_ok(move |event| ctx.observed.observe(event))
+        .touched_objects()
+}
+
 /// Runs both controllers until `shutdown` is cancelled (then lets in-flight
 /// reconciles finish). This is `voice-operator run` minus flags, HTTP and leader
 /// election.
@@ -235,6 +317,7 @@ pub async fn run(client: Client, config: Config, metrics: Metrics, shutdown: Can
         instance: config.instance.clone(),
     };
     let (persona_store, persona_writer) = reflector::store::<Persona>();
+    let (deployment_store, deployment_writer) = reflector::store::<Deployment>();
     let autoscaler = Arc::new(Autoscaler::default());
     let http = TwilioNumbers::http_client();
     let ctx = Arc::new(Context {
@@ -246,12 +329,37 @@ pub async fn run(client: Client, config: Config, metrics: Metrics, shutdown: Can
         http: http.clone(),
         autoscaler: autoscaler.clone(),
         twilio_backoff: AccountBackoff::default(),
+        observed: Observed::default(),
+        deployments: deployment_store,
         failures: FailureCounts::default(),
     });
     let owned = watcher::Config::default().labels(MANAGED_SELECTOR);
     let controller_config = controller::Config::default().concurrency(config.concurrency);
 
-    let personas = Controller::new(api::<Persona>(&client, ns), watcher::Config::default())
+    // One Persona watch and one cache for both controllers: the watch fills the
+    // store the VoiceDeployment reconciler resolves personas from, and its events
+    // fan out to the Persona controller (changed personas) and to the
+    // VoiceDeployment mapper (changed and deleted ones).
+    let persona_watch = watcher(api::<Persona>(&client, ns), watcher::Config::default())
+        .default_backoff()
+        .reflect(persona_writer)
+        .inspect_ok({
+            let ctx = ctx.clone();
+            move |event| {
+                if let watcher::Event::Delete(p) = event {
+                    ctx.failures.forget(&key_of(persona::KIND, p));
+                }
+            }
+        });
+    let (persona_changed, persona_triggers) = tokio::sync::mpsc::channel(256);
+    let (persona_touched, persona_events) = tokio::sync::mpsc::channel(256);
+    let persona_fanout = fan_out_personas(
+        persona_watch,
+        persona_changed,
+        persona_touched,
+        shutdown.clone(),
+    );
+    let personas = Controller::for_stream(receiver_stream(persona_triggers), ctx.personas.clone())
         .with_config(controller_config.clone())
         .graceful_shutdown_on(shutdown.clone().cancelled_owned())
         .run(
@@ -264,19 +372,7 @@ pub async fn run(client: Client, config: Config, metrics: Metrics, shutdown: Can
                 tracing::debug!(error = %e, "persona controller event");
             }
         });
-
-    let persona_events = watcher(api::<Persona>(&client, ns), watcher::Config::default())
-        .default_backoff()
-        .reflect(persona_writer)
-        .inspect_ok({
-            let ctx = ctx.clone();
-            move |event| {
-                if let watcher::Event::Delete(p) = event {
-                    ctx.failures.forget(&key_of(persona::KIND, p));
-                }
-            }
-        })
-        .touched_objects();
+    let persona_events = receiver_stream(persona_events);
     let secret_events = watcher(
         api::<PartialObjectMeta<Secret>>(&client, ns),
         watcher::Config::default(),
@@ -323,14 +419,46 @@ pub async fn run(client: Client, config: Config, metrics: Metrics, shutdown: Can
     let triggers = futures::stream::unfold(triggers, |mut rx| async move {
         rx.recv().await.map(|r| (r, rx))
     });
+    // Owned objects trigger their VoiceDeployment and feed the owned-object cache
+    // ([`Observed`]); only Deployments are kept whole (their status is reported).
+    let observing = ctx.clone();
+    let deployments = watcher(api::<Deployment>(&client, ns), owned.clone())
+        .default_backoff()
+        .reflect(deployment_writer)
+        .inspect_ok(move |event| observing.observed.observe(event))
+        .touched_objects();
     let vds = vds
-        .owns(api::<Deployment>(&client, ns), owned.clone())
-        .owns(api::<Service>(&client, ns), owned.clone())
-        .owns(api::<ConfigMap>(&client, ns), owned.clone())
-        .owns(api::<ServiceAccount>(&client, ns), owned.clone())
-        .owns(api::<HorizontalPodAutoscaler>(&client, ns), owned.clone())
-        .owns(api::<PodDisruptionBudget>(&client, ns), owned.clone())
-        .owns(api::<Ingress>(&client, ns), owned)
+        .owns_stream(deployments)
+        .owns_stream(owned_metadata(
+            api::<PartialObjectMeta<Service>>(&client, ns),
+            &owned,
+            &ctx,
+        ))
+        .owns_stream(owned_metadata(
+            api::<PartialObjectMeta<ConfigMap>>(&client, ns),
+            &owned,
+            &ctx,
+        ))
+        .owns_stream(owned_metadata(
+            api::<PartialObjectMeta<ServiceAccount>>(&client, ns),
+            &owned,
+            &ctx,
+        ))
+        .owns_stream(owned_metadata(
+            api::<PartialObjectMeta<HorizontalPodAutoscaler>>(&client, ns),
+            &owned,
+            &ctx,
+        ))
+        .owns_stream(owned_metadata(
+            api::<PartialObjectMeta<PodDisruptionBudget>>(&client, ns),
+            &owned,
+            &ctx,
+        ))
+        .owns_stream(owned_metadata(
+            api::<PartialObjectMeta<Ingress>>(&client, ns),
+            &owned,
+            &ctx,
+        ))
         .watches_stream(persona_events, move |p: Persona| {
             by_persona.using_persona(&p)
         })
@@ -351,7 +479,7 @@ pub async fn run(client: Client, config: Config, metrics: Metrics, shutdown: Can
             }
         });
     tracing::info!(namespace = ?ns, "controllers started");
-    futures::join!(personas, vds, poller);
+    futures::join!(persona_fanout, personas, vds, poller);
     tracing::info!("controllers stopped");
 }
 

@@ -11,7 +11,8 @@
 //! - `autoscale`: call-capacity autoscaling (pod load poller, pure scaler, pod
 //!   deletion-cost and eviction annotations).
 //! - `controller`: watches, [`controller::Context`], per-object backoff, `run`;
-//!   `references`: the index that maps Persona and Secret events to VoiceDeployments.
+//!   `references`: the index that maps Persona and Secret events to VoiceDeployments;
+//!   `observed`: the owned-object cache that lets a reconcile write only what changed.
 //! - `twilio_numbers`: pointing Twilio numbers at a deployment and back.
 //! - `leader`: Lease-based leader election; `metrics` and `web`: `/metrics`,
 //!   `/healthz`, `/readyz`; `crdgen` and `render`: the offline CLI commands.
@@ -23,6 +24,7 @@ pub mod crdgen;
 pub mod error;
 pub mod leader;
 pub mod metrics;
+pub mod observed;
 pub mod reconcile;
 pub mod references;
 pub mod render;

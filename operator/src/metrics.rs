@@ -43,6 +43,9 @@ pub struct Metrics {
     pub poll_duration: Histogram,
     /// Per VoiceDeployment: what the autoscaler saw and decided.
     pub scaling: ScalingGauges,
+    /// Server-side applies of owned objects by kind and outcome (`written`, or
+    /// `unchanged` when the owned-object cache showed it as last applied).
+    pub applies: IntCounterVec,
 }
 
 /// One VoiceDeployment's scaling picture, as [`Metrics::observe_scaling`] takes it.
@@ -192,8 +195,17 @@ impl Metrics {
             .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
         )
         .expect("valid histogram");
+        let applies = IntCounterVec::new(
+            Opts::new(
+                "operator_applies_total",
+                "Server-side applies of owned objects, by kind and outcome (written, unchanged)",
+            ),
+            &["kind", "outcome"],
+        )
+        .expect("valid counter");
         for c in [
             Box::new(reconcile_duration.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(applies.clone()),
             Box::new(reconcile_errors.clone()),
             Box::new(reconciles.clone()),
             Box::new(leader.clone()),
@@ -217,7 +229,14 @@ impl Metrics {
             scale_changes,
             poll_duration,
             scaling,
+            applies,
         }
+    }
+
+    /// Counts one apply decision for an owned object of `kind`.
+    pub fn applied(&self, kind: &str, written: bool) {
+        let outcome = if written { "written" } else { "unchanged" };
+        self.applies.with_label_values(&[kind, outcome]).inc();
     }
 
     /// Sets one VoiceDeployment's scaling gauges.

@@ -12,6 +12,7 @@
 use std::time::{Duration, Instant};
 
 use callmeback_api::{Persona, VoiceDeployment, find_condition};
+use callmeback_tests::exposition;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -29,45 +30,28 @@ fn env_usize(name: &str, default: usize) -> usize {
 }
 
 /// Quantile of `operator_reconcile_duration_seconds{kind}` from the operator's own
-/// exposition, linear within the bucket.
+/// exposition (Prometheus' bucket interpolation).
 fn quantile(metrics: &Metrics, kind: &str, q: f64) -> f64 {
-    let text = metrics.render();
-    let prefix = format!("operator_reconcile_duration_seconds_bucket{{kind=\"{kind}\",le=\"");
-    let mut buckets: Vec<(f64, f64)> = Vec::new();
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix(&prefix) else {
-            continue;
-        };
-        let Some((le, count)) = rest.split_once("\"} ") else {
-            continue;
-        };
-        let bound = if le == "+Inf" {
-            f64::INFINITY
-        } else {
-            le.parse().unwrap_or(f64::NAN)
-        };
-        buckets.push((bound, count.trim().parse().unwrap_or(0.0)));
-    }
-    let total = buckets.last().map(|b| b.1).unwrap_or(0.0);
-    let rank = q * total;
-    let (mut prev_bound, mut prev_count) = (0.0, 0.0);
-    for (bound, count) in buckets {
-        if count >= rank {
-            if bound.is_infinite() {
-                return prev_bound;
-            }
-            let span = count - prev_count;
-            let frac = if span > 0.0 {
-                (rank - prev_count) / span
-            } else {
-                0.0
-            };
-            return prev_bound + frac * (bound - prev_bound);
-        }
-        prev_bound = bound;
-        prev_count = count;
-    }
-    prev_bound
+    let samples = exposition::parse(&metrics.render()).expect("the operator's exposition parses");
+    exposition::histogram_quantile(
+        q,
+        &samples,
+        "operator_reconcile_duration_seconds",
+        &[("kind", kind)],
+    )
+}
+
+/// `operator_applies_total{outcome}` summed over kinds.
+fn applies(metrics: &Metrics, outcome: &str) -> f64 {
+    let samples = exposition::parse(&metrics.render()).expect("the operator's exposition parses");
+    samples
+        .iter()
+        .filter(|s| {
+            s.labels.get("__name__").map(String::as_str) == Some("operator_applies_total")
+                && s.labels.get("outcome").map(String::as_str) == Some(outcome)
+        })
+        .map(|s| s.value)
+        .sum()
 }
 
 #[tokio::main]
@@ -228,4 +212,9 @@ async fn main() {
             quantile(&metrics, kind, 0.99) * 1000.0
         );
     }
+    println!(
+        "  owned-object applies    {:>6} written, {} skipped as unchanged",
+        applies(&metrics, "written"),
+        applies(&metrics, "unchanged")
+    );
 }

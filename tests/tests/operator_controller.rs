@@ -121,6 +121,23 @@ impl Operator {
     fn reconciles(&self, kind: &str) -> u64 {
         self.metrics.reconciles.with_label_values(&[kind]).get()
     }
+
+    /// Applies of owned objects with `outcome` (`written`, `unchanged`), all kinds.
+    fn applies(&self, outcome: &str) -> u64 {
+        use prometheus::core::Collector;
+        self.metrics
+            .applies
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .filter(|m| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == "outcome" && l.value() == outcome)
+            })
+            .map(|m| m.get_counter().get_value() as u64)
+            .sum()
+    }
 }
 
 impl Drop for Operator {
@@ -688,7 +705,9 @@ async fn missing_and_invalid_personas_are_reported() {
 
 #[tokio::test]
 async fn a_second_reconcile_writes_nothing() {
-    // Proves idempotency: after convergence a triggered reconcile changes no resourceVersion anywhere.
+    // Proves idempotency: after convergence a triggered reconcile changes no
+    // resourceVersion anywhere, and sends no apply at all (the owned-object cache
+    // shows every object as last applied).
     let (_cp, ns, client, op) = setup("op-idempotent").await;
     apply_json(&client, &ns, secret_doc()).await;
     apply_json(&client, &ns, persona_doc("sam", "Hi!")).await;
@@ -717,6 +736,7 @@ async fn a_second_reconcile_writes_nothing() {
     })
     .await;
     let before = op.reconciles("VoiceDeployment");
+    let (written, unchanged) = (op.applies("written"), op.applies("unchanged"));
     // Touch the Secret's labels: the Secret watch requeues the VoiceDeployment.
     let patch = serde_json::json!({ "metadata": { "labels": { "touched": "yes" } } });
     Api::<Secret>::namespaced(client.clone(), &ns)
@@ -744,6 +764,17 @@ async fn a_second_reconcile_writes_nothing() {
     assert_eq!(
         settled, after,
         "a reconcile with nothing to do must write nothing"
+    );
+    assert_eq!(
+        op.applies("written"),
+        written,
+        "no apply request for unchanged objects"
+    );
+    assert!(
+        op.applies("unchanged") >= unchanged + 5,
+        "the reconcile skipped its applies: {} -> {}",
+        unchanged,
+        op.applies("unchanged")
     );
     op.stop().await;
 }

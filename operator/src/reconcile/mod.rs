@@ -20,6 +20,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::Result;
+use crate::metrics::Metrics;
+use crate::observed::{ObjKey, Observed, digest};
 use crate::resources::{FIELD_MANAGER, MANAGED_BY, PERSONA_LABEL, VOICE_DEPLOYMENT_LABEL};
 use callmeback_api::Condition;
 
@@ -73,6 +75,54 @@ where
         .await?
         .filter(|existing| !may_write(existing.meta(), desired.meta()))
         .map(|_| format!("{} {name}", K::kind(&()))))
+}
+
+/// [`foreign`], answered from the owned-object cache when it holds the object (no
+/// GET). A miss still reads the API: a same-named object without the operator's
+/// labels is invisible to its watches.
+pub async fn foreign_observed<K>(
+    api: &Api<K>,
+    desired: &K,
+    observed: &Observed,
+) -> Result<Option<String>>
+where
+    K: Resource<DynamicType = ()> + DeserializeOwned + Clone + Debug,
+{
+    match observed.meta(&ObjKey::of::<K>(desired.meta())) {
+        Some(existing) => Ok((!may_write(&existing, desired.meta())).then(|| {
+            format!(
+                "{} {}",
+                K::kind(&()),
+                desired.meta().name.as_deref().unwrap_or_default()
+            )
+        })),
+        None => foreign(api, desired).await,
+    }
+}
+
+/// [`apply`] unless the owned-object cache shows `obj` exactly as this process last
+/// applied it and unchanged since ([`Observed::unchanged`]). `Some` with the result
+/// when written, `None` when skipped; counted in `operator_applies_total`.
+pub async fn apply_changed<K>(
+    api: &Api<K>,
+    obj: &K,
+    observed: &Observed,
+    metrics: &Metrics,
+) -> Result<Option<K>>
+where
+    K: Resource<DynamicType = ()> + Serialize + DeserializeOwned + Clone + Debug,
+{
+    let key = ObjKey::of::<K>(obj.meta());
+    let desired = digest(obj);
+    let kind = K::kind(&());
+    if observed.unchanged(&key, desired) {
+        metrics.applied(&kind, false);
+        return Ok(None);
+    }
+    let result = apply(api, obj).await?;
+    observed.applied(key, desired, result.meta());
+    metrics.applied(&kind, true);
+    Ok(Some(result))
 }
 
 /// Server-side apply `obj` (forcing field ownership: the operator is the single writer
