@@ -2,7 +2,8 @@
 //! containerd runs the images `scripts/node-images.sh` built from this
 //! build's binaries, the kubelet calls the probes, kube-proxy routes the
 //! `kubernetes` Service. `helm install` of the chart runs the operator as a
-//! real pod; it takes the leader Lease and brings up the example's voice pods.
+//! real pod; it takes the leader Lease and brings up the example's voice pods;
+//! `helm upgrade` hands that Lease to the new operator pod without a moment of two.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -12,10 +13,10 @@ use callmeback_tests::call_harness::{
     Caller, Emulators, ProviderProfile, lines, table, table_replies,
 };
 use callmeback_tests::controlplane;
-use callmeback_tests::helm::kubectl;
+use callmeback_tests::helm::{Helm, chart_dir, kubectl};
 use callmeback_tests::node_cluster::{
-    ONE_AT_A_TIME, active_calls, install_examples, pods_with, say_each, talk, voice_service_url,
-    wait_available_with_ready_pods,
+    ONE_AT_A_TIME, active_calls, eventually, example, install_examples, pods_with, say_each, talk,
+    voice_service_url, wait_available_with_ready_pods, yaml,
 };
 use callmeback_tests::twilio_sim::TwilioSim;
 
@@ -193,4 +194,254 @@ async fn calls_through_the_voice_service_complete_and_a_deleted_pod_finishes_its
             .all(|p| p.metadata.name.as_deref() != Some(busy.as_str())),
         "the Deployment replaced the deleted pod {busy}"
     );
+}
+
+/// Whether an operator pod says it leads (`operator_leader` on its :8080/metrics);
+/// `None` when it does not answer (starting, or gone).
+async fn leads(pod: &k8s_openapi::api::core::v1::Pod) -> Option<bool> {
+    let ip = pod.status.as_ref()?.pod_ip.clone()?;
+    let text = reqwest::Client::new()
+        .get(format!("http://{ip}:8080/metrics"))
+        .timeout(Duration::from_millis(300))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("operator_leader "))
+        .map(|v| v.trim() == "1")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_helm_upgrade_hands_the_lease_over_without_two_acting_operators_or_a_cut_call() {
+    // Proves on a real node: `helm upgrade` rolls the operator Deployment (the
+    // default rolling update starts the new pod before the old one stops), yet
+    // at no moment do two operator pods lead: the new pod waits, Ready and idle,
+    // until the old one stops acting and hands the Lease over on SIGTERM. A call
+    // through the voice pods stays up across it, and the new operator then acts
+    // (a persona edit reaches the pods' ConfigMap).
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let cp = controlplane::shared_with_node().await;
+    let node = cp.node().expect("a control plane started with a real node");
+    let script = lines(&[
+        "Hello, who is this?",
+        "Tell me about your cakes.",
+        "Thanks, goodbye.",
+    ]);
+    let replies = table_replies(
+        table(&[
+            ("who", "It's Maya, your rescue line."),
+            ("cakes", "Chocolate, lemon and carrot, every day."),
+            ("goodbye", "Bye now!"),
+        ]),
+        "Sorry?".into(),
+        Arc::new(Mutex::new(Vec::new())),
+    );
+    let emulators = Emulators::start_on(
+        node.host_address().into(),
+        script.clone(),
+        replies,
+        ProviderProfile::ZERO,
+    )
+    .await
+    .expect("provider emulators on the bridge address");
+    let account_sid = "AC0123456789abcdef0123456789abcdef".to_owned();
+    let auth_token = "node-upgrade-auth-token".to_owned();
+    let mut secret: BTreeMap<String, String> = emulators.env().into_iter().collect();
+    secret.insert("TWILIO_ACCOUNT_SID".into(), account_sid.clone());
+    secret.insert("TWILIO_AUTH_TOKEN".into(), auth_token.clone());
+    let installed = install_examples(cp, node, "node-upgrade", secret, |_| {}, 2).await;
+    let ns = installed.ns.clone();
+    let operator_pods = || async {
+        pods_with(cp, &ns, &installed.operator_selector)
+            .await
+            .unwrap_or_default()
+    };
+    let old = operator_pods().await;
+    let [old] = old.as_slice() else {
+        panic!("{} operator pods before the upgrade", old.len());
+    };
+    let old_name = old.metadata.name.clone().unwrap_or_default();
+
+    // A call is live while the operator is upgraded.
+    let to = installed
+        .numbers
+        .first()
+        .expect("the example VoiceDeployment has a number")
+        .clone();
+    let sim = TwilioSim::new(
+        &voice_service_url(cp, &installed).await,
+        &installed.public_url,
+        &account_sid,
+        &auth_token,
+    );
+    let mut live = Caller::dial(&sim, "+14155550124", &to)
+        .await
+        .expect("dialling the live call");
+    talk(&mut live, &script[..1], "the live call before the upgrade")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    // Every 100 ms: which operator pods exist and which of them say they lead.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let sampler = {
+        let stop = stop.clone();
+        let ns = ns.clone();
+        let selector = installed.operator_selector.clone();
+        tokio::spawn(async move {
+            let mut samples: Vec<Vec<(String, Option<bool>)>> = Vec::new();
+            while !stop.is_cancelled() {
+                let pods = pods_with(cp, &ns, &selector).await.unwrap_or_default();
+                let answers = futures::future::join_all(pods.iter().map(leads)).await;
+                samples.push(
+                    pods.iter()
+                        .map(|p| p.metadata.name.clone().unwrap_or_default())
+                        .zip(answers)
+                        .collect(),
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            samples
+        })
+    };
+
+    // helm blocks: off the runtime, so the sampler keeps sampling meanwhile.
+    let kubeconfig = cp.kubeconfig_path().to_path_buf();
+    let started = std::time::Instant::now();
+    let upgrade = vec![
+        "upgrade".to_owned(),
+        ns.clone(),
+        chart_dir().display().to_string(),
+        "--namespace".to_owned(),
+        ns.clone(),
+        "--reuse-values".to_owned(),
+        // A changed pod template, as a new image tag makes: the Deployment rolls.
+        "--set".to_owned(),
+        "podAnnotations.callmeback\\.dev/upgraded=yes".to_owned(),
+        "--wait".to_owned(),
+        "--timeout".to_owned(),
+        "3m".to_owned(),
+    ];
+    tokio::task::spawn_blocking(move || Helm::with_kubeconfig(kubeconfig)?.run(upgrade))
+        .await
+        .expect("the helm task")
+        .unwrap_or_else(|e| panic!("helm upgrade: {e}"));
+    let new_name = eventually(
+        "one new operator pod leads, the old one is gone",
+        || async {
+            let pods = operator_pods().await;
+            let [pod] = pods.as_slice() else {
+                return Err(format!("{} operator pods", pods.len()));
+            };
+            let name = pod.metadata.name.clone().unwrap_or_default();
+            if name == old_name {
+                return Err("still the old pod".into());
+            }
+            match leads(pod).await {
+                Some(true) => Ok(name),
+                other => Err(format!("{name} leads: {other:?}")),
+            }
+        },
+    )
+    .await;
+    let handover = started.elapsed();
+    stop.cancel();
+    let samples = sampler.await.expect("the sampler");
+
+    let leaders = |s: &Vec<(String, Option<bool>)>| {
+        s.iter()
+            .filter(|(_, l)| *l == Some(true))
+            .map(|(n, _)| n.clone())
+            .collect::<Vec<_>>()
+    };
+    // Two leaders in one sample could be the few ms between two scrapes; in two
+    // samples in a row (100 ms apart) it is two operators acting.
+    for pair in samples.windows(2) {
+        assert!(
+            leaders(&pair[0]).len() <= 1 || leaders(&pair[1]).len() <= 1,
+            "two operator pods led at once: {pair:?}"
+        );
+    }
+    // The old pod led until it stopped; the new one was up and idle (answering,
+    // not leading) in between, and led only after the old one's last sample as leader.
+    let led_by = |name: &str| {
+        samples
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.iter().any(|(n, l)| n == name && *l == Some(true)))
+            .map(|(i, _)| i)
+            .collect::<Vec<_>>()
+    };
+    let old_last = led_by(&old_name).last().copied();
+    let new_first = led_by(&new_name).first().copied();
+    let (Some(old_last), Some(new_first)) = (old_last, new_first) else {
+        panic!("both pods should have been seen leading: {samples:?}");
+    };
+    assert!(
+        old_last < new_first,
+        "the new operator led (sample {new_first}) before the old one stopped (sample {old_last}): {samples:?}"
+    );
+    let waited = samples[old_last..new_first]
+        .iter()
+        .any(|s| s.iter().any(|(n, l)| *n == new_name && *l == Some(false)));
+    assert!(
+        waited,
+        "the new operator pod was never seen up and idle before it led: {samples:?}"
+    );
+    eprintln!(
+        "helm upgrade: lease handed from {old_name} to {new_name} {handover:?} after the upgrade began ({} samples)",
+        samples.len()
+    );
+
+    // The call lived through it...
+    say_each(&mut live, &script[1..], "the live call after the upgrade")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    live.hang_up().await.expect("hang up the live call");
+    // ...and the new operator acts: a persona edit reaches the pods' ConfigMap.
+    let persona = yaml(&example("persona.yaml"));
+    let persona_name = persona["metadata"]["name"]
+        .as_str()
+        .expect("the example persona has a name")
+        .to_owned();
+    let marker = "upgraded-operator-edit";
+    kubectl(
+        cp.kubeconfig_path(),
+        [
+            "patch",
+            "persona",
+            persona_name.as_str(),
+            "--namespace",
+            ns.as_str(),
+            "--type=merge",
+            "-p",
+            &format!("{{\"spec\":{{\"greeting\":\"Hello from the {marker}.\"}}}}"),
+        ],
+    )
+    .unwrap_or_else(|e| panic!("kubectl patch persona: {e}"));
+    let config = format!("{}-config", installed.vd_name);
+    eventually(
+        "the new operator writes the edit into the ConfigMap",
+        || async {
+            let cm = kubectl(
+                cp.kubeconfig_path(),
+                [
+                    "get",
+                    "configmap",
+                    config.as_str(),
+                    "--namespace",
+                    ns.as_str(),
+                    "-o",
+                    "json",
+                ],
+            )
+            .map_err(|e| e.to_string())?;
+            cm.contains(marker)
+                .then_some(())
+                .ok_or("not yet".to_string())
+        },
+    )
+    .await;
 }
