@@ -121,6 +121,50 @@ pub struct VoiceDeploymentSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 50))]
     pub prices: Vec<Price>,
+    /// Which numbers the call-me-back API (`POST /v1/calls`) may dial, and how often.
+    /// Premium-rate and shared-cost numbers are refused whatever this says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dialing: Option<DialingSpec>,
+}
+
+/// The dial guard and rate limits of the voice pods' call-me-back API (README
+/// "Security"); each field maps to the pods' `CALLMEBACK_DIAL_*` setting.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DialingSpec {
+    /// Destination countries (ISO 3166 codes such as `US`, `GB`), or `["*"]` for any;
+    /// default: the caller ID's country.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 250))]
+    #[schemars(inner(regex(pattern = r"^([A-Z]{2}|\*)$")))]
+    pub countries: Vec<String>,
+    /// E.164 prefixes dialled besides those countries (`+1415`, `+882`); numbers of no
+    /// country (international networks) need one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 50))]
+    #[schemars(inner(regex(pattern = r"^\+[0-9]{1,15}$")))]
+    pub prefixes: Vec<String>,
+    /// Region national numbers in requests are read in (default: the caller ID's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Z]{2}$"))]
+    pub default_region: Option<String>,
+    /// Calls to one number at most over a sliding window, `N/duration` (`5/1h`,
+    /// `3/10m`, `20/1d`) or `off`; default `5/1h`. Shared by the pods through
+    /// PostgreSQL when the Secret has `DATABASE_URL`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 32),
+        regex(pattern = r"^([1-9][0-9]{0,6}/[1-9][0-9]{0,5}[smhd]|off)$")
+    )]
+    pub limit_per_number: Option<String>,
+    /// Calls for one user at most (a request's `user`, or a user token's), same form;
+    /// default `20/1h`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 32),
+        regex(pattern = r"^([1-9][0-9]{0,6}/[1-9][0-9]{0,5}[smhd]|off)$")
+    )]
+    pub limit_per_user: Option<String>,
 }
 
 /// When the kubelet pulls the voice pod image.

@@ -550,3 +550,47 @@ fn a_persona_outlasting_the_drain_deadline_is_reported() {
     longer.drain_timeout_seconds = Some(7200);
     assert!(outlasting_problem(&vd(longer), &resolution).is_none());
 }
+
+// spec.dialing reaches the pods as their CALLMEBACK_DIAL_* settings, and only what
+// is set (the pods' defaults apply otherwise).
+#[test]
+fn dialing_settings_become_the_pods_dial_environment() {
+    let env_of = |spec: VoiceDeploymentSpec| -> BTreeMap<String, String> {
+        let d = deployment(&vd(spec), &inputs()).expect("deployment");
+        d.spec
+            .and_then(|s| s.template.spec)
+            .map(|p| p.containers)
+            .unwrap_or_default()
+            .into_iter()
+            .flat_map(|c| c.env.unwrap_or_default())
+            .filter(|e| e.name.starts_with("CALLMEBACK_DIAL_"))
+            .map(|e| (e.name, e.value.unwrap_or_default()))
+            .collect()
+    };
+    assert!(
+        env_of(vd_spec()).is_empty(),
+        "nothing set: the pods' defaults"
+    );
+    let mut spec = vd_spec();
+    spec.dialing = serde_json::from_value(serde_json::json!({
+        "countries": ["US", "CA"],
+        "prefixes": ["+882"],
+        "defaultRegion": "US",
+        "limitPerNumber": "3/10m",
+        "limitPerUser": "off",
+    }))
+    .expect("dialing");
+    assert_eq!(
+        env_of(spec),
+        BTreeMap::from(
+            [
+                ("CALLMEBACK_DIAL_COUNTRIES", "US,CA"),
+                ("CALLMEBACK_DIAL_PREFIXES", "+882"),
+                ("CALLMEBACK_DIAL_DEFAULT_REGION", "US"),
+                ("CALLMEBACK_DIAL_LIMIT_PER_NUMBER", "3/10m"),
+                ("CALLMEBACK_DIAL_LIMIT_PER_USER", "off"),
+            ]
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+        )
+    );
+}

@@ -1533,6 +1533,43 @@ async fn invalid_custom_resources_are_rejected_with_readable_messages() {
         "{msg}"
     );
 
+    // The dialing settings the pods would refuse at start are refused here instead.
+    for (dialing, field) in [
+        (
+            serde_json::json!({ "countries": ["usa"] }),
+            "spec.dialing.countries[0]",
+        ),
+        (
+            serde_json::json!({ "prefixes": ["882"] }),
+            "spec.dialing.prefixes[0]",
+        ),
+        (
+            serde_json::json!({ "limitPerNumber": "5 per hour" }),
+            "spec.dialing.limitPerNumber",
+        ),
+        (
+            serde_json::json!({ "limitPerUser": "0/1h" }),
+            "spec.dialing.limitPerUser",
+        ),
+    ] {
+        let mut bad_dialing = vd_doc("desk", &["sam"], "keys");
+        bad_dialing["spec"]["dialing"] = dialing.clone();
+        let msg = reject(
+            vds.patch("desk", &pp, &Patch::Apply(&bad_dialing))
+                .await
+                .unwrap_err(),
+        );
+        assert!(msg.contains(field), "{dialing}: {msg}");
+    }
+    let mut dialing = vd_doc("desk-dialing", &["sam"], "keys");
+    dialing["spec"]["dialing"] = serde_json::json!({
+        "countries": ["US", "CA"], "prefixes": ["+882"], "defaultRegion": "US",
+        "limitPerNumber": "3/10m", "limitPerUser": "off",
+    });
+    vds.patch("desk-dialing", &pp, &Patch::Apply(&dialing))
+        .await
+        .expect("valid dialing settings are accepted");
+
     let mut bad_number = vd_doc("desk", &["sam"], "keys");
     bad_number["spec"]["twilio"] = serde_json::json!({ "phoneNumbers": ["555-0100"] });
     let msg = reject(

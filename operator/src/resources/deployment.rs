@@ -139,6 +139,25 @@ fn container_env(vd: &VoiceDeployment) -> Vec<EnvVar> {
         field_env("POD_NAME", "metadata.name"),
         field_env("POD_NAMESPACE", "metadata.namespace"),
     ];
+    // The dial guard and rate limits: only what the spec sets, so the pods' own
+    // defaults (the caller ID's country, 5/1h, 20/1h) apply otherwise.
+    if let Some(d) = &vd.spec.dialing {
+        if !d.countries.is_empty() {
+            out.push(env("CALLMEBACK_DIAL_COUNTRIES", d.countries.join(",")));
+        }
+        if !d.prefixes.is_empty() {
+            out.push(env("CALLMEBACK_DIAL_PREFIXES", d.prefixes.join(",")));
+        }
+        for (name, value) in [
+            ("CALLMEBACK_DIAL_DEFAULT_REGION", &d.default_region),
+            ("CALLMEBACK_DIAL_LIMIT_PER_NUMBER", &d.limit_per_number),
+            ("CALLMEBACK_DIAL_LIMIT_PER_USER", &d.limit_per_user),
+        ] {
+            if let Some(v) = value {
+                out.push(env(name, v.as_str()));
+            }
+        }
+    }
     for (key, required) in SECRET_ENV_KEYS {
         out.push(EnvVar {
             name: (*key).into(),
