@@ -214,6 +214,26 @@ impl Emulators {
     }
 }
 
+/// The environment of a pod that places calls through `POST /v1/calls`: its
+/// database, the Twilio REST base, the test API token and caller ID, then `extra`
+/// (later entries win).
+pub fn calling_pod_env(
+    database_url: &str,
+    twilio_api_url: &str,
+    extra: &[(&str, &str)],
+) -> Vec<(String, String)> {
+    [
+        ("DATABASE_URL", database_url),
+        ("TWILIO_API_URL", twilio_api_url),
+        ("CALLMEBACK_API_TOKEN", crate::twilio_sim::TEST_API_TOKEN),
+        ("TWILIO_FROM_NUMBER", crate::twilio_sim::TEST_FROM_NUMBER),
+    ]
+    .iter()
+    .chain(extra)
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
 // ---------------------------------------------------------------------- personas
 
 /// A persona for test calls, as the operator would write it (JSON is YAML).

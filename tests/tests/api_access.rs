@@ -7,12 +7,10 @@
 use std::process::Command;
 use std::time::Duration;
 
-use callmeback_tests::call_harness::{PodProcess, persona_json, pod_binary};
+use callmeback_tests::call_harness::{PodProcess, calling_pod_env, persona_json, pod_binary};
 use callmeback_tests::emulators::twilio_rest::TwilioRestEmulator;
 use callmeback_tests::postgres::TestDb;
-use callmeback_tests::twilio_sim::{
-    TEST_ACCOUNT_SID, TEST_API_TOKEN, TEST_AUTH_TOKEN, TEST_FROM_NUMBER,
-};
+use callmeback_tests::twilio_sim::{TEST_ACCOUNT_SID, TEST_API_TOKEN, TEST_AUTH_TOKEN};
 use serde_json::{Value, json};
 
 struct Deployment {
@@ -40,16 +38,7 @@ impl Deployment {
     }
 
     async fn pod(&self, extra: &[(&str, &str)]) -> PodProcess {
-        let mut env: Vec<(String, String)> = [
-            ("DATABASE_URL", self.db.url.as_str()),
-            ("TWILIO_API_URL", self.twilio.base_url().as_str()),
-            ("CALLMEBACK_API_TOKEN", TEST_API_TOKEN),
-            ("TWILIO_FROM_NUMBER", TEST_FROM_NUMBER),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let env = calling_pod_env(&self.db.url, &self.twilio.base_url(), extra);
         PodProcess::start_with_env(&[("ada", persona_json(json!({})))], &env)
             .await
             .expect("start voice-pod")

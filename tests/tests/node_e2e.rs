@@ -13,12 +13,45 @@ use callmeback_tests::call_harness::{
     Caller, Emulators, ProviderProfile, lines, table, table_replies,
 };
 use callmeback_tests::controlplane;
+use callmeback_tests::controlplane::node::Node;
 use callmeback_tests::helm::{Helm, chart_dir, kubectl};
 use callmeback_tests::node_cluster::{
     ONE_AT_A_TIME, active_calls, eventually, example, install_examples, pods_with, say_each, talk,
     voice_service_url, wait_available_with_ready_pods, yaml,
 };
 use callmeback_tests::twilio_sim::TwilioSim;
+
+/// The example Secret's Twilio account (the numbers emulator checks it).
+const ACCOUNT_SID: &str = "AC0123456789abcdef0123456789abcdef";
+const AUTH_TOKEN: &str = "node-e2e-auth-token";
+
+/// Provider emulators on the node's bridge (the Deepgram one transcribes each
+/// call's utterances as `script`, from the first; the model answers by `answers`'
+/// keywords), and the Secret the example VoiceDeployment reads: their URLs plus the
+/// Twilio account. Keep the emulators for as long as the pods call them.
+async fn emulators_and_secret(
+    node: &Node,
+    script: &[String],
+    answers: &[(&str, &str)],
+) -> (Emulators, BTreeMap<String, String>) {
+    let replies = table_replies(
+        table(answers),
+        "Sorry?".into(),
+        Arc::new(Mutex::new(Vec::new())),
+    );
+    let emulators = Emulators::start_on(
+        node.host_address().into(),
+        script.to_vec(),
+        replies,
+        ProviderProfile::ZERO,
+    )
+    .await
+    .expect("provider emulators on the bridge address");
+    let mut secret: BTreeMap<String, String> = emulators.env().into_iter().collect();
+    secret.insert("TWILIO_ACCOUNT_SID".into(), ACCOUNT_SID.into());
+    secret.insert("TWILIO_AUTH_TOKEN".into(), AUTH_TOKEN.into());
+    (emulators, secret)
+}
 
 #[tokio::test]
 async fn calls_through_the_voice_service_complete_and_a_deleted_pod_finishes_its_live_call() {
@@ -41,32 +74,18 @@ async fn calls_through_the_voice_service_complete_and_a_deleted_pod_finishes_its
         "Do you deliver on Sundays?",
         "Thanks, goodbye.",
     ]);
-    let replies = table_replies(
-        table(&[
+    let (_emulators, secret) = emulators_and_secret(
+        node,
+        &script,
+        &[
             ("who", "It's Maya, your rescue line."),
             ("cakes", long),
             ("cookies", "We have chocolate chip cookies."),
             ("Sundays", "Yes, every Sunday morning."),
             ("goodbye", "Bye now!"),
-        ]),
-        "Sorry?".into(),
-        Arc::new(Mutex::new(Vec::new())),
-    );
-    // The Deepgram emulator transcribes each call's utterances as the
-    // script's lines, from the first, per call.
-    let emulators = Emulators::start_on(
-        node.host_address().into(),
-        script.clone(),
-        replies,
-        ProviderProfile::ZERO,
+        ],
     )
-    .await
-    .expect("provider emulators on the bridge address");
-    let account_sid = "AC0123456789abcdef0123456789abcdef".to_owned();
-    let auth_token = "node-e2e-auth-token".to_owned();
-    let mut secret: BTreeMap<String, String> = emulators.env().into_iter().collect();
-    secret.insert("TWILIO_ACCOUNT_SID".into(), account_sid.clone());
-    secret.insert("TWILIO_AUTH_TOKEN".into(), auth_token.clone());
+    .await;
     let installed = install_examples(cp, node, "node-call", secret, |_| {}, 2).await;
     let from = "+14155550123";
     let to = installed
@@ -77,8 +96,8 @@ async fn calls_through_the_voice_service_complete_and_a_deleted_pod_finishes_its
     let sim = TwilioSim::new(
         &voice_service_url(cp, &installed).await,
         &installed.public_url,
-        &account_sid,
-        &auth_token,
+        ACCOUNT_SID,
+        AUTH_TOKEN,
     );
 
     // A whole conversation through the ClusterIP: greeting, 4 turns, a barge-in.
@@ -230,28 +249,16 @@ async fn a_helm_upgrade_hands_the_lease_over_without_two_acting_operators_or_a_c
         "Tell me about your cakes.",
         "Thanks, goodbye.",
     ]);
-    let replies = table_replies(
-        table(&[
+    let (_emulators, secret) = emulators_and_secret(
+        node,
+        &script,
+        &[
             ("who", "It's Maya, your rescue line."),
             ("cakes", "Chocolate, lemon and carrot, every day."),
             ("goodbye", "Bye now!"),
-        ]),
-        "Sorry?".into(),
-        Arc::new(Mutex::new(Vec::new())),
-    );
-    let emulators = Emulators::start_on(
-        node.host_address().into(),
-        script.clone(),
-        replies,
-        ProviderProfile::ZERO,
+        ],
     )
-    .await
-    .expect("provider emulators on the bridge address");
-    let account_sid = "AC0123456789abcdef0123456789abcdef".to_owned();
-    let auth_token = "node-upgrade-auth-token".to_owned();
-    let mut secret: BTreeMap<String, String> = emulators.env().into_iter().collect();
-    secret.insert("TWILIO_ACCOUNT_SID".into(), account_sid.clone());
-    secret.insert("TWILIO_AUTH_TOKEN".into(), auth_token.clone());
+    .await;
     let installed = install_examples(cp, node, "node-upgrade", secret, |_| {}, 2).await;
     let ns = installed.ns.clone();
     let operator_pods = || async {
@@ -274,8 +281,8 @@ async fn a_helm_upgrade_hands_the_lease_over_without_two_acting_operators_or_a_c
     let sim = TwilioSim::new(
         &voice_service_url(cp, &installed).await,
         &installed.public_url,
-        &account_sid,
-        &auth_token,
+        ACCOUNT_SID,
+        AUTH_TOKEN,
     );
     let mut live = Caller::dial(&sim, "+14155550124", &to)
         .await

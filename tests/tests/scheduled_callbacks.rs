@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use callmeback_tests::call_harness::{PodProcess, persona_json};
+use callmeback_tests::call_harness::{PodProcess, calling_pod_env, persona_json};
 use callmeback_tests::emulators::twilio_rest::{CreatedCall, TwilioRestEmulator};
 use callmeback_tests::postgres::TestDb;
 use callmeback_tests::twilio_sim::{
@@ -45,17 +45,7 @@ impl Cluster {
     }
 
     fn env(&self, twilio_url: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
-        let mut env: Vec<(String, String)> = [
-            ("DATABASE_URL", self.db.url.as_str()),
-            ("TWILIO_API_URL", twilio_url),
-            ("CALLMEBACK_API_TOKEN", TEST_API_TOKEN),
-            ("TWILIO_FROM_NUMBER", TEST_FROM_NUMBER),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        env
+        calling_pod_env(&self.db.url, twilio_url, extra)
     }
 
     async fn pod(&self, extra: &[(&str, &str)]) -> PodProcess {
