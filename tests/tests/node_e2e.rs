@@ -16,8 +16,8 @@ use callmeback_tests::controlplane;
 use callmeback_tests::controlplane::node::Node;
 use callmeback_tests::helm::{Helm, chart_dir, kubectl};
 use callmeback_tests::node_cluster::{
-    ONE_AT_A_TIME, active_calls, eventually, example, install_examples, pods_with, say_each, talk,
-    voice_service_url, wait_available_with_ready_pods, yaml,
+    Installed, ONE_AT_A_TIME, active_calls, eventually, example, install_examples, pods_with,
+    say_each, talk, voice_service_url, wait_available_with_ready_pods, yaml,
 };
 use callmeback_tests::twilio_sim::TwilioSim;
 
@@ -51,6 +51,26 @@ async fn emulators_and_secret(
     secret.insert("TWILIO_ACCOUNT_SID".into(), ACCOUNT_SID.into());
     secret.insert("TWILIO_AUTH_TOKEN".into(), AUTH_TOKEN.into());
     (emulators, secret)
+}
+
+/// Simulated Twilio placing calls to the example's first number through the voice
+/// Service's ClusterIP (kube-proxy), and that number.
+async fn twilio_toward(
+    cp: &callmeback_tests::controlplane::ControlPlane,
+    installed: &Installed,
+) -> (TwilioSim, String) {
+    let to = installed
+        .numbers
+        .first()
+        .expect("the example VoiceDeployment has a number")
+        .clone();
+    let sim = TwilioSim::new(
+        &voice_service_url(cp, installed).await,
+        &installed.public_url,
+        ACCOUNT_SID,
+        AUTH_TOKEN,
+    );
+    (sim, to)
 }
 
 #[tokio::test]
@@ -88,17 +108,7 @@ async fn calls_through_the_voice_service_complete_and_a_deleted_pod_finishes_its
     .await;
     let installed = install_examples(cp, node, "node-call", secret, |_| {}, 2).await;
     let from = "+14155550123";
-    let to = installed
-        .numbers
-        .first()
-        .expect("the example VoiceDeployment has a number")
-        .clone();
-    let sim = TwilioSim::new(
-        &voice_service_url(cp, &installed).await,
-        &installed.public_url,
-        ACCOUNT_SID,
-        AUTH_TOKEN,
-    );
+    let (sim, to) = twilio_toward(cp, &installed).await;
 
     // A whole conversation through the ClusterIP: greeting, 4 turns, a barge-in.
     let mut caller = Caller::dial(&sim, from, &to)
@@ -273,17 +283,7 @@ async fn a_helm_upgrade_hands_the_lease_over_without_two_acting_operators_or_a_c
     let old_name = old.metadata.name.clone().unwrap_or_default();
 
     // A call is live while the operator is upgraded.
-    let to = installed
-        .numbers
-        .first()
-        .expect("the example VoiceDeployment has a number")
-        .clone();
-    let sim = TwilioSim::new(
-        &voice_service_url(cp, &installed).await,
-        &installed.public_url,
-        ACCOUNT_SID,
-        AUTH_TOKEN,
-    );
+    let (sim, to) = twilio_toward(cp, &installed).await;
     let mut live = Caller::dial(&sim, "+14155550124", &to)
         .await
         .expect("dialling the live call");
