@@ -319,6 +319,65 @@ pub struct Price {
     pub usd_per_unit: String,
 }
 
+/// Why a VoiceDeployment is `Degraded`: the `reason` of that condition. Alerts,
+/// dashboards and `kubectl wait` match on these strings, so they are part of the API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DegradedReason {
+    /// Same-named objects exist that this VoiceDeployment does not own; nothing is applied.
+    NotOwned,
+    /// The Secret named by `secretRef` does not exist.
+    SecretMissing,
+    /// The Secret lacks keys the pods need.
+    SecretKeyMissing,
+    /// A named persona does not exist.
+    PersonaNotFound,
+    /// A `numberRoutes` key is not an E.164 number.
+    InvalidNumberRoute,
+    /// `ingress.annotations` outside the allowlist were dropped.
+    IngressAnnotationRejected,
+    /// No persona matches `personas` or `personaSelector`.
+    NoPersonas,
+    /// The autoscaling settings cannot be used.
+    InvalidAutoscaling,
+    /// A served persona is invalid (its last valid version is served).
+    PersonaInvalid,
+    /// A persona's calls may outlast the pods' drain deadline.
+    PersonaOutlastsDrain,
+    /// Twilio refused a wiring request.
+    TwilioError,
+    /// Twilio has been failing for a while with a wiring change pending.
+    TwilioUnavailable,
+    /// Another VoiceDeployment took over one of this one's numbers.
+    TwilioNumberTakenOver,
+}
+
+impl DegradedReason {
+    /// The condition's `reason`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NotOwned => "NotOwned",
+            Self::SecretMissing => "SecretMissing",
+            Self::SecretKeyMissing => "SecretKeyMissing",
+            Self::PersonaNotFound => "PersonaNotFound",
+            Self::InvalidNumberRoute => "InvalidNumberRoute",
+            Self::IngressAnnotationRejected => "IngressAnnotationRejected",
+            Self::NoPersonas => "NoPersonas",
+            Self::InvalidAutoscaling => "InvalidAutoscaling",
+            Self::PersonaInvalid => "PersonaInvalid",
+            Self::PersonaOutlastsDrain => "PersonaOutlastsDrain",
+            Self::TwilioError => "TwilioError",
+            Self::TwilioUnavailable => "TwilioUnavailable",
+            Self::TwilioNumberTakenOver => "TwilioNumberTakenOver",
+        }
+    }
+}
+
+impl std::fmt::Display for DegradedReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Observed state of a `VoiceDeployment`.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]

@@ -532,7 +532,9 @@ fn spec_defaults_fill_in_from_a_minimal_persona() {
 #[test]
 fn a_persona_outlasting_the_drain_deadline_is_reported() {
     // Proves a served persona whose calls may outlast drainTimeoutSeconds is named in a PersonaOutlastsDrain problem, and none is raised when the deadline covers it.
-    use voice_operator::reconcile::voice_deployment::{PersonaResolution, outlasting_problem};
+    use voice_operator::reconcile::voice_deployment::{
+        PersonaResolution, Problem, outlasting_problem,
+    };
     let resolution = PersonaResolution {
         resolved: vec![
             resolved("date-rescuer", 600, 1),
@@ -540,8 +542,8 @@ fn a_persona_outlasting_the_drain_deadline_is_reported() {
         ],
         ..PersonaResolution::default()
     };
-    let (reason, message) = outlasting_problem(&vd(vd_spec()), &resolution).unwrap();
-    assert_eq!(reason, "PersonaOutlastsDrain");
+    let Problem { reason, message } = outlasting_problem(&vd(vd_spec()), &resolution).unwrap();
+    assert_eq!(reason.as_str(), "PersonaOutlastsDrain");
     assert!(
         message.contains("marathon (7200s)") && !message.contains("date-rescuer"),
         "{message}"

@@ -39,7 +39,7 @@ use crate::controller::Context;
 use crate::error::Result;
 use crate::resources::configmap::config_map_name;
 use crate::resources::{DeploymentInputs, desired_objects, name_ns, owned_meta};
-use callmeback_api::VoiceDeployment;
+use callmeback_api::{DegradedReason, VoiceDeployment};
 
 mod apply;
 mod observe;
@@ -50,7 +50,7 @@ use apply::Apis;
 pub use apply::owns_replicas;
 pub use observe::{PersonaResolution, SecretCheck, check_secret, resolve_personas};
 use status::publish_degraded_change;
-pub use status::{ScalingInput, compute_status, invalid_problem, outlasting_problem};
+pub use status::{Problem, ScalingInput, compute_status, invalid_problem, outlasting_problem};
 
 /// Metric and log label of this kind.
 pub const KIND: &str = "VoiceDeployment";
@@ -70,16 +70,19 @@ pub async fn reconcile(vd: Arc<VoiceDeployment>, ctx: Arc<Context>) -> Result<Ac
     }
 
     let personas = resolve_personas(&vd, &ns, &ctx.personas);
-    let mut problems: Vec<(&'static str, String)> = Vec::new();
+    let mut problems: Vec<Problem> = Vec::new();
     let secret_name = &vd.spec.secret_ref.name;
     let secret_hash = match &secret_check {
         SecretCheck::Missing => {
-            problems.push(("SecretMissing", format!("Secret {secret_name} not found")));
+            problems.push(Problem::new(
+                DegradedReason::SecretMissing,
+                format!("Secret {secret_name} not found"),
+            ));
             None
         }
         SecretCheck::MissingKeys { keys, .. } => {
-            problems.push((
-                "SecretKeyMissing",
+            problems.push(Problem::new(
+                DegradedReason::SecretKeyMissing,
                 format!("Secret {secret_name} lacks {}", keys.join(", ")),
             ));
             None
@@ -87,8 +90,8 @@ pub async fn reconcile(vd: Arc<VoiceDeployment>, ctx: Arc<Context>) -> Result<Ac
         SecretCheck::Ok { hash, .. } => Some(hash.clone()),
     };
     if !personas.missing.is_empty() {
-        problems.push((
-            "PersonaNotFound",
+        problems.push(Problem::new(
+            DegradedReason::PersonaNotFound,
             format!("Persona not found: {}", personas.missing.join(", ")),
         ));
     }
@@ -103,8 +106,8 @@ pub async fn reconcile(vd: Arc<VoiceDeployment>, ctx: Arc<Context>) -> Result<Ac
         .collect();
     if !bad_routes.is_empty() {
         // The CRD schema cannot bound map keys cheaply enough for CEL, so this is checked here.
-        problems.push((
-            "InvalidNumberRoute",
+        problems.push(Problem::new(
+            DegradedReason::InvalidNumberRoute,
             format!(
                 "numberRoutes keys must be E.164 numbers such as +14155550100: {}",
                 bad_routes.join(", ")
@@ -118,8 +121,8 @@ pub async fn reconcile(vd: Arc<VoiceDeployment>, ctx: Arc<Context>) -> Result<Ac
             .take(10)
             .map(|k| k.chars().take(100).collect())
             .collect();
-        problems.push((
-            "IngressAnnotationRejected",
+        problems.push(Problem::new(
+            DegradedReason::IngressAnnotationRejected,
             format!(
                 "ingress.annotations outside the allowlist (or with a value of the wrong \
                  shape) are not applied: {}{}",
@@ -133,9 +136,9 @@ pub async fn reconcile(vd: Arc<VoiceDeployment>, ctx: Arc<Context>) -> Result<Ac
         ));
     }
     if personas.resolved.is_empty() && personas.missing.is_empty() && personas.invalid.is_empty() {
-        problems.push((
-            "NoPersonas",
-            "no Persona matches personas or personaSelector".into(),
+        problems.push(Problem::new(
+            DegradedReason::NoPersonas,
+            "no Persona matches personas or personaSelector",
         ));
     }
 
@@ -154,7 +157,10 @@ pub async fn reconcile(vd: Arc<VoiceDeployment>, ctx: Arc<Context>) -> Result<Ac
     };
     let policy = ScalingPolicy::from_spec(vd.spec.replicas, vd.spec.autoscaling.as_ref());
     if let Err(e) = &policy {
-        problems.push(("InvalidAutoscaling", e.to_string()));
+        problems.push(Problem::new(
+            DegradedReason::InvalidAutoscaling,
+            e.to_string(),
+        ));
     }
 
     let inputs = DeploymentInputs {
@@ -194,8 +200,8 @@ pub async fn reconcile(vd: Arc<VoiceDeployment>, ctx: Arc<Context>) -> Result<Ac
     if !foreign_objects.is_empty() {
         problems.insert(
             0,
-            (
-                "NotOwned",
+            Problem::new(
+                DegradedReason::NotOwned,
                 format!(
                     "not managed by this VoiceDeployment, so the operator will not take them \
                      over: {}. Rename the VoiceDeployment or remove them",

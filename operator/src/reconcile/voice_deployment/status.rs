@@ -15,7 +15,28 @@ use crate::controller::Context;
 use crate::error::Result;
 use crate::resources::configmap::PersonaConfig;
 use crate::resources::selector_string;
-use callmeback_api::{Condition, VoiceDeployment, VoiceDeploymentStatus, find_condition};
+use callmeback_api::{
+    Condition, DegradedReason, VoiceDeployment, VoiceDeploymentStatus, find_condition,
+};
+
+/// One reason the deployment is Degraded, with what to tell the user.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// The condition's reason.
+    pub reason: DegradedReason,
+    /// The condition's message.
+    pub message: String,
+}
+
+impl Problem {
+    /// A problem for `reason`.
+    pub fn new(reason: DegradedReason, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+        }
+    }
+}
 
 /// The scaling policy and the autoscaler's view, for the status.
 pub struct ScalingInput<'a> {
@@ -26,10 +47,7 @@ pub struct ScalingInput<'a> {
 }
 
 /// `PersonaInvalid`, naming each invalid persona, why, and what the pods serve of it.
-pub fn invalid_problem(
-    personas: &PersonaResolution,
-    config: &PersonaConfig,
-) -> Option<(&'static str, String)> {
+pub fn invalid_problem(personas: &PersonaResolution, config: &PersonaConfig) -> Option<Problem> {
     if personas.invalid.is_empty() {
         return None;
     }
@@ -50,15 +68,15 @@ pub fn invalid_problem(
         })
         .collect::<Vec<_>>()
         .join(", ");
-    Some(("PersonaInvalid", format!("Persona invalid: {list}")))
+    Some(Problem::new(
+        DegradedReason::PersonaInvalid,
+        format!("Persona invalid: {list}"),
+    ))
 }
 
 /// `PersonaOutlastsDrain` when a valid persona's calls may last longer than the
 /// pods' drain deadline: a rollout or scale-down could cut such a call.
-pub fn outlasting_problem(
-    vd: &VoiceDeployment,
-    personas: &PersonaResolution,
-) -> Option<(&'static str, String)> {
+pub fn outlasting_problem(vd: &VoiceDeployment, personas: &PersonaResolution) -> Option<Problem> {
     let drain = vd.spec.drain_timeout_seconds();
     let long: Vec<String> = personas
         .resolved
@@ -67,8 +85,8 @@ pub fn outlasting_problem(
         .map(|p| format!("{} ({}s)", p.name, p.spec.max_call_duration_seconds))
         .collect();
     (!long.is_empty()).then(|| {
-        (
-            "PersonaOutlastsDrain",
+        Problem::new(
+            DegradedReason::PersonaOutlastsDrain,
             format!(
                 "calls of {} may last longer than drainTimeoutSeconds ({drain}s), so a \
                  rollout or scale-down could cut them: raise spec.drainTimeoutSeconds or \
@@ -85,7 +103,7 @@ pub fn compute_status(
     vd: &VoiceDeployment,
     config: &PersonaConfig,
     deployment: Option<&Deployment>,
-    problem: Option<&(&'static str, String)>,
+    problem: Option<&Problem>,
     blocked: bool,
     scaling: &ScalingInput<'_>,
 ) -> VoiceDeploymentStatus {
@@ -107,7 +125,7 @@ pub fn compute_status(
             previous,
             "Available",
             false,
-            problem.map(|p| p.0).unwrap_or("DeploymentPending"),
+            problem.map_or("DeploymentPending", |p| p.reason.as_str()),
             "no voice pod Deployment yet",
             generation,
         ),
@@ -142,7 +160,7 @@ pub fn compute_status(
             "Progressing",
             false,
             "Blocked",
-            problem.map(|p| p.1.clone()).unwrap_or_default(),
+            problem.map(|p| p.message.clone()).unwrap_or_default(),
             generation,
         ),
         None => condition(
@@ -184,12 +202,12 @@ pub fn compute_status(
     };
 
     let degraded = match problem {
-        Some((reason, message)) => condition(
+        Some(p) => condition(
             previous,
             "Degraded",
             true,
-            reason,
-            message.clone(),
+            p.reason.as_str(),
+            p.message.clone(),
             generation,
         ),
         None if deadline_exceeded => condition(

@@ -42,7 +42,7 @@ use crate::resources::{FIELD_MANAGER, name_ns, short_hash};
 use crate::twilio_numbers::{
     AccountBackoff, NumberWiring, PreviousWiring, TwilioError, TwilioNumbers, wanted_wiring,
 };
-use callmeback_api::VoiceDeployment;
+use callmeback_api::{DegradedReason, VoiceDeployment};
 
 /// Finalizer held while Twilio numbers point at the deployment.
 pub const TWILIO_FINALIZER: &str = "callmeback.dev/twilio-numbers";
@@ -77,7 +77,7 @@ pub struct WiredRecord {
 #[derive(Debug, Default)]
 pub struct NumbersOutcome {
     /// A `Degraded` reason and message, when the numbers have one.
-    pub problem: Option<(&'static str, String)>,
+    pub problem: Option<super::Problem>,
     /// When they want the next look (a verification due, a backoff ending).
     pub requeue: Option<Duration>,
 }
@@ -135,7 +135,7 @@ fn annotation<T: for<'de> Deserialize<'de> + Default>(vd: &VoiceDeployment, key:
         .unwrap_or_default()
 }
 
-fn taken_over_problem(record: &WiredRecord) -> Option<(&'static str, String)> {
+fn taken_over_problem(record: &WiredRecord) -> Option<super::Problem> {
     if record.taken_over.is_empty() {
         return None;
     }
@@ -144,8 +144,8 @@ fn taken_over_problem(record: &WiredRecord) -> Option<(&'static str, String)> {
         .iter()
         .map(|(number, by)| format!("{number} by VoiceDeployment {by}"))
         .collect();
-    Some((
-        "TwilioNumberTakenOver",
+    Some(super::Problem::new(
+        DegradedReason::TwilioNumberTakenOver,
         format!(
             "taken over: {}; remove them from spec.twilio.phoneNumbers",
             list.join(", ")
@@ -235,7 +235,10 @@ pub async fn sync_numbers(
             ctx.metrics.error(KIND, "twilio");
             tracing::warn!(error = %e, "Twilio refused the wiring");
             Ok(NumbersOutcome {
-                problem: Some(("TwilioError", e.to_string())),
+                problem: Some(super::Problem::new(
+                    DegradedReason::TwilioError,
+                    e.to_string(),
+                )),
                 requeue: Some(TWILIO_RETRY),
             })
         }
@@ -255,8 +258,8 @@ fn transient_outcome(
         .failing_for(account)
         .is_some_and(|d| d >= DEGRADE_AFTER);
     let problem = if pending && long {
-        Some((
-            "TwilioUnavailable",
+        Some(super::Problem::new(
+            DegradedReason::TwilioUnavailable,
             format!(
                 "numbers not wired yet: Twilio has been failing for over {}s{}; retrying in {}s",
                 DEGRADE_AFTER.as_secs(),
@@ -651,8 +654,9 @@ mod tests {
         record
             .taken_over
             .insert("+14155550100".into(), "prod/green".into());
-        let (reason, message) = taken_over_problem(&record).unwrap_or_default();
-        assert_eq!(reason, "TwilioNumberTakenOver");
+        let super::super::Problem { reason, message } =
+            taken_over_problem(&record).expect("a problem");
+        assert_eq!(reason.as_str(), "TwilioNumberTakenOver");
         assert!(
             message.contains("+14155550100 by VoiceDeployment prod/green"),
             "{message}"
