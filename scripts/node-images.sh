@@ -29,6 +29,9 @@ version="$(awk '$1 == "appVersion:" { gsub(/"/, "", $2); print $2; exit }' "$rep
 # The names the chart and the VoiceDeployment default pull.
 pod_image="ghcr.io/callmeback/voice-pod:$version"
 operator_image="ghcr.io/callmeback/voice-operator:$version"
+# The same operator under the next release's tag: the real-node upgrade test
+# (tests/tests/node_e2e.rs) moves the chart's image tag to it, as a release would.
+operator_next_image="ghcr.io/callmeback/voice-operator:$version-next"
 # The node's containerd is configured with this sandbox image (tests/src/node.rs).
 pause_image="callmeback.test/pause:3.10"
 ca_bundle=/etc/ssl/certs/ca-certificates.crt
@@ -127,13 +130,14 @@ user_config() { # <entrypoint> <cmd> <ports JSON>
   printf '{"User":"65532:65532","Env":["PATH=/usr/local/bin:/usr/bin:/bin"],"Entrypoint":["%s"],"Cmd":["%s"],"ExposedPorts":%s,"WorkingDir":"/"}' "$1" "$2" "$3"
 }
 
-for spec in "voice-pod|$pod_image|serve|{\"8080/tcp\":{},\"9090/tcp\":{}}" \
-  "voice-operator|$operator_image|run|{\"8080/tcp\":{}}"; do
-  IFS='|' read -r name image cmd ports <<<"$spec"
+for spec in "voice-pod|voice-pod|$pod_image|serve|{\"8080/tcp\":{},\"9090/tcp\":{}}" \
+  "voice-operator|voice-operator|$operator_image|run|{\"8080/tcp\":{}}" \
+  "voice-operator|voice-operator-next|$operator_next_image|run|{\"8080/tcp\":{}}"; do
+  IFS='|' read -r name file image cmd ports <<<"$spec"
   log "building $image from $bin_dir/$name"
   rm -rf "$work/rootfs"
   stage_rootfs "$work/rootfs" "$bin_dir/$name" "/usr/local/bin/$name"
-  write_image "$work/rootfs" "$image" "$name" "$(user_config "/usr/local/bin/$name" "$cmd" "$ports")"
+  write_image "$work/rootfs" "$image" "$file" "$(user_config "/usr/local/bin/$name" "$cmd" "$ports")"
 done
 
 # The sandbox image: pause.c built static as upstream does, run as 65535 as upstream does.

@@ -245,8 +245,9 @@ async fn leads(pod: &k8s_openapi::api::core::v1::Pod) -> Option<bool> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_helm_upgrade_hands_the_lease_over_without_two_acting_operators_or_a_cut_call() {
-    // Proves on a real node: `helm upgrade` rolls the operator Deployment (the
-    // default rolling update starts the new pod before the old one stops), yet
+    // Proves on a real node: `helm upgrade` to a new operator image tag rolls the
+    // operator Deployment (the default rolling update starts the new pod before
+    // the old one stops), yet
     // at no moment do two operator pods lead: the new pod waits, Ready and idle,
     // until the old one stops acting and hands the Lease over on SIGTERM. A call
     // through the voice pods stays up across it, and the new operator then acts
@@ -314,6 +315,11 @@ async fn a_helm_upgrade_hands_the_lease_over_without_two_acting_operators_or_a_c
         })
     };
 
+    let app_version = yaml(&chart_dir().join("Chart.yaml"))["appVersion"]
+        .as_str()
+        .expect("the chart has an appVersion")
+        .to_owned();
+    let next_tag = format!("{app_version}-next");
     // helm blocks: off the runtime, so the sampler keeps sampling meanwhile.
     let kubeconfig = cp.kubeconfig_path().to_path_buf();
     let started = std::time::Instant::now();
@@ -324,9 +330,10 @@ async fn a_helm_upgrade_hands_the_lease_over_without_two_acting_operators_or_a_c
         "--namespace".to_owned(),
         ns.clone(),
         "--reuse-values".to_owned(),
-        // A changed pod template, as a new image tag makes: the Deployment rolls.
+        // A new release's operator image (scripts/node-images.sh imports the same
+        // binary under this tag): the Deployment rolls.
         "--set".to_owned(),
-        "podAnnotations.callmeback\\.dev/upgraded=yes".to_owned(),
+        format!("image.tag={next_tag}"),
         "--wait".to_owned(),
         "--timeout".to_owned(),
         "3m".to_owned(),
