@@ -17,6 +17,9 @@ use ring::rand::{SecureRandom, SystemRandom};
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 
+/// Longest user id, in characters (a request's `user` and a token's user alike).
+pub const MAX_USER_CHARS: usize = 128;
+
 /// Prefix of user tokens (tells a leaked one apart in logs and secret scanners).
 pub const USER_TOKEN_PREFIX: &str = "cmbu_";
 /// Longest user token accepted (prefix + 43 base64url characters).
@@ -109,7 +112,7 @@ pub async fn issue_user_token(
     user: &str,
     numbers: &[String],
 ) -> Result<String, AccessError> {
-    if user.is_empty() || user.chars().count() > 128 {
+    if user.is_empty() || user.chars().count() > MAX_USER_CHARS {
         return Err(AccessError::BadUser);
     }
     for n in numbers {

@@ -244,21 +244,7 @@ impl DialRate {
     /// Admits one call to `to` (E.164) for `user`, counting it against both limits,
     /// or refuses it without counting it anywhere.
     pub async fn admit(&self, to: &str, user: Option<&str>) -> Result<(), RateRefusal> {
-        let mut checks = Vec::with_capacity(2);
-        if let Some(limit) = &self.limits.per_number {
-            checks.push(Check {
-                counted: Counted::Number,
-                key: format!("to:{to}"),
-                limit,
-            });
-        }
-        if let (Some(limit), Some(user)) = (&self.limits.per_user, user) {
-            checks.push(Check {
-                counted: Counted::User,
-                key: format!("user:{user}"),
-                limit,
-            });
-        }
+        let checks = self.checks(to, user);
         if checks.is_empty() {
             return Ok(());
         }
@@ -278,6 +264,26 @@ impl DialRate {
             }
         }
         self.admit_in_memory(&checks, now.timestamp_millis())
+    }
+
+    /// The limits that apply to a call to `to` for `user`, with their counter keys.
+    fn checks(&self, to: &str, user: Option<&str>) -> Vec<Check<'_>> {
+        let mut checks = Vec::with_capacity(2);
+        if let Some(limit) = &self.limits.per_number {
+            checks.push(Check {
+                counted: Counted::Number,
+                key: format!("to:{to}"),
+                limit,
+            });
+        }
+        if let (Some(limit), Some(user)) = (&self.limits.per_user, user) {
+            checks.push(Check {
+                counted: Counted::User,
+                key: format!("user:{user}"),
+                limit,
+            });
+        }
+        checks
     }
 
     fn admit_in_memory(&self, checks: &[Check<'_>], now_ms: i64) -> Result<(), RateRefusal> {
@@ -461,22 +467,7 @@ mod tests {
     }
 
     fn checks<'a>(rate: &'a DialRate, to: &str, user: Option<&str>) -> Vec<Check<'a>> {
-        let mut v = Vec::new();
-        if let Some(l) = &rate.limits.per_number {
-            v.push(Check {
-                counted: Counted::Number,
-                key: format!("to:{to}"),
-                limit: l,
-            });
-        }
-        if let (Some(l), Some(u)) = (&rate.limits.per_user, user) {
-            v.push(Check {
-                counted: Counted::User,
-                key: format!("user:{u}"),
-                limit: l,
-            });
-        }
-        v
+        rate.checks(to, user)
     }
 
     #[test]

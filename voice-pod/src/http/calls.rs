@@ -49,7 +49,7 @@ const DB_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Longest pretext accepted, in characters.
 pub const MAX_PRETEXT_CHARS: usize = 1000;
 /// Longest user id accepted, in characters.
-pub const MAX_USER_CHARS: usize = 128;
+pub use crate::access::MAX_USER_CHARS;
 
 /// Body of `POST /v1/calls`.
 #[derive(Debug, Deserialize)]
