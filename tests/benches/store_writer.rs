@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 use callmeback_tests::postgres::{TestDb, metric_value};
 use uuid::Uuid;
 use voice_pod::metrics::Metrics;
+use voice_pod::session::Direction;
 use voice_pod::store::records::{
-    CallDirection, CallStatus, NewCall, Speaker, TurnLatency, TurnRecord, UsageRecord, UsageUnit,
+    CallStatus, NewCall, Speaker, TurnLatency, TurnRecord, UsageRecord, UsageUnit,
 };
 use voice_pod::store::writer::SubmitError;
 use voice_pod::store::{PgStore, StoreConfig};
@@ -82,7 +83,7 @@ async fn run(scale: Scale, bench: bool) {
         .expect("store");
 
     // 1. Isolated submit cost: bursts that fit in the queue, drained between bursts.
-    let call = NewCall::new(CallDirection::Inbound, "bench", CallStatus::InProgress);
+    let call = NewCall::new(Direction::Inbound, "bench", CallStatus::InProgress);
     let iso_call = call.id;
     store.new_call(call).unwrap();
     store.flush(Duration::from_secs(60)).await.unwrap();
@@ -117,7 +118,7 @@ async fn run(scale: Scale, bench: bool) {
         let turns = scale.turns_per_call;
         let usage_every = scale.usage_every;
         tasks.push(tokio::spawn(async move {
-            let mut call = NewCall::new(CallDirection::Outbound, "bench", CallStatus::InProgress);
+            let mut call = NewCall::new(Direction::Outbound, "bench", CallStatus::InProgress);
             call.user_id = Some(format!("user-{i}"));
             let id = call.id;
             let mut lat = Vec::with_capacity(turns as usize * 2);

@@ -32,11 +32,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use voice_pod::config::{Config, Limits, ServeArgs};
+use voice_pod::config::{Config, ServeArgs};
 use voice_pod::drain::DrainOutcome;
-use voice_pod::http::{Pod, ServeError};
 use voice_pod::metrics::Metrics;
+use voice_pod::pod::{Pod, ServeError};
 use voice_pod::session::CallHandler;
+use voice_pod::twilio::Limits;
 use voice_pod::twilio::signature::{Algorithm, compute_signature};
 
 /// Account SID of the test account.
@@ -916,7 +917,7 @@ impl TestPod {
             pod = pod.with_handler(h);
         }
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(voice_pod::http::serve(
+        let task = tokio::spawn(voice_pod::pod::serve(
             pod,
             app,
             metrics_listener,

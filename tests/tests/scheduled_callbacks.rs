@@ -829,8 +829,8 @@ async fn fifty_callbacks_due_while_the_database_hangs_for_twice_the_lease_are_ea
 // `StartTime>=` hold as Twilio documents them (a queued call has no start time).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_calls_list_filters_and_pages_like_twilio() {
-    use voice_pod::config::Secret;
-    use voice_pod::twilio::rest::{Instructions, NewCall, TwilioClient};
+    use voice_pod::secret::Secret;
+    use voice_pod::twilio::rest::{CreateCall, Instructions, TwilioClient};
     let twilio = TwilioRestEmulator::start(TEST_ACCOUNT_SID, TEST_AUTH_TOKEN)
         .await
         .expect("emulator");
@@ -841,7 +841,7 @@ async fn the_calls_list_filters_and_pages_like_twilio() {
         Duration::from_secs(5),
     )
     .expect("client");
-    let call = |to: &str| NewCall {
+    let call = |to: &str| CreateCall {
         to: to.into(),
         from: TEST_FROM_NUMBER.into(),
         instructions: Instructions::Twiml("<Response><Hangup/></Response>".into()),

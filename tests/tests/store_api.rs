@@ -10,10 +10,10 @@ use callmeback_tests::call_harness::{PodProcess, persona_json};
 use callmeback_tests::postgres::TestDb;
 use serde_json::Value;
 use voice_pod::metrics::Metrics;
+use voice_pod::session::Direction;
 use voice_pod::store::pricing::PriceTable;
 use voice_pod::store::records::{
-    CallDirection, CallRef, CallStatus, CallUpdate, NewCall, Speaker, TurnRecord, UsageRecord,
-    UsageUnit,
+    CallRef, CallStatus, CallUpdate, NewCall, Speaker, TurnRecord, UsageRecord, UsageUnit,
 };
 use voice_pod::store::{PgStore, StoreConfig};
 
@@ -48,7 +48,7 @@ async fn call_history_serves_record_transcript_and_costs() {
     .unwrap();
     let store = PgStore::start(cfg, &metrics).await.unwrap();
 
-    let mut call = NewCall::new(CallDirection::Outbound, "ava", CallStatus::Queued);
+    let mut call = NewCall::new(Direction::Outbound, "ava", CallStatus::Queued);
     call.call_sid = Some("CAapi1".into());
     call.user_id = Some("user-7".into());
     call.to_number = Some("+14155550142".into());
@@ -75,7 +75,7 @@ async fn call_history_serves_record_transcript_and_costs() {
             },
         )
         .unwrap();
-    let other = NewCall::new(CallDirection::Inbound, "ava", CallStatus::InProgress);
+    let other = NewCall::new(Direction::Inbound, "ava", CallStatus::InProgress);
     store.new_call(other).unwrap();
     store.flush(Duration::from_secs(30)).await.unwrap();
 

@@ -9,18 +9,18 @@ use chrono::{TimeZone, Utc};
 use sqlx::Row;
 use uuid::Uuid;
 use voice_pod::metrics::Metrics;
+use voice_pod::session::Direction;
 use voice_pod::store::postgres::MIGRATOR;
 use voice_pod::store::pricing::PriceTable;
 use voice_pod::store::queries::CallFilter;
 use voice_pod::store::records::{
-    CallDirection, CallRef, CallStatus, CallUpdate, NewCall, Speaker, TurnLatency, TurnRecord,
-    UsageRecord, UsageUnit,
+    CallRef, CallStatus, CallUpdate, NewCall, Speaker, TurnLatency, TurnRecord, UsageRecord,
+    UsageUnit,
 };
 use voice_pod::store::relationships::RelationshipOverrides;
 use voice_pod::store::{
     CallCreated, CallRecords, CallStatusChange, PgStore, StoreConfig, StoreHealth,
 };
-use voice_pod::twilio::context::Direction;
 
 const FLUSH: Duration = Duration::from_secs(30);
 
@@ -236,7 +236,7 @@ async fn a_simulated_call_leaves_its_record_transcript_and_costs() {
         .expect("the call is stored");
     let c = &detail.call;
     assert_eq!(c.id, call_id);
-    assert_eq!(c.direction, CallDirection::Outbound);
+    assert_eq!(c.direction, Direction::Outbound);
     assert_eq!(c.status, CallStatus::Completed);
     assert_eq!(
         c.twilio_status.as_deref(),
@@ -364,7 +364,7 @@ async fn concurrent_calls_do_not_interleave_turns() {
     for i in 0..CALLS {
         let store = store.clone();
         tasks.push(tokio::spawn(async move {
-            let mut call = NewCall::new(CallDirection::Inbound, "ava", CallStatus::InProgress);
+            let mut call = NewCall::new(Direction::Inbound, "ava", CallStatus::InProgress);
             call.call_sid = Some(format!("CAconc{i}"));
             let id = call.id;
             store.new_call(call).unwrap();
@@ -483,7 +483,7 @@ async fn relationship_overrides_change_the_next_calls_voice_and_prompt() {
 async fn replayed_records_are_idempotent() {
     let db = TestDb::create().await;
     let (store, _m) = start(&db).await;
-    let mut call = NewCall::new(CallDirection::Inbound, "ava", CallStatus::InProgress);
+    let mut call = NewCall::new(Direction::Inbound, "ava", CallStatus::InProgress);
     call.user_id = Some("+14155550111".into());
     call.from_number = Some("+14155550111".into());
     let id = call.id;

@@ -8,9 +8,8 @@ use callmeback_tests::postgres::{CuttableProxy, TestDb, metric_value};
 use chrono::Utc;
 use uuid::Uuid;
 use voice_pod::metrics::Metrics;
-use voice_pod::store::records::{
-    CallDirection, CallRef, CallStatus, CallUpdate, NewCall, Speaker, TurnRecord,
-};
+use voice_pod::session::Direction;
+use voice_pod::store::records::{CallRef, CallStatus, CallUpdate, NewCall, Speaker, TurnRecord};
 use voice_pod::store::{PgStore, StoreConfig};
 
 const FLUSH: Duration = Duration::from_secs(30);
@@ -71,7 +70,7 @@ async fn a_terminal_status_flushed_before_its_creation_record_ends_completed_wit
     let (reporter, reporter_metrics) = start(db.url.clone(), |_| {}).await;
     held_back.cut();
 
-    let mut call = NewCall::new(CallDirection::Inbound, "ava", CallStatus::InProgress);
+    let mut call = NewCall::new(Direction::Inbound, "ava", CallStatus::InProgress);
     call.user_id = Some("user-7".into());
     let id = call.id;
     creator.new_call(call).expect("creation taken");
@@ -176,8 +175,8 @@ async fn a_record_stuck_on_a_lock_is_set_aside_and_the_rest_of_its_batch_is_writ
         cfg.writer.write_timeout = Duration::from_secs(5);
     })
     .await;
-    let stuck = NewCall::new(CallDirection::Inbound, "ava", CallStatus::InProgress);
-    let free = NewCall::new(CallDirection::Inbound, "ava", CallStatus::InProgress);
+    let stuck = NewCall::new(Direction::Inbound, "ava", CallStatus::InProgress);
+    let free = NewCall::new(Direction::Inbound, "ava", CallStatus::InProgress);
     let (stuck_id, free_id) = (stuck.id, free.id);
     store.new_call(stuck).unwrap();
     store.new_call(free).unwrap();

@@ -12,10 +12,9 @@ use uuid::Uuid;
 use voice_pod::metrics::Metrics;
 use voice_pod::providers::ApiKey;
 use voice_pod::providers::cerebras::{Cerebras, CerebrasConfig};
+use voice_pod::session::Direction;
 use voice_pod::store::memory::{Summary, remember_call};
-use voice_pod::store::records::{
-    CallDirection, CallRef, CallStatus, CallUpdate, NewCall, Speaker, TurnRecord,
-};
+use voice_pod::store::records::{CallRef, CallStatus, CallUpdate, NewCall, Speaker, TurnRecord};
 use voice_pod::store::{PgStore, StoreConfig};
 
 const FLUSH: Duration = Duration::from_secs(30);
@@ -66,7 +65,7 @@ fn persona(max_chars: u32, enabled: bool) -> PersonaSpec {
 
 /// Records a short finished call by `user` and returns its id and transcript.
 fn call(store: &PgStore, user: &str, caller_says: &str) -> (Uuid, Vec<TurnRecord>) {
-    let mut c = NewCall::new(CallDirection::Outbound, "ava", CallStatus::InProgress);
+    let mut c = NewCall::new(Direction::Outbound, "ava", CallStatus::InProgress);
     c.user_id = Some(user.into());
     let id = c.id;
     store.new_call(c).unwrap();

@@ -6,9 +6,8 @@ use std::time::{Duration, Instant};
 use callmeback_tests::postgres::{CuttableProxy, TestDb, metric_value};
 use uuid::Uuid;
 use voice_pod::metrics::Metrics;
-use voice_pod::store::records::{
-    CallDirection, CallStatus, NewCall, Speaker, TurnRecord, UsageRecord, UsageUnit,
-};
+use voice_pod::session::Direction;
+use voice_pod::store::records::{CallStatus, NewCall, Speaker, TurnRecord, UsageRecord, UsageUnit};
 use voice_pod::store::writer::{SubmitError, WriterConfig};
 use voice_pod::store::{PgStore, StoreConfig, StoreHealth};
 
@@ -53,7 +52,7 @@ async fn a_database_outage_mid_call_does_not_block_the_call_and_records_arrive_l
     let proxy = CuttableProxy::start(db.server_addr()).await;
     let (store, metrics) = start_via(&db, &proxy, |_| {}).await;
 
-    let call = NewCall::new(CallDirection::Inbound, "ava", CallStatus::InProgress);
+    let call = NewCall::new(Direction::Inbound, "ava", CallStatus::InProgress);
     let id = call.id;
     store.new_call(call).unwrap();
     for seq in 0..10 {
@@ -145,7 +144,7 @@ async fn buffer_overflow_during_an_outage_is_counted_not_silent() {
         };
     })
     .await;
-    let call = NewCall::new(CallDirection::Outbound, "ava", CallStatus::InProgress);
+    let call = NewCall::new(Direction::Outbound, "ava", CallStatus::InProgress);
     let id = call.id;
     store.new_call(call).unwrap();
     store.flush(FLUSH).await.unwrap();
@@ -224,7 +223,7 @@ async fn a_pod_started_while_the_database_is_down_catches_up() {
     })
     .await;
     assert_eq!(store.health(), StoreHealth::Unavailable);
-    let call = NewCall::new(CallDirection::Inbound, "ava", CallStatus::Ringing);
+    let call = NewCall::new(Direction::Inbound, "ava", CallStatus::Ringing);
     let id = call.id;
     store.new_call(call).unwrap();
     store
@@ -245,7 +244,7 @@ async fn a_refused_record_does_not_block_the_rest_of_its_batch() {
     let store = PgStore::start(StoreConfig::new(&db.url), &metrics)
         .await
         .unwrap();
-    let call = NewCall::new(CallDirection::Inbound, "ava", CallStatus::InProgress);
+    let call = NewCall::new(Direction::Inbound, "ava", CallStatus::InProgress);
     let id = call.id;
     store.new_call(call).unwrap();
     store
@@ -280,7 +279,7 @@ async fn shutdown_during_an_outage_counts_the_unwritten_records() {
     let db = TestDb::create().await;
     let proxy = CuttableProxy::start(db.server_addr()).await;
     let (store, metrics) = start_via(&db, &proxy, |_| {}).await;
-    let call = NewCall::new(CallDirection::Inbound, "ava", CallStatus::InProgress);
+    let call = NewCall::new(Direction::Inbound, "ava", CallStatus::InProgress);
     let id = call.id;
     store.new_call(call).unwrap();
     store.flush(FLUSH).await.unwrap();

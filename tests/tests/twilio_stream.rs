@@ -10,7 +10,7 @@ use callmeback_tests::twilio_sim::{
     Pace, ProbeHandler, SimEvent, SimStream, TEST_ACCOUNT_SID, TEST_AUTH_TOKEN, TestPod,
     TestPodOptions, eventually, new_call_sid,
 };
-use voice_pod::config::Secret;
+use voice_pod::secret::Secret;
 use voice_pod::session::{Bytes, CallInput, CallOutput, Direction};
 use voice_pod::twilio::context::{CallContextParams, ContextSigner, Purpose, unix_now};
 

@@ -116,7 +116,7 @@ pub async fn issue_user_token(
         return Err(AccessError::BadUser);
     }
     for n in numbers {
-        if !crate::config::is_e164(n) {
+        if !callmeback_api::is_e164(n) {
             return Err(AccessError::BadNumber(n.clone()));
         }
     }

@@ -6,13 +6,20 @@
 //! its error, so a bad value fails the start with exit status 64 (`EX_USAGE`) and a
 //! message an operator can act on.
 //!
-//! Limits that are not worth a flag live in [`Limits`] with documented defaults;
-//! tests shorten them.
+//! This is the top of the pod's settings: it reads the environment and builds each
+//! part's own settings type (the scheduler's, the dial limits, the server limits);
+//! no other module imports from here. Limits that are not worth a flag live in
+//! [`Limits`] with documented defaults; tests shorten them.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
+
+use callmeback_api::is_e164;
+
+use crate::duration::parse_duration;
+use crate::secret::Secret;
+use crate::twilio::{Limits, PublicUrl};
 
 /// Exit status for bad configuration (`EX_USAGE` from sysexits.h).
 pub const EXIT_BAD_CONFIG: i32 = 64;
@@ -114,92 +121,6 @@ pub struct ServeArgs {
     pub dial_limit_per_user: String,
 }
 
-/// A secret string: never printed by `Debug` or `Display`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wraps a secret.
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-    /// The secret itself, for the one place that needs it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
-
-/// The public base URL Twilio reaches, validated: `https://host[:port][/prefix]`
-/// (plain `http` is accepted for local tests), without a trailing slash, query or
-/// fragment.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PublicUrl {
-    base: String,
-}
-
-impl PublicUrl {
-    /// Validates and normalizes (trailing slashes dropped) a base URL.
-    pub fn parse(raw: &str) -> Result<Self, String> {
-        let parsed = url::Url::parse(raw).map_err(|e| format!("not a URL ({e})"))?;
-        match parsed.scheme() {
-            "https" | "http" => {}
-            other => {
-                return Err(format!(
-                    "scheme must be https (or http for local tests), not {other}"
-                ));
-            }
-        }
-        if parsed.host_str().is_none_or(str::is_empty) {
-            return Err("has no host".into());
-        }
-        if parsed.query().is_some() || parsed.fragment().is_some() {
-            return Err("must not carry a query string or fragment".into());
-        }
-        if !parsed.username().is_empty() || parsed.password().is_some() {
-            return Err("must not carry credentials".into());
-        }
-        if parsed.host_str().is_some_and(|h| h.contains('_')) {
-            // Twilio refuses callback hosts with underscores.
-            return Err("host must not contain underscores (Twilio rejects them)".into());
-        }
-        Ok(Self {
-            base: raw.trim_end_matches('/').to_string(),
-        })
-    }
-
-    /// The base as configured, without a trailing slash.
-    pub fn as_str(&self) -> &str {
-        &self.base
-    }
-
-    /// `base + path_and_query`: the URL Twilio requested, as it signed it.
-    pub fn join(&self, path_and_query: &str) -> String {
-        format!("{}{}", self.base, path_and_query)
-    }
-
-    /// The Media Streams URL: `wss://host/prefix/twilio/stream` (`ws://` for an
-    /// `http` base). No query string: Twilio drops it (error 31920).
-    pub fn stream_url(&self) -> String {
-        let rest = self
-            .base
-            .strip_prefix("https://")
-            .map(|r| format!("wss://{r}"))
-            .or_else(|| {
-                self.base
-                    .strip_prefix("http://")
-                    .map(|r| format!("ws://{r}"))
-            })
-            .unwrap_or_else(|| self.base.clone());
-        format!("{rest}/twilio/stream")
-    }
-}
-
 /// Twilio credentials and REST settings.
 #[derive(Clone, Debug)]
 pub struct TwilioConfig {
@@ -211,43 +132,6 @@ pub struct TwilioConfig {
     pub api_url: String,
     /// Default caller ID for outbound calls.
     pub from_number: Option<String>,
-}
-
-/// Limits and timings that are constants in production and shorter in tests.
-#[derive(Clone, Debug)]
-pub struct Limits {
-    /// A media stream must deliver a valid `start` within this time (design: 5 s).
-    pub stream_start_timeout: Duration,
-    /// Periodic persona rescan, in addition to file notifications (ConfigMap
-    /// updates swap a `..data` symlink that watchers can miss).
-    pub persona_rescan_interval: Duration,
-    /// How long Twilio lets an outbound call ring (`Timeout` on the Calls API).
-    pub ring_timeout: Duration,
-    /// Validity of the signed call context in `<Parameter>`s after the webhook
-    /// answered (Twilio opens the stream within a second or two; the context is
-    /// single-use and bound to the CallSid besides).
-    pub inbound_context_ttl: Duration,
-    /// Extra validity of an outbound call's context beyond the ring timeout.
-    pub outbound_context_grace: Duration,
-    /// Timeout of each Twilio REST request.
-    pub rest_timeout: Duration,
-    /// After the stream stops, how long the call handler may take to finish
-    /// before it is cancelled.
-    pub handler_finish_grace: Duration,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            stream_start_timeout: Duration::from_secs(5),
-            persona_rescan_interval: Duration::from_secs(2),
-            ring_timeout: Duration::from_secs(30),
-            inbound_context_ttl: Duration::from_secs(10),
-            outbound_context_grace: Duration::from_secs(600),
-            rest_timeout: Duration::from_secs(10),
-            handler_finish_grace: Duration::from_secs(5),
-        }
-    }
 }
 
 /// The validated configuration of one pod.
@@ -337,7 +221,7 @@ impl Config {
                     "is shorter than 16 characters; use a long random token",
                 ));
             }
-            Some(t) => Some(Secret(t)),
+            Some(t) => Some(Secret::new(t)),
         };
         let drain_timeout = non_empty(args.drain_timeout)
             .map(|d| parse_duration(&d))
@@ -353,7 +237,7 @@ impl Config {
                 "must be AC followed by 32 hex digits",
             ));
         }
-        let auth_token = non_empty(args.twilio_auth_token).map(Secret);
+        let auth_token = non_empty(args.twilio_auth_token).map(Secret::new);
         let api_url = args.twilio_api_url.trim_end_matches('/').to_string();
         match url::Url::parse(&api_url) {
             Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => {}
@@ -487,7 +371,7 @@ impl Config {
                 api_url,
                 from_number,
             },
-            database_url: non_empty(args.database_url).map(Secret),
+            database_url: non_empty(args.database_url).map(Secret::new),
             limits: Limits::default(),
             scheduler,
             server,
@@ -547,20 +431,6 @@ fn parse_addr(raw: &str) -> Result<SocketAddr, String> {
     raw.parse()
         .map_err(|_| format!("{raw:?} is not a socket address such as 0.0.0.0:8080"))
 }
-
-/// Parses `90s`, `5m`, `1h30m` (humantime) or a bare number of seconds.
-pub fn parse_duration(raw: &str) -> Result<Duration, String> {
-    let raw = raw.trim();
-    if let Ok(secs) = raw.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
-    }
-    humantime::parse_duration(raw)
-        .map_err(|e| format!("{raw:?} is not a duration such as 90s, 5m or 120 ({e})"))
-}
-
-/// `+` and 7 to 15 digits, the first not zero (ITU-T E.164): the CRD's own check,
-/// so the pod and the operator accept the same numbers.
-pub use callmeback_api::is_e164;
 
 fn is_account_sid(s: &str) -> bool {
     s.len() == 34 && s.starts_with("AC") && s[2..].bytes().all(|b| b.is_ascii_hexdigit())

@@ -69,7 +69,7 @@ impl RateLimit {
         if max == 0 {
             return Err("the number of calls must be at least 1 (or the limit `off`)".into());
         }
-        let per = crate::config::parse_duration(per.trim())?;
+        let per = crate::duration::parse_duration(per.trim())?;
         if per < Duration::from_secs(1) || per > Duration::from_secs(31 * 24 * 3600) {
             return Err("the window must be between 1s and 31d".into());
         }

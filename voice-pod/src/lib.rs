@@ -4,6 +4,8 @@
 //! Cerebras chat completions, ElevenLabs text-to-speech, audio back to Twilio.
 //!
 //! ## Layout
+//! - [`pod`]: the composition root: builds the parts from the configuration, serves,
+//!   drains.
 //! - [`config`]: typed configuration from flags and environment, validated at start.
 //! - [`personas`]: the hot-reloaded persona directory and inbound number routes.
 //! - [`twilio`]: everything Twilio: webhook signatures, TwiML, the Media Streams
@@ -22,6 +24,8 @@
 //! - [`access`]: API tokens (admin and per-user) and what each may touch.
 //! - [`dial_guard`] and [`dial_rate`]: which numbers `POST /v1/calls` may dial, and
 //!   how often.
+//! - [`phone`]: phone numbers as text (E.164 normalising, masking for logs);
+//!   [`duration`]: durations as people write them; [`secret`]: never-printed secrets.
 #![forbid(unsafe_code)]
 
 pub mod access;
@@ -31,12 +35,16 @@ pub mod config;
 pub mod dial_guard;
 pub mod dial_rate;
 pub mod drain;
+pub mod duration;
 pub mod engine;
 pub mod http;
 pub mod metrics;
 pub mod personas;
+pub mod phone;
+pub mod pod;
 pub mod providers;
 pub mod scheduler;
+pub mod secret;
 pub mod session;
 pub mod store;
 pub mod twilio;

@@ -10,8 +10,8 @@ use clap::{Parser, Subcommand};
 use voice_pod::config::{Config, EXIT_BAD_CONFIG, ServeArgs, pod_name};
 use voice_pod::drain::{self, DrainOutcome};
 use voice_pod::engine::Engine;
-use voice_pod::http::{self, Pod};
 use voice_pod::metrics::Metrics;
+use voice_pod::pod::{self, Pod};
 use voice_pod::store::StoreHealth;
 use voice_pod::store::journal::StoreJournal;
 use voice_pod::store::pricing::{PRICES_FILE_ENV, PriceTable};
@@ -164,7 +164,7 @@ fn run_user_token(command: UserTokenCommand) -> anyhow::Result<()> {
                 let numbers: Vec<String> = numbers
                     .iter()
                     .map(|n| {
-                        voice_pod::twilio::normalize_e164(n)
+                        voice_pod::phone::normalize_e164(n)
                             .with_context(|| format!("{n:?} is not an international number"))
                     })
                     .collect::<anyhow::Result<_>>()?;
@@ -180,7 +180,7 @@ fn run_user_token(command: UserTokenCommand) -> anyhow::Result<()> {
                 eprintln!("revoked {n} token(s) of user {user:?}");
             }
             UserTokenCommand::RemoveNumber { user, number, .. } => {
-                let number = voice_pod::twilio::normalize_e164(&number)
+                let number = voice_pod::phone::normalize_e164(&number)
                     .with_context(|| format!("{number:?} is not an international number"))?;
                 if access::remove_user_number(&pool, &user, &number).await? {
                     eprintln!("removed the number from user {user:?}");
@@ -306,7 +306,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 .await;
         }
     };
-    match http::serve_until(pod, app, metrics, shutdown, finish).await? {
+    match pod::serve_until(pod, app, metrics, shutdown, finish).await? {
         DrainOutcome::Finished => tracing::info!("all calls finished; exiting"),
         DrainOutcome::DeadlineCancelled => {
             tracing::warn!("drain deadline passed; remaining calls were ended")

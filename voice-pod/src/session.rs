@@ -24,7 +24,7 @@
 //!   `<Connect>` has nothing after it).
 //! - `cancel` fires at the drain deadline or when the pod must end the call; the
 //!   handler says goodbye if it can and returns.
-//! - After `Stop`, the handler has [`crate::config::Limits::handler_finish_grace`] to
+//! - After `Stop`, the handler has [`crate::twilio::Limits::handler_finish_grace`] to
 //!   return (write records, close provider sockets) before it is cancelled.
 //!
 //! [`RecordingHandler`] is the default until the engine lands: it records the
@@ -39,9 +39,42 @@ use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::twilio::outbound::OutboundRequest;
+/// Which way the call goes: in the signed call context, on the call row, in the API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// Someone called a persona's number.
+    Inbound,
+    /// The persona calls someone back (`POST /v1/calls`).
+    Outbound,
+}
 
-pub use crate::twilio::context::Direction;
+impl Direction {
+    /// `inbound` or `outbound`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+    /// The inverse of [`Direction::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "inbound" => Some(Direction::Inbound),
+            "outbound" => Some(Direction::Outbound),
+            _ => None,
+        }
+    }
+}
+
+/// Reads the database value.
+impl TryFrom<String> for Direction {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Direction::parse(&s).ok_or_else(|| format!("unknown call direction `{s}`"))
+    }
+}
 
 /// Size of a 20 ms mu-law frame at 8 kHz.
 pub const FRAME_BYTES: usize = 160;
@@ -155,22 +188,6 @@ pub struct PreparedCall {
     pub pretext: Option<String>,
     /// Opaque user id.
     pub user: Option<String>,
-}
-
-impl PreparedCall {
-    /// The warm-up for an outbound call about to be placed: its id, persona, pretext and
-    /// user as the signed context carries them (`POST /v1/calls` and the scheduler).
-    pub fn outbound(request: &OutboundRequest, persona: Arc<PersonaSpec>) -> Self {
-        let ctx = &request.context;
-        Self {
-            call_id: ctx.call_id.clone(),
-            persona_name: ctx.persona.clone(),
-            persona,
-            direction: Direction::Outbound,
-            pretext: ctx.pretext.clone(),
-            user: ctx.user.clone(),
-        }
-    }
 }
 
 /// Whatever talks to the caller. One instance serves every call of the pod.

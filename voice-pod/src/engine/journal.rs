@@ -10,7 +10,7 @@
 //!                                                                   (memory summary, spawned)
 //! ```
 //!
-//! [`Journal`] is pod-wide (the PostgreSQL store implements it in
+//! [`Journal`] is pod-wide (defined and implemented over PostgreSQL in
 //! [`crate::store::journal`]); [`CallJournal`] is one call's handle. With persistence
 //! off the call gets a handle without a journal and every method returns at once.
 //! Nothing here ever waits for the database on the audio path: `submit` hands the
@@ -22,57 +22,23 @@ use std::time::Duration;
 
 use callmeback_api::{CallerRecognition, PersonaSpec};
 use chrono::{DateTime, Utc};
-use futures::future::BoxFuture;
+
 use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::prompt::RelationshipContext;
+use crate::phone::normalize_e164;
 use crate::providers::ChatModel;
 use crate::session::{CallContext, CallEnd, Direction};
+use crate::store::journal::{FinishedCall, Journal};
 use crate::store::records::{
-    CallDirection, CallRef, CallStatus, CallUpdate, NewCall, Record, Speaker, TurnLatency,
-    TurnRecord, UsageRecord, UsageUnit,
+    CallRef, CallStatus, CallUpdate, NewCall, Record, Speaker, TurnLatency, TurnRecord,
+    UsageRecord, UsageUnit,
 };
-use crate::store::relationships::Relationship;
 
 /// Transcript characters a call keeps in memory for its after-call summary (the
 /// summariser reads at most [`crate::store::memory::MAX_TRANSCRIPT_CHARS`] anyway).
 const MAX_KEPT_TRANSCRIPT_CHARS: usize = 2 * crate::store::memory::MAX_TRANSCRIPT_CHARS;
-
-/// Where calls are journaled (the PostgreSQL store, or a test double).
-pub trait Journal: Send + Sync + 'static {
-    /// The caller's relationship with a persona. Must be bounded: a slow or down
-    /// database answers `None` (and says so in a metric), and the call starts without.
-    fn load_relationship(
-        &self,
-        user_id: String,
-        persona: String,
-    ) -> BoxFuture<'static, Option<Relationship>>;
-    /// Hands a record over without waiting (a full queue drops and counts it).
-    fn submit(&self, record: Record);
-    /// A call ended whose persona keeps memory: summarise it, off the call's path.
-    /// Must return at once (spawn).
-    fn after_call(&self, call: FinishedCall);
-}
-
-/// What the after-call summary needs.
-pub struct FinishedCall {
-    /// The call.
-    pub call_id: Uuid,
-    /// Whose relationship the note goes to.
-    pub user_id: String,
-    /// The persona's name.
-    pub persona_name: String,
-    /// The persona as the call ran it.
-    pub persona: Arc<PersonaSpec>,
-    /// The transcript (the end of it, for long calls).
-    pub turns: Vec<TurnRecord>,
-    /// The model that writes the note.
-    pub llm: Arc<dyn ChatModel>,
-    /// The call's LLM tokens (input, output) as last reported: the summary's are
-    /// added to these, because usage rows hold a call's running totals.
-    pub llm_tokens: (u64, u64),
-}
 
 /// Who a call's relationship belongs to: the outbound call's `user` (the API caller
 /// vouched for it), or the inbound caller's number in E.164 when the persona
@@ -138,9 +104,6 @@ pub fn caller_identity(
     }
 }
 
-/// The caller's number as E.164: the same normalisation the call API applies.
-pub use crate::twilio::normalize_e164;
-
 /// Loads the caller's relationship (bounded by the journal) and returns the call as
 /// this caller gets it: the persona with their prompt and voice, the memory notes for
 /// the prompt, and the call's journal handle (which records the call's start).
@@ -197,10 +160,7 @@ pub(crate) async fn open(
         }
     };
     let started = wall_std(ctx.started_at);
-    let direction = match ctx.direction {
-        Direction::Inbound => CallDirection::Inbound,
-        Direction::Outbound => CallDirection::Outbound,
-    };
+    let direction = ctx.direction;
     // The webhook or the API created the row already (on this pod or another); the
     // insert is a no-op then, and makes the call's records stand on their own if not.
     journal.submit(Record::CallCreated(NewCall {
@@ -434,6 +394,10 @@ fn wall_std(at: std::time::Instant) -> DateTime<Utc> {
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
+
+    use futures::future::BoxFuture;
+
+    use crate::store::relationships::Relationship;
 
     use super::*;
 

@@ -38,10 +38,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
 
+use crate::store::journal::Journal;
 pub use call::EngineSettings;
 use call::{Call, Shared};
 use greeting_cache::{GreetingCache, GreetingKey, Phrase};
-use journal::Journal;
 
 use crate::metrics::Metrics;
 use crate::personas::Personas;

@@ -30,18 +30,20 @@ use subtle::ConstantTimeEq;
 use super::AppState;
 use super::error::{ApiError, Problem};
 use crate::access::{self, Principal};
-use crate::config::{is_e164, parse_duration};
+use callmeback_api::is_e164;
+
 use crate::dial_guard::DialRefusal;
+use crate::duration::parse_duration;
 use crate::metrics::Refusal;
+use crate::phone::{mask_number, mask_numbers_in, normalize_e164};
 use crate::scheduler::queries::{self as schedule_sql, CancelOutcome, ScheduledCall};
-use crate::session::PreparedCall;
+use crate::session::Direction;
 use crate::store::queries::{CallFilter, MAX_LIST_LIMIT};
 use crate::store::records::{CallRef, CallStatus};
 use crate::store::{CallCreated, PgStore, RecordError, call_key};
-use crate::twilio::context::Direction;
 use crate::twilio::outbound::{self, OutboundPlan};
 use crate::twilio::rest::RestError;
-use crate::twilio::{mask_number, mask_numbers_in, normalize_e164, twiml};
+use crate::twilio::twiml;
 
 /// Bound on the API's own database statements.
 const DB_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -269,7 +271,7 @@ fn count(state: &AppState, result: &str) {
 /// constant time) or a live user token (looked up by its digest in PostgreSQL).
 /// The API is off (503) with neither an admin token nor a database of user tokens.
 async fn authorize(state: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
-    if state.config.api_token.is_none() && state.store.is_none() {
+    if state.settings.api_token.is_none() && state.store.is_none() {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "api_disabled",
@@ -282,7 +284,7 @@ async fn authorize(state: &AppState, headers: &HeaderMap) -> Result<Principal, A
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    if let Some(expected) = &state.config.api_token {
+    if let Some(expected) = &state.settings.api_token {
         // Comparing digests keeps the comparison constant-time regardless of length.
         let a = Sha256::digest(given.as_bytes());
         let b = Sha256::digest(expected.expose().as_bytes());
@@ -357,7 +359,7 @@ fn dial_destination(
     raw: &str,
     problems: &mut Vec<Problem>,
 ) -> Result<Option<String>, ApiError> {
-    let guard = state.config.dial.guard(caller_id).map_err(|e| {
+    let guard = state.settings.dial.guard(caller_id).map_err(|e| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "dialling_not_configured",
@@ -444,7 +446,7 @@ async fn create_inner(
         }
     }
     let (Some(public), Some(signer), Some(client)) =
-        (&state.config.public_url, &state.signer, &state.twilio)
+        (&state.settings.public_url, &state.signer, &state.twilio)
     else {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -456,7 +458,7 @@ async fn create_inner(
     let mut problems = Vec::new();
     let from = match &req.from {
         Some(f) => normalize_e164(f).or(Some(String::new())),
-        None => state.config.twilio.from_number.clone(),
+        None => state.settings.from_number.clone(),
     };
     match &from {
         Some(f) if !is_e164(f) => problems.push(Problem {
@@ -573,7 +575,7 @@ async fn create_inner(
     if timing.due.is_some() || timing.retries > 0 {
         return schedule(state, call_id, plan, &timing).await;
     }
-    let request = outbound::build(public, signer, &state.config.limits, &plan).map_err(|e| {
+    let request = outbound::build(public, signer, &state.settings.limits, &plan).map_err(|e| {
         ApiError::invalid(vec![Problem {
             field: "pretext",
             problem: e.to_string(),
@@ -583,9 +585,7 @@ async fn create_inner(
     let ctx = request.context.clone();
 
     // Warm up while Twilio places the call and the phone rings.
-    state
-        .handler
-        .prepare(&PreparedCall::outbound(&request, persona));
+    state.handler.prepare(&request.prepared(persona));
     let inline_twiml = request.inline_twiml;
     let created = client
         .create_call(&request.call)

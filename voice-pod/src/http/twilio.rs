@@ -17,14 +17,15 @@ use axum::response::{IntoResponse, Response};
 
 use super::AppState;
 use crate::metrics::Refusal;
-use crate::session::PreparedCall;
+use crate::phone::mask_number;
+use crate::session::{Direction, PreparedCall};
 use crate::store::{CallCreated, CallStatusChange};
 use crate::twilio::context::{
-    CallContextParams, Direction, Purpose, SEALED_PARAM, StatusContext, is_call_sid, unix_now,
+    CallContextParams, Purpose, SEALED_PARAM, StatusContext, is_call_sid, unix_now,
 };
 use crate::twilio::media_stream::{self, MAX_TRANSPORT_MESSAGE_BYTES, UpgradeSignature};
 use crate::twilio::signature::{self, Algorithm, SIGNATURE_HEADER, SIGNATURE_SETTINGS_HEADER};
-use crate::twilio::{mask_number, twiml};
+use crate::twilio::twiml;
 
 /// Terminal call statuses counted in `voice_calls_total{outcome}`.
 const TERMINAL_STATUSES: &[&str] = &["completed", "busy", "failed", "no-answer", "canceled"];
@@ -74,7 +75,7 @@ fn verify_webhook(
     uri: &axum::http::Uri,
     params: &[(String, String)],
 ) -> Result<(), Response> {
-    let (Some(public), Some(token)) = (&state.config.public_url, &state.config.twilio.auth_token)
+    let (Some(public), Some(token)) = (&state.settings.public_url, &state.settings.auth_token)
     else {
         count(state, endpoint, "not_configured");
         tracing::error!(
@@ -149,7 +150,7 @@ pub async fn voice(
         return xml(twiml::reject());
     }
     // Both were checked by verify_webhook.
-    let (Some(public), Some(signer)) = (&state.config.public_url, &state.signer) else {
+    let (Some(public), Some(signer)) = (&state.settings.public_url, &state.signer) else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "twilio is not configured on this pod\n",
@@ -173,7 +174,7 @@ pub async fn voice(
         match signer.open_answer(sealed, now) {
             Ok(mut c) => {
                 c.call_sid = Some(call_sid.clone());
-                c.expires_at = now + state.config.limits.inbound_context_ttl.as_secs();
+                c.expires_at = now + state.settings.limits.inbound_context_ttl.as_secs();
                 c
             }
             Err(err) => {
@@ -200,7 +201,7 @@ pub async fn voice(
                 caller_verstat: param(&params, "StirVerstat")
                     .filter(|v| v.len() <= 64)
                     .map(|v| twiml::xml_safe(v).into_owned()),
-                expires_at: now + state.config.limits.inbound_context_ttl.as_secs(),
+                expires_at: now + state.settings.limits.inbound_context_ttl.as_secs(),
             },
             (inbound, _) => {
                 count(&state, "voice", "rejected");
@@ -389,7 +390,7 @@ fn upgrade_signature(
     let Some(sig) = headers.get(SIGNATURE_HEADER).and_then(|v| v.to_str().ok()) else {
         return UpgradeSignature::Absent;
     };
-    let (Some(public), Some(token)) = (&state.config.public_url, &state.config.twilio.auth_token)
+    let (Some(public), Some(token)) = (&state.settings.public_url, &state.settings.auth_token)
     else {
         return UpgradeSignature::Invalid;
     };

@@ -7,7 +7,7 @@ use std::path::Path;
 use callmeback_api::PersonaSpec;
 use serde::Deserialize;
 
-use crate::config::is_e164;
+use callmeback_api::is_e164;
 
 /// Why a file was rejected.
 #[derive(Debug, thiserror::Error)]

@@ -223,7 +223,7 @@ impl Personas {
             if next.get(name).is_none() {
                 warnings.push(format!(
                     "routes: number {} routes to persona {name:?}, which is not loaded",
-                    crate::twilio::mask_number(number)
+                    crate::phone::mask_number(number)
                 ));
             }
         }

@@ -61,15 +61,15 @@ use sqlx::PgPool;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Limits, PublicUrl};
 use crate::metrics::Metrics;
 use crate::personas::Personas;
-use crate::session::{CallHandler, PreparedCall};
+use crate::phone::mask_number;
+use crate::session::CallHandler;
 use crate::store::records::CallStatus;
 use crate::twilio::context::ContextSigner;
-use crate::twilio::mask_number;
 use crate::twilio::outbound::{self, OutboundPlan};
 use crate::twilio::rest::{RestError, TwilioClient};
+use crate::twilio::{Limits, PublicUrl};
 
 /// Create requests per callback, none of which Twilio's list shows, before it is given up.
 pub const MAX_ATTEMPTS: i32 = 3;
@@ -497,8 +497,7 @@ async fn place(
         tracing::warn!(call_id = %id, "claim too old after recording the request; not dialling, the next claim asks Twilio first");
         return;
     }
-    deps.handler
-        .prepare(&PreparedCall::outbound(&request, persona));
+    deps.handler.prepare(&request.prepared(persona));
     match deps.twilio.create_call(&request.call).await {
         Ok(created) => {
             m.scheduled_placed.inc();

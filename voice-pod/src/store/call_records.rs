@@ -8,9 +8,8 @@ use futures::future::BoxFuture;
 use uuid::Uuid;
 
 use super::postgres::PgStore;
-use super::records::{CallDirection, CallRef, CallStatus, CallUpdate, NewCall};
+use super::records::{CallRef, CallStatus, CallUpdate, NewCall};
 use super::{CallCreated, CallRecords, CallStatusChange, RecordError};
-use crate::twilio::context::Direction;
 
 impl CallRecords for PgStore {
     fn enabled(&self) -> bool {
@@ -70,10 +69,7 @@ fn new_call(c: CallCreated) -> Result<NewCall, RecordError> {
     Ok(NewCall {
         id,
         call_sid: c.call_sid,
-        direction: match c.direction {
-            Direction::Inbound => CallDirection::Inbound,
-            Direction::Outbound => CallDirection::Outbound,
-        },
+        direction: c.direction,
         persona: c.persona,
         user_id: c.user,
         from_number: c.from,

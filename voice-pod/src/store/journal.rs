@@ -1,19 +1,60 @@
-//! [`StoreJournal`]: the conversation engine's [`Journal`] over [`PgStore`].
+//! [`Journal`]: where the conversation engine hands what a call produces (records,
+//! the after-call summary) and asks what it remembers; [`StoreJournal`] is that
+//! journal over [`PgStore`]. The trait lives here, with the record types it carries,
+//! so the engine depends on the store's vocabulary and the store never on the engine.
 //!
 //! Relationship lookups use the store's bounded wait; records go through the
 //! bounded writer (`try_send`); after-call memory summaries run as tracked tasks so
 //! that shutdown can give them a grace period before the writer's final flush.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use callmeback_api::PersonaSpec;
 use futures::future::BoxFuture;
 use tokio_util::task::TaskTracker;
+use uuid::Uuid;
 
 use super::memory;
 use super::postgres::PgStore;
-use super::records::{Record, UsageRecord, UsageUnit};
+use super::records::{Record, TurnRecord, UsageRecord, UsageUnit};
 use super::relationships::Relationship;
-use crate::engine::journal::{FinishedCall, Journal};
+use crate::providers::ChatModel;
+
+/// Where calls are journaled (the PostgreSQL store, or a test double).
+pub trait Journal: Send + Sync + 'static {
+    /// The caller's relationship with a persona. Must be bounded: a slow or down
+    /// database answers `None` (and says so in a metric), and the call starts without.
+    fn load_relationship(
+        &self,
+        user_id: String,
+        persona: String,
+    ) -> BoxFuture<'static, Option<Relationship>>;
+    /// Hands a record over without waiting (a full queue drops and counts it).
+    fn submit(&self, record: Record);
+    /// A call ended whose persona keeps memory: summarise it, off the call's path.
+    /// Must return at once (spawn).
+    fn after_call(&self, call: FinishedCall);
+}
+
+/// What the after-call summary needs.
+pub struct FinishedCall {
+    /// The call.
+    pub call_id: Uuid,
+    /// Whose relationship the note goes to.
+    pub user_id: String,
+    /// The persona's name.
+    pub persona_name: String,
+    /// The persona as the call ran it.
+    pub persona: Arc<PersonaSpec>,
+    /// The transcript (the end of it, for long calls).
+    pub turns: Vec<TurnRecord>,
+    /// The model that writes the note.
+    pub llm: Arc<dyn ChatModel>,
+    /// The call's LLM tokens (input, output) as last reported: the summary's are
+    /// added to these, because usage rows hold a call's running totals.
+    pub llm_tokens: (u64, u64),
+}
 
 /// The engine's journal backed by PostgreSQL. Cheap to clone.
 #[derive(Clone)]

@@ -28,7 +28,7 @@ pub use postgres::{PgStore, StoreConfig, StoreHealth};
 
 use futures::future::BoxFuture;
 
-use crate::twilio::context::Direction;
+use crate::session::Direction;
 
 /// A call the pod created or answered.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -8,7 +8,8 @@ use serde::Serialize;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::records::{CallDirection, CallRef, CallStatus, Speaker, TurnLatency, UsageUnit};
+use super::records::{CallRef, CallStatus, Speaker, TurnLatency, UsageUnit};
+use crate::session::Direction;
 
 /// Default and largest page of `GET /v1/calls`.
 pub const DEFAULT_LIST_LIMIT: i64 = 50;
@@ -24,7 +25,7 @@ pub struct CallRow {
     pub call_sid: Option<String>,
     /// Which way.
     #[sqlx(try_from = "String")]
-    pub direction: CallDirection,
+    pub direction: Direction,
     /// The persona.
     pub persona: String,
     /// Who owns the relationship.

@@ -12,25 +12,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-/// Which way a call goes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CallDirection {
-    /// Someone phoned a persona's number.
-    Inbound,
-    /// A persona phoned someone (`POST /v1/calls`).
-    Outbound,
-}
-
-impl CallDirection {
-    /// The database and JSON value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CallDirection::Inbound => "inbound",
-            CallDirection::Outbound => "outbound",
-        }
-    }
-}
+use crate::session::Direction;
 
 /// A call's lifecycle status.
 ///
@@ -120,18 +102,6 @@ impl fmt::Display for CallStatus {
     }
 }
 
-impl TryFrom<String> for CallDirection {
-    type Error = String;
-
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        match s.as_str() {
-            "inbound" => Ok(CallDirection::Inbound),
-            "outbound" => Ok(CallDirection::Outbound),
-            other => Err(format!("unknown call direction `{other}`")),
-        }
-    }
-}
-
 /// A status string that is not one of ours.
 #[derive(Debug, thiserror::Error)]
 #[error("unknown call status `{0}`")]
@@ -165,7 +135,7 @@ pub struct NewCall {
     /// Twilio's CallSid, when already known.
     pub call_sid: Option<String>,
     /// Which way.
-    pub direction: CallDirection,
+    pub direction: Direction,
     /// The persona's name.
     pub persona: String,
     /// Who owns the relationship (outbound: the API's `user`; inbound: the caller).
@@ -188,7 +158,7 @@ pub struct NewCall {
 
 impl NewCall {
     /// A call created now with a fresh id and nothing optional filled in.
-    pub fn new(direction: CallDirection, persona: impl Into<String>, status: CallStatus) -> Self {
+    pub fn new(direction: Direction, persona: impl Into<String>, status: CallStatus) -> Self {
         Self {
             id: Uuid::new_v4(),
             call_sid: None,

@@ -30,38 +30,13 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use super::signature::ct_eq_str;
-use crate::config::Secret;
+use crate::secret::Secret;
+use crate::session::Direction;
 
 /// Name of the signature parameter.
 pub const SIG_PARAM: &str = "sig";
 /// Version of the context format (parameter `v`).
 pub const CONTEXT_VERSION: &str = "1";
-
-/// Which way the call goes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Direction {
-    /// Someone called a persona's number.
-    Inbound,
-    /// The persona calls someone back (`POST /v1/calls`).
-    Outbound,
-}
-
-impl Direction {
-    /// `inbound` or `outbound`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Direction::Inbound => "inbound",
-            Direction::Outbound => "outbound",
-        }
-    }
-    fn parse(s: &str) -> Option<Self> {
-        match s {
-            "inbound" => Some(Direction::Inbound),
-            "outbound" => Some(Direction::Outbound),
-            _ => None,
-        }
-    }
-}
 
 /// Where a signed context is used; each has its own key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

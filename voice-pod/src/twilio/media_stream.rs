@@ -37,11 +37,11 @@ use super::rest::TwilioClient;
 use super::stream_claims::StreamClaims;
 use super::stream_messages::{Inbound, MarkBody, MediaOut, Outbound, StartMeta, parse_inbound};
 use crate::capacity::{CallSlot, CallSlots};
-use crate::config::Limits;
 use crate::drain::Drain;
 use crate::metrics::{Metrics, Peer, Refusal, SocketErrorKind};
 use crate::personas::Personas;
 use crate::session::{CallContext, CallEnd, CallHandler, CallInput, CallOutput, FRAME_BYTES};
+use crate::twilio::Limits;
 
 /// Largest WebSocket message the transport accepts. Beyond it the socket fails.
 pub const MAX_TRANSPORT_MESSAGE_BYTES: usize = 1 << 20;
@@ -471,8 +471,8 @@ impl Conn {
         tracing::info!(
             direction = ctx.direction.as_str(),
             call_id = %ctx.call_id,
-            from = ctx.from.as_deref().map(super::mask_number),
-            to = ctx.to.as_deref().map(super::mask_number),
+            from = ctx.from.as_deref().map(crate::phone::mask_number),
+            to = ctx.to.as_deref().map(crate::phone::mask_number),
             "call started"
         );
 

@@ -12,12 +12,17 @@
 //! The status callback URL carries our call id, signed, so callbacks (including
 //! `initiated`) find the call row even before the REST answer was written.
 
-use crate::config::{Limits, PublicUrl};
+use std::sync::Arc;
+
+use callmeback_api::PersonaSpec;
+
+use crate::session::{Direction, PreparedCall};
 use crate::twilio::context::{
-    CallContextParams, ContextSigner, Direction, Purpose, SEALED_PARAM, StatusContext, unix_now,
+    CallContextParams, ContextSigner, Purpose, SEALED_PARAM, StatusContext, unix_now,
 };
-use crate::twilio::rest::{Instructions, NewCall};
+use crate::twilio::rest::{CreateCall, Instructions};
 use crate::twilio::twiml::{self, TwimlError};
+use crate::twilio::{Limits, PublicUrl};
 
 /// What the persona calls about, and whom.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,11 +45,27 @@ pub struct OutboundPlan {
 #[derive(Clone, Debug)]
 pub struct OutboundRequest {
     /// The Calls API request.
-    pub call: NewCall,
+    pub call: CreateCall,
     /// The signed context (its pretext and user are normalised: empty is `None`).
     pub context: CallContextParams,
     /// Whether the TwiML went inline (else the answer URL).
     pub inline_twiml: bool,
+}
+
+impl OutboundRequest {
+    /// The warm-up for this call about to be placed: its id, persona, pretext and
+    /// user as the signed context carries them (`POST /v1/calls` and the scheduler).
+    pub fn prepared(&self, persona: Arc<PersonaSpec>) -> PreparedCall {
+        let ctx = &self.context;
+        PreparedCall {
+            call_id: ctx.call_id.clone(),
+            persona_name: ctx.persona.clone(),
+            persona,
+            direction: Direction::Outbound,
+            pretext: ctx.pretext.clone(),
+            user: ctx.user.clone(),
+        }
+    }
 }
 
 /// Builds the Calls API request for `plan`. Fails only when the TwiML cannot be
@@ -86,7 +107,7 @@ pub fn build(
         .finish();
     let inline_twiml = matches!(instructions, Instructions::Twiml(_));
     Ok(OutboundRequest {
-        call: NewCall {
+        call: CreateCall {
             to: plan.to.clone(),
             from: plan.from.clone(),
             instructions,

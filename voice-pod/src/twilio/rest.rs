@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::config::Secret;
+use crate::secret::Secret;
 
 /// Twilio's error body.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -34,7 +34,7 @@ pub struct TwilioApiError {
 pub enum RestError {
     /// Twilio answered with an error.
     /// Displayed with phone numbers in Twilio's message masked: this text reaches logs.
-    #[error("twilio error {code:?} (HTTP {status}): {message}", code = .0.code, status = .0.status, message = super::mask_numbers_in(&.0.message))]
+    #[error("twilio error {code:?} (HTTP {status}): {message}", code = .0.code, status = .0.status, message = crate::phone::mask_numbers_in(&.0.message))]
     Api(TwilioApiError),
     /// No answer within the timeout.
     #[error("twilio did not answer in time")]
@@ -114,7 +114,7 @@ pub enum Instructions {
 
 /// A call to create.
 #[derive(Clone, Debug)]
-pub struct NewCall {
+pub struct CreateCall {
     /// Callee (E.164).
     pub to: String,
     /// Caller ID (E.164).
@@ -178,7 +178,7 @@ impl TwilioClient {
     }
 
     /// Creates a call with status callbacks for every progress event.
-    pub async fn create_call(&self, call: &NewCall) -> Result<CallResource, RestError> {
+    pub async fn create_call(&self, call: &CreateCall) -> Result<CallResource, RestError> {
         let mut form: Vec<(&str, String)> = vec![
             ("To", call.to.clone()),
             ("From", call.from.clone()),

@@ -58,7 +58,7 @@ use self::speak::LlmOut;
 use self::timers::CallTimers;
 use super::chunker::ChunkerConfig;
 use super::greeting_cache::{GreetingCache, GreetingKey, Phrase};
-use super::journal::{CallJournal, Journal};
+use super::journal::CallJournal;
 use super::judge::LlmJudge;
 use super::playout::{Playout, PlayoutConfig, PlayoutOut};
 use super::prompt::{self, History, RelationshipContext};
@@ -67,6 +67,7 @@ use super::vad::{Vad, VadConfig, VadEdge};
 use crate::metrics::Metrics;
 use crate::providers::{Providers, SttError, SttEvent, SttSession, TtsError, TtsEvent, TtsSession};
 use crate::session::{CallContext, CallEnd, CallInput, CallOutput};
+use crate::store::journal::Journal;
 
 /// Engine knobs that are not persona settings.
 #[derive(Clone, Debug)]

@@ -5,25 +5,12 @@ use tokio::time::{Duration, Instant};
 use tracing::info;
 
 use super::Call;
-use super::reply::{Reply, Source};
+use super::reply::{Reply, Source, Timing};
 use crate::engine::journal::TurnTimes;
 use crate::metrics::Stage;
 use crate::store::records::TurnLatency;
 
-/// Per-reply timestamps for `voice_turn_latency_seconds`.
-#[derive(Debug, Default)]
-pub(super) struct Timing {
-    /// The caller's last voiced frame before the turn (end of speech, as the pod saw it).
-    pub(super) speech_end: Option<Instant>,
-    pub(super) confirmed: Option<Instant>,
-    pub(super) llm_start: Option<Instant>,
-    pub(super) first_token: Option<Instant>,
-    pub(super) first_tts_text: Option<Instant>,
-    pub(super) first_tts_audio: Option<Instant>,
-    pub(super) first_frame: Option<Instant>,
-}
-
-/// A reply's latency by stage, from its [`Timing`]: what `voice_turn_latency_seconds`
+/// A reply's latency by stage, from its `Timing`: what `voice_turn_latency_seconds`
 /// observes, the log line says and the transcript keeps.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) struct Stages {
@@ -37,21 +24,20 @@ pub(super) struct Stages {
     tts: Option<Duration>,
 }
 
-impl Timing {
-    pub(super) fn stages(&self) -> Stages {
+impl Stages {
+    /// The stages of a reply's timestamps.
+    pub(super) fn of(t: &Timing) -> Self {
         let between = |from: Option<Instant>, to: Option<Instant>| {
             from.zip(to).map(|(a, b)| b.saturating_duration_since(a))
         };
-        Stages {
-            total: between(self.speech_end, self.first_frame),
-            stt: between(self.speech_end, self.confirmed),
-            llm: between(self.llm_start, self.first_token),
-            tts: between(self.first_tts_text, self.first_tts_audio),
+        Self {
+            total: between(t.speech_end, t.first_frame),
+            stt: between(t.speech_end, t.confirmed),
+            llm: between(t.llm_start, t.first_token),
+            tts: between(t.first_tts_text, t.first_tts_audio),
         }
     }
-}
 
-impl Stages {
     fn by_stage(&self) -> [(Stage, Option<Duration>); 4] {
         [
             (Stage::Total, self.total),
@@ -87,7 +73,7 @@ impl Call {
         }
         r.timing.first_frame = Some(now);
         if let Source::Llm { .. } = r.source {
-            let st = r.timing.stages();
+            let st = Stages::of(&r.timing);
             for (stage, d) in st.by_stage() {
                 if let Some(d) = d {
                     metrics.observe_turn(persona, stage, d.as_secs_f64());
@@ -109,7 +95,7 @@ impl Call {
     pub(super) fn journal_reply(&mut self, r: &Reply, heard: &str, interrupted: bool) {
         let t = &r.timing;
         let latency = match r.source {
-            Source::Llm { .. } => t.stages().latency(),
+            Source::Llm { .. } => Stages::of(t).latency(),
             Source::Phrase(_) => TurnLatency::default(),
         };
         self.journal.persona_turn(
@@ -152,7 +138,7 @@ mod tests {
             first_tts_audio: None,
             first_frame: at(700),
         };
-        let st = t.stages();
+        let st = Stages::of(&t);
         assert_eq!(st.total, Some(Duration::from_millis(700)));
         assert_eq!(st.stt, Some(Duration::from_millis(210)));
         assert_eq!(st.llm, Some(Duration::from_millis(188)));

@@ -13,7 +13,6 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Span;
 
-use super::record::Timing;
 use crate::engine::greeting_cache::Phrase;
 use crate::engine::playout::{Heard, Playout};
 use crate::engine::prompt::History;
@@ -26,6 +25,19 @@ pub(super) enum Source {
     Llm { user_text: String },
     /// A static phrase.
     Phrase(Phrase),
+}
+
+/// Per-reply timestamps for `voice_turn_latency_seconds`.
+#[derive(Debug, Default)]
+pub(super) struct Timing {
+    /// The caller's last voiced frame before the turn (end of speech, as the pod saw it).
+    pub(super) speech_end: Option<Instant>,
+    pub(super) confirmed: Option<Instant>,
+    pub(super) llm_start: Option<Instant>,
+    pub(super) first_token: Option<Instant>,
+    pub(super) first_tts_text: Option<Instant>,
+    pub(super) first_tts_audio: Option<Instant>,
+    pub(super) first_frame: Option<Instant>,
 }
 
 /// One thing the persona says.
