@@ -10,7 +10,8 @@
 //! - `reconcile`: one reconciler per kind (`persona`, `voice_deployment`).
 //! - `autoscale`: call-capacity autoscaling (pod load poller, pure scaler, pod
 //!   deletion-cost and eviction annotations).
-//! - `controller`: watches, [`controller::Context`], per-object backoff, `run`;
+//! - `context`: [`context::Context`], what every reconcile gets (client, caches,
+//!   settings, per-object backoff); `controller`: watches wired to reconcilers, `run`;
 //!   `references`: the index that maps Persona and Secret events to VoiceDeployments;
 //!   `observed`: the owned-object cache that lets a reconcile write only what changed.
 //! - `twilio_numbers`: pointing Twilio numbers at a deployment and back.
@@ -19,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 pub mod autoscale;
+pub mod context;
 pub mod controller;
 pub mod crdgen;
 pub mod error;

@@ -19,7 +19,8 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use tokio_util::sync::CancellationToken;
-use voice_operator::controller::{self, Config};
+use voice_operator::context::Config;
+use voice_operator::controller;
 use voice_operator::metrics::Metrics;
 
 fn env_usize(name: &str, default: usize) -> usize {

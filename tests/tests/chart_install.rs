@@ -405,7 +405,7 @@ async fn operator_as_the_charts_service_account_reconciles_the_examples() {
         .client_for_service_account(&ns, &format!("{release}-callmeback"))
         .await;
     let shutdown = CancellationToken::new();
-    let config = voice_operator::controller::Config {
+    let config = voice_operator::context::Config {
         twilio_api_url: twilio.base_url(),
         namespace: Some(ns.clone()),
         instance: Some("chart-test".into()),
@@ -602,7 +602,7 @@ async fn namespace_scoped_chart_rbac_confines_the_operator_to_its_namespace() {
 
     // And the Role is enough to do the job.
     let shutdown = CancellationToken::new();
-    let config = voice_operator::controller::Config {
+    let config = voice_operator::context::Config {
         twilio_api_url: "http://127.0.0.1:9".into(),
         namespace: Some(calls_ns.clone()),
         instance: Some("chart-scoped-test".into()),

@@ -26,7 +26,8 @@ use voice_operator::autoscale::poller::PollerConfig;
 use voice_operator::autoscale::{
     DELETION_COST_ANNOTATION, DO_NOT_DISRUPT_ANNOTATION, SAFE_TO_EVICT_ANNOTATION,
 };
-use voice_operator::controller::{self, Config};
+use voice_operator::context::Config;
+use voice_operator::controller;
 use voice_operator::metrics::Metrics;
 
 /// Generous for a loaded 2-core CI: the operator polls every second.

@@ -29,7 +29,8 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
-use voice_operator::controller::{self, Config};
+use voice_operator::context::Config;
+use voice_operator::controller;
 use voice_operator::metrics::Metrics;
 use voice_operator::reconcile::voice_deployment::twilio::{
     TWILIO_FINALIZER, TWILIO_PREVIOUS_ANNOTATION, TWILIO_WIRED_ANNOTATION,

@@ -18,7 +18,7 @@ use kube::runtime::events::{Event, EventType};
 use kube::{Api, Resource, ResourceExt};
 
 use super::{apply_status, condition};
-use crate::controller::Context;
+use crate::context::Context;
 use crate::error::Result;
 use crate::resources::configmap::render_persona_file;
 use crate::resources::{name_ns, short_hash};

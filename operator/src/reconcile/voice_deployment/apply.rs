@@ -11,7 +11,7 @@ use kube::api::{Patch, PatchParams};
 use kube::{Api, Resource, ResourceExt};
 
 use crate::autoscale::HANDOVER_FIELD_MANAGER;
-use crate::controller::Context;
+use crate::context::Context;
 use crate::error::Result;
 use crate::observed::ObjKey;
 use crate::reconcile::{apply_changed, delete_if_exists, foreign_observed};

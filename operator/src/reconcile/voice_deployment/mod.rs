@@ -35,7 +35,7 @@ use kube::{Api, Resource};
 
 use super::{apply_status, may_write};
 use crate::autoscale::ScalingPolicy;
-use crate::controller::Context;
+use crate::context::Context;
 use crate::error::Result;
 use crate::resources::configmap::config_map_name;
 use crate::resources::{DeploymentInputs, desired_objects, name_ns, owned_meta};

@@ -11,7 +11,7 @@ use crate::reconcile::condition;
 use super::observe::PersonaResolution;
 use crate::autoscale::poller::LoadFields;
 use crate::autoscale::{PolicyError, ScalingPolicy, ScalingView, scaling_conditions};
-use crate::controller::Context;
+use crate::context::Context;
 use crate::error::Result;
 use crate::resources::configmap::PersonaConfig;
 use crate::resources::selector_string;

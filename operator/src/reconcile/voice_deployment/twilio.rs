@@ -36,7 +36,7 @@ use kube::{Api, Resource, ResourceExt};
 use serde::{Deserialize, Serialize};
 
 use super::{KIND, SecretCheck};
-use crate::controller::Context;
+use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::resources::{FIELD_MANAGER, name_ns, short_hash};
 use crate::twilio_numbers::{
