@@ -120,6 +120,168 @@ async fn elevenlabs_dropping_mid_reply_still_delivers_the_whole_answer() {
     pod.stop().await.unwrap();
 }
 
+/// Waits until `pred` holds for the emulator's connection records, polling.
+async fn until(what: &str, mut pred: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !pred() {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_speech_to_text_outage_beyond_its_reconnects_ends_the_call_with_a_goodbye_counted_once() {
+    // Proves one reconnect layer: the Deepgram session retries (5 attempts), gives up
+    // once, and the call ends politely (goodbye, then the pod closes the stream) with
+    // the end reason `stt_unavailable`. The engine does not dial again: 1 drop + 5
+    // refused attempts are 6 socket errors and 6 connections, and nothing counts as
+    // reconnected.
+    let said = Arc::new(Mutex::new(Vec::new()));
+    let replies = table_replies(table(&[]), "Sorry?".into(), said);
+    let emus = Emulators::start(lines(&[]), replies, ProviderProfile::ZERO)
+        .await
+        .unwrap();
+    let pod = PodProcess::start(&emus, &[("ada", persona_json(json!({})))], &[])
+        .await
+        .unwrap();
+    let mut caller = greeted(&pod).await;
+    until("deepgram connected", || {
+        emus.deepgram.connections().len() == 1
+    })
+    .await;
+    emus.deepgram.refuse_connections(Some(503));
+    emus.deepgram.drop_connections();
+    let goodbye = caller
+        .listen(Duration::from_secs(10), Duration::from_millis(500))
+        .await
+        .unwrap();
+    assert!(goodbye.is_some(), "no goodbye:\n{}", pod.log_tail(40));
+    assert!(
+        caller.wait_closed(Duration::from_secs(10)).await,
+        "the call did not end:\n{}",
+        pod.log_tail(40)
+    );
+    let connections = emus.deepgram.connections();
+    assert_eq!(connections.len(), 6, "{connections:?}");
+    assert_eq!(
+        connections
+            .iter()
+            .filter(|c| c.refused == Some(503))
+            .count(),
+        5
+    );
+    let errors = pod
+        .metric("voice_socket_errors_total", &[("peer", "deepgram")])
+        .await
+        .unwrap();
+    assert_eq!(errors, 6.0, "one drop and five refused attempts");
+    let reconnects = pod
+        .metric("voice_provider_reconnects_total", &[("peer", "deepgram")])
+        .await
+        .unwrap();
+    assert_eq!(reconnects, 0.0);
+    assert!(
+        pod.log().contains("stt_unavailable"),
+        "end reason missing:\n{}",
+        pod.log_tail(20)
+    );
+    pod.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_text_to_speech_outage_beyond_its_reconnects_hangs_up_counted_once() {
+    // Proves the TTS side of one reconnect layer: with ElevenLabs gone for good the
+    // session gives up after its 5 attempts and the pod hangs up (the persona has no
+    // voice to say goodbye with); the engine dials nothing more.
+    let said = Arc::new(Mutex::new(Vec::new()));
+    let replies = table_replies(table(&[]), "Sorry?".into(), said);
+    let emus = Emulators::start(lines(&[]), replies, ProviderProfile::ZERO)
+        .await
+        .unwrap();
+    let pod = PodProcess::start(&emus, &[("ada", persona_json(json!({})))], &[])
+        .await
+        .unwrap();
+    let mut caller = greeted(&pod).await;
+    let before = emus.elevenlabs.connections().len();
+    emus.elevenlabs.shutdown();
+    assert!(
+        caller.wait_closed(Duration::from_secs(15)).await,
+        "the call did not end:\n{}",
+        pod.log_tail(40)
+    );
+    assert_eq!(
+        emus.elevenlabs.connections().len(),
+        before,
+        "nothing reached a stopped server"
+    );
+    let errors = pod
+        .metric("voice_socket_errors_total", &[("peer", "elevenlabs")])
+        .await
+        .unwrap();
+    assert_eq!(errors, 6.0, "one drop and five failed attempts");
+    let reconnects = pod
+        .metric("voice_provider_reconnects_total", &[("peer", "elevenlabs")])
+        .await
+        .unwrap();
+    assert_eq!(reconnects, 0.0);
+    assert!(
+        pod.log().contains("tts_unavailable"),
+        "{}",
+        pod.log_tail(20)
+    );
+    pod.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_speech_to_text_refusing_the_first_connect_recovers_and_loses_no_words() {
+    // Proves the first socket goes through the same reconnect loop: Deepgram answers
+    // the call's first upgrade with 503, accepts the next, and the caller's sentence
+    // (spoken from the start, buffered meanwhile) reaches the model whole.
+    let sentence = "Please book a table for four people at eight tonight.";
+    let said = Arc::new(Mutex::new(Vec::new()));
+    let replies = table_replies(
+        table(&[("table for four", "Done, a table for four at eight.")]),
+        "Sorry?".into(),
+        said,
+    );
+    let emus = Emulators::start(lines(&[sentence]), replies, ProviderProfile::ZERO)
+        .await
+        .unwrap();
+    let pod = PodProcess::start(&emus, &[("ada", persona_json(json!({})))], &[])
+        .await
+        .unwrap();
+    emus.deepgram.refuse_connections(Some(503));
+    let mut caller = Caller::dial(&pod.sim(), FROM, TO).await.unwrap();
+    until("a refused upgrade", || {
+        emus.deepgram
+            .connections()
+            .iter()
+            .any(|c| c.refused.is_some())
+    })
+    .await;
+    emus.deepgram.refuse_connections(None);
+    caller.say(sentence).await.unwrap();
+    let reply = caller
+        .listen(Duration::from_secs(12), Duration::from_millis(600))
+        .await
+        .unwrap();
+    assert!(reply.is_some(), "no reply:\n{}", pod.log_tail(40));
+    caller.hang_up().await.unwrap();
+    let requests = emus.chat_messages();
+    assert!(
+        requests
+            .iter()
+            .any(|m| m.last().is_some_and(|(_, c)| c == sentence)),
+        "words lost: {requests:?}"
+    );
+    let reconnects = pod
+        .metric("voice_provider_reconnects_total", &[("peer", "deepgram")])
+        .await
+        .unwrap();
+    assert_eq!(reconnects, 1.0, "the first socket came through the loop");
+    pod.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_llm_gets_the_fallback_phrase_not_silence() {
     // Proves every model request failing (500s, retried once each) yields the persona's

@@ -19,15 +19,16 @@ use futures::future::BoxFuture;
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use tokio::sync::mpsc;
-use tokio::time::{Instant, sleep, timeout};
+use tokio::time::{Instant, timeout};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::http::{HeaderValue, header::AUTHORIZATION};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::{Instrument, debug, info_span, warn};
 use url::Url;
 
 use super::backoff::Backoff;
+use super::session::{Redial, SessionError, redial};
 use super::socket::{self, Ws, ws_base};
 use super::{
     ApiKey, Bytes, SpeechToText, SttCommand, SttControl, SttError, SttEvent, SttSession,
@@ -179,11 +180,17 @@ impl SpeechToText for Deepgram {
     ) -> BoxFuture<'_, Result<SttSession, SttError>> {
         Box::pin(async move {
             let url = self.listen_url(&cfg);
-            let ws = match self.open(&url).await {
-                Ok(ws) => ws,
+            // A refused key fails the call's connect at once; any other failure starts
+            // the session disconnected, and the reconnect loop opens its first socket.
+            let first = match self.open(&url).await {
+                Ok(ws) => Some(ws),
                 Err(e) => {
                     self.metrics.socket_error(Peer::Deepgram, e.metric_kind());
-                    return Err(e);
+                    if e.is_fatal() {
+                        return Err(e);
+                    }
+                    warn!(error = %e, "deepgram connect failed; retrying with backoff");
+                    None
                 }
             };
             let (audio_tx, audio_rx) = mpsc::channel(AUDIO_QUEUE);
@@ -204,7 +211,7 @@ impl SpeechToText for Deepgram {
                 pending_finalize: false,
             };
             let span = info_span!("deepgram", call_sid = %cfg.call_sid);
-            tokio::spawn(task.run(ws).instrument(span));
+            tokio::spawn(task.run(first).instrument(span));
             Ok(SttSession {
                 audio: audio_tx,
                 events: event_rx,
@@ -326,8 +333,14 @@ struct SessionTask {
 }
 
 impl SessionTask {
-    async fn run(mut self, first: Ws) {
-        let mut ws = first;
+    async fn run(mut self, first: Option<Ws>) {
+        let mut ws = match first {
+            Some(ws) => ws,
+            None => match self.reconnect().await {
+                Some(ws) => ws,
+                None => return,
+            },
+        };
         loop {
             match self.connected(ws).await {
                 Phase::Finished | Phase::Cancelled => return,
@@ -341,107 +354,23 @@ impl SessionTask {
                         .socket_error(Peer::Deepgram, e.metric_kind());
                     warn!(error = %e, "deepgram socket dropped; reconnecting");
                     match self.reconnect().await {
-                        Ok(Some(new_ws)) => ws = new_ws,
-                        Ok(None) => return,
-                        Err(e) => {
-                            let _ = self.events.send(SttEvent::Error(e)).await;
-                            return;
-                        }
+                        Some(new_ws) => ws = new_ws,
+                        None => return,
                     }
                 }
             }
         }
     }
 
-    /// Reconnects with backoff while still accepting audio into the replay buffer.
-    /// `Ok(None)`: the session ended meanwhile.
-    async fn reconnect(&mut self) -> Result<Option<Ws>, SttError> {
-        let backoff = self.client.cfg.backoff;
-        let mut last = String::from("socket dropped");
-        for attempt in 0..backoff.attempts {
-            let delay = sleep(backoff.delay(attempt));
-            tokio::pin!(delay);
-            // Wait out the delay, buffering audio.
-            loop {
-                tokio::select! {
-                    _ = self.cancel.cancelled() => return Ok(None),
-                    _ = &mut delay => break,
-                    a = self.audio_rx.recv() => match a {
-                        Some(b) => self.replay.push(b),
-                        None => return Ok(None),
-                    },
-                    c = self.cmd_rx.recv() => match c {
-                        Some(SttCommand::Finalize) => self.pending_finalize = true,
-                        // Closing while disconnected: nothing more can be transcribed.
-                        Some(SttCommand::Close) | None => return Ok(None),
-                    },
-                }
-            }
-            let url = self.url.clone();
-            let client = self.client.clone();
-            let open = async move { client.open(&url).await };
-            tokio::pin!(open);
-            let result = loop {
-                tokio::select! {
-                    _ = self.cancel.cancelled() => return Ok(None),
-                    r = &mut open => break r,
-                    a = self.audio_rx.recv() => match a {
-                        Some(b) => self.replay.push(b),
-                        None => return Ok(None),
-                    },
-                    c = self.cmd_rx.recv() => match c {
-                        Some(SttCommand::Finalize) => self.pending_finalize = true,
-                        Some(SttCommand::Close) | None => return Ok(None),
-                    },
-                }
-            };
-            match result {
-                Ok(mut ws) => {
-                    self.client
-                        .metrics
-                        .provider_reconnects
-                        .with_label_values(&[Peer::Deepgram.as_str()])
-                        .inc();
-                    self.socket_base = self.replay.start;
-                    let replayed_ms = (self.replay.len as u64 * 1000 / BYTES_PER_SEC) as u32;
-                    let mut ok = true;
-                    for frame in self.replay.frames() {
-                        if !self.send(&mut ws, Message::Binary(frame)).await {
-                            ok = false;
-                            break;
-                        }
-                    }
-                    if !ok {
-                        last = "replay send failed".into();
-                        self.client
-                            .metrics
-                            .socket_error(Peer::Deepgram, SocketErrorKind::Closed);
-                        continue;
-                    }
-                    debug!(replayed_ms, attempt, "deepgram reconnected");
-                    if self
-                        .events
-                        .send(SttEvent::Reconnected { replayed_ms })
-                        .await
-                        .is_err()
-                    {
-                        return Ok(None);
-                    }
-                    return Ok(Some(ws));
-                }
-                Err(e @ SttError::Unauthorized(_)) => return Err(e),
-                Err(e) => {
-                    self.client
-                        .metrics
-                        .socket_error(Peer::Deepgram, e.metric_kind());
-                    last = e.to_string();
-                }
+    /// The shared reconnect loop; a session that gives up tells the call once.
+    async fn reconnect(&mut self) -> Option<Ws> {
+        match redial(self).await {
+            Ok(ws) => ws,
+            Err(e) => {
+                let _ = self.events.send(SttEvent::Error(e)).await;
+                None
             }
         }
-        Err(SttError::ReconnectsExhausted {
-            attempts: backoff.attempts,
-            last,
-        })
     }
 
     async fn send(&self, ws: &mut Ws, msg: Message) -> bool {
@@ -647,6 +576,73 @@ impl SessionTask {
 /// Byte position in the socket's audio where a final result ends. The times come
 /// from the peer: negative, absurd or non-finite ones saturate instead of
 /// overflowing (`trim_to` clamps to the audio actually buffered).
+/// What the call sends a Deepgram session while its socket is down.
+enum DownInput {
+    Audio(Bytes),
+    Command(SttCommand),
+}
+
+impl Redial for SessionTask {
+    type Input = DownInput;
+    type Error = SttError;
+
+    fn peer(&self) -> Peer {
+        Peer::Deepgram
+    }
+
+    fn backoff(&self) -> Backoff {
+        self.client.cfg.backoff
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.client.metrics
+    }
+
+    fn cancelled(&self) -> WaitForCancellationFutureOwned {
+        self.cancel.clone().cancelled_owned()
+    }
+
+    async fn next_input(&mut self) -> Option<DownInput> {
+        tokio::select! {
+            a = self.audio_rx.recv() => a.map(DownInput::Audio),
+            c = self.cmd_rx.recv() => c.map(DownInput::Command),
+        }
+    }
+
+    async fn while_down(&mut self, input: DownInput) -> Result<bool, SttError> {
+        match input {
+            // Kept for the replay: no word is lost to the outage.
+            DownInput::Audio(b) => self.replay.push(b),
+            DownInput::Command(SttCommand::Finalize) => self.pending_finalize = true,
+            // Closing while disconnected: nothing more can be transcribed.
+            DownInput::Command(SttCommand::Close) => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    fn open(&self) -> impl Future<Output = Result<Ws, SttError>> + Send + 'static {
+        let (client, url) = (self.client.clone(), self.url.clone());
+        async move { client.open(&url).await }
+    }
+
+    /// Replays the audio since the last final result and moves the timeline's zero.
+    async fn restore(&mut self, ws: &mut Ws) -> Result<bool, SttError> {
+        self.socket_base = self.replay.start;
+        let replayed_ms = (self.replay.len as u64 * 1000 / BYTES_PER_SEC) as u32;
+        for frame in self.replay.frames() {
+            if !self.send(ws, Message::Binary(frame)).await {
+                return Err(SttError::Connect("replaying buffered audio failed".into()));
+            }
+        }
+        debug!(replayed_ms, "deepgram reconnected");
+        Ok(self
+            .events
+            .send(SttEvent::Reconnected { replayed_ms })
+            .await
+            .is_ok())
+    }
+}
+
 fn final_audio_end(socket_base: u64, start: f64, duration: f64) -> u64 {
     let end_seconds = start + duration;
     let bytes = if end_seconds.is_finite() && end_seconds > 0.0 {

@@ -22,14 +22,15 @@ use futures::future::BoxFuture;
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use tokio::sync::mpsc;
-use tokio::time::{Instant, sleep, timeout};
+use tokio::time::{Instant, timeout};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::{Instrument, debug, info_span, warn};
 use url::Url;
 
 use super::backoff::Backoff;
+use super::session::{Redial, SessionError, redial};
 use super::socket::{self, Ws, ws_base};
 use super::{
     ApiKey, Bytes, ContextId, TextToSpeech, TtsCommand, TtsControl, TtsError, TtsEvent, TtsSession,
@@ -168,11 +169,17 @@ impl TextToSpeech for ElevenLabs {
     ) -> BoxFuture<'_, Result<TtsSession, TtsError>> {
         Box::pin(async move {
             let url = self.stream_url(&cfg)?;
-            let ws = match self.open(&url).await {
-                Ok(ws) => ws,
+            // A refused key fails the call's connect at once; any other failure starts
+            // the session disconnected, and the reconnect loop opens its first socket.
+            let first = match self.open(&url).await {
+                Ok(ws) => Some(ws),
                 Err(e) => {
                     self.metrics.socket_error(Peer::Elevenlabs, e.metric_kind());
-                    return Err(e);
+                    if e.is_fatal() {
+                        return Err(e);
+                    }
+                    warn!(error = %e, "elevenlabs connect failed; retrying with backoff");
+                    None
                 }
             };
             let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
@@ -191,7 +198,7 @@ impl TextToSpeech for ElevenLabs {
                 pending_done: Vec::new(),
             };
             let span = info_span!("elevenlabs", call_sid = %cfg.call_sid);
-            tokio::spawn(task.run(ws).instrument(span));
+            tokio::spawn(task.run(first).instrument(span));
             Ok(TtsSession {
                 control: TtsControl::new(cmd_tx, session_cancel),
                 events: event_rx,
@@ -318,8 +325,14 @@ struct SessionTask {
 }
 
 impl SessionTask {
-    async fn run(mut self, first: Ws) {
-        let mut ws = first;
+    async fn run(mut self, first: Option<Ws>) {
+        let mut ws = match first {
+            Some(ws) => ws,
+            None => match self.reconnect().await {
+                Some(ws) => ws,
+                None => return,
+            },
+        };
         loop {
             match self.connected(&mut ws).await {
                 Phase::Finished => return,
@@ -336,14 +349,21 @@ impl SessionTask {
                         .socket_error(Peer::Elevenlabs, e.metric_kind());
                     warn!(error = %e, "elevenlabs socket dropped; reconnecting");
                     match self.reconnect().await {
-                        Ok(Some(new_ws)) => ws = new_ws,
-                        Ok(None) => return,
-                        Err(e) => {
-                            let _ = self.events.send(TtsEvent::Error(e)).await;
-                            return;
-                        }
+                        Some(new_ws) => ws = new_ws,
+                        None => return,
                     }
                 }
+            }
+        }
+    }
+
+    /// The shared reconnect loop; a session that gives up tells the call once.
+    async fn reconnect(&mut self) -> Option<Ws> {
+        match redial(self).await {
+            Ok(ws) => ws,
+            Err(e) => {
+                let _ = self.events.send(TtsEvent::Error(e)).await;
+                None
             }
         }
     }
@@ -685,76 +705,6 @@ impl SessionTask {
         Ok(true)
     }
 
-    /// Reconnects with backoff, applying commands to local state meanwhile, then resends
-    /// the unspoken remainder of every open context. `Ok(None)`: the session ended.
-    async fn reconnect(&mut self) -> Result<Option<Ws>, TtsError> {
-        let backoff = self.client.cfg.backoff;
-        let mut last = String::from("socket dropped");
-        for attempt in 0..backoff.attempts {
-            let delay = sleep(backoff.delay(attempt));
-            tokio::pin!(delay);
-            loop {
-                tokio::select! {
-                    _ = self.cancel.cancelled() => return Ok(None),
-                    _ = &mut delay => break,
-                    c = self.cmd_rx.recv() => match c {
-                        Some(cmd) => if !self.apply(cmd, None).await? { return Ok(None) },
-                        None => return Ok(None),
-                    },
-                }
-            }
-            let url = self.url.clone();
-            let client = self.client.clone();
-            let open = async move { client.open(&url).await };
-            tokio::pin!(open);
-            let result = loop {
-                tokio::select! {
-                    _ = self.cancel.cancelled() => return Ok(None),
-                    r = &mut open => break r,
-                    c = self.cmd_rx.recv() => match c {
-                        Some(cmd) => if !self.apply(cmd, None).await? { return Ok(None) },
-                        None => return Ok(None),
-                    },
-                }
-            };
-            match result {
-                Ok(mut ws) => {
-                    self.client
-                        .metrics
-                        .provider_reconnects
-                        .with_label_values(&[Peer::Elevenlabs.as_str()])
-                        .inc();
-                    match self.resume(&mut ws).await {
-                        Ok(resent) => {
-                            debug!(resent, attempt, "elevenlabs reconnected");
-                            if !self.emit(TtsEvent::Reconnected { resent }).await {
-                                return Ok(None);
-                            }
-                            return Ok(Some(ws));
-                        }
-                        Err(e) => {
-                            self.client
-                                .metrics
-                                .socket_error(Peer::Elevenlabs, e.metric_kind());
-                            last = e.to_string();
-                        }
-                    }
-                }
-                Err(e @ TtsError::Unauthorized(_)) => return Err(e),
-                Err(e) => {
-                    self.client
-                        .metrics
-                        .socket_error(Peer::Elevenlabs, e.metric_kind());
-                    last = e.to_string();
-                }
-            }
-        }
-        Err(TtsError::ReconnectsExhausted {
-            attempts: backoff.attempts,
-            last,
-        })
-    }
-
     /// Re-opens every open context on a fresh socket from its first unvoiced word.
     async fn resume(&mut self, ws: &mut Ws) -> Result<usize, TtsError> {
         let mut resent = 0;
@@ -793,6 +743,47 @@ impl SessionTask {
             i += 1;
         }
         Ok(resent)
+    }
+}
+
+impl Redial for SessionTask {
+    type Input = TtsCommand;
+    type Error = TtsError;
+
+    fn peer(&self) -> Peer {
+        Peer::Elevenlabs
+    }
+
+    fn backoff(&self) -> Backoff {
+        self.client.cfg.backoff
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.client.metrics
+    }
+
+    fn cancelled(&self) -> WaitForCancellationFutureOwned {
+        self.cancel.clone().cancelled_owned()
+    }
+
+    async fn next_input(&mut self) -> Option<TtsCommand> {
+        self.cmd_rx.recv().await
+    }
+
+    /// Commands change local state while down; the text goes out on restore.
+    async fn while_down(&mut self, cmd: TtsCommand) -> Result<bool, TtsError> {
+        self.apply(cmd, None).await
+    }
+
+    fn open(&self) -> impl Future<Output = Result<Ws, TtsError>> + Send + 'static {
+        let (client, url) = (self.client.clone(), self.url.clone());
+        async move { client.open(&url).await }
+    }
+
+    async fn restore(&mut self, ws: &mut Ws) -> Result<bool, TtsError> {
+        let resent = self.resume(ws).await?;
+        debug!(resent, "elevenlabs reconnected");
+        Ok(self.emit(TtsEvent::Reconnected { resent }).await)
     }
 }
 

@@ -11,12 +11,17 @@
 //!   reconnect and audio replay.
 //! - `cerebras` + `sse`: Cerebras chat completions streamed as server-sent events.
 //! - `elevenlabs`: ElevenLabs multi-context stream input over one WebSocket per call.
-//! - `backoff`: bounded, jittered reconnect delays.
+//! - `session`: the one reconnecting-socket loop both streaming sessions use
+//!   (backoff, restore, give up once); `backoff`: its bounded, jittered delays;
+//!   `socket`: opening a provider WebSocket.
 //!
 //! ## Conventions every implementation follows
 //! - Keys travel in headers, never in URLs, logs or metric labels ([`ApiKey`] redacts itself).
 //! - Every channel is bounded; every network await has a timeout; a
 //!   [`CancellationToken`] stops a session and all its tasks.
+//! - A session reconnects on its own and gives up once (`Error`); callers never dial
+//!   again. A transient failure of the first connect starts the session disconnected;
+//!   only a refused key fails `connect`.
 //! - Socket errors and reconnects are counted in [`Metrics`](crate::metrics::Metrics)
 //!   (`voice_socket_errors_total{peer,kind}`, `voice_provider_reconnects_total{peer}`);
 //!   each error enum maps to a design socket-error kind with `metric_kind()`.
@@ -38,6 +43,7 @@ pub mod backoff;
 pub mod cerebras;
 pub mod deepgram;
 pub mod elevenlabs;
+mod session;
 mod socket;
 pub mod sse;
 

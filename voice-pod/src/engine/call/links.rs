@@ -1,16 +1,20 @@
 //! A call's links to its speech providers: the STT and TTS sessions, opened in the
 //! background (caller audio waits in a bounded buffer meanwhile), and what happens
 //! when a session gives up.
+//!
+//! The sessions reconnect on their own (`providers::session`); when one gives up the
+//! call cannot go on as a conversation, so it ends: without ears the persona says
+//! goodbye, without a voice it hangs up. The engine never dials a provider again, so
+//! one outage is counted once.
 
 use std::collections::VecDeque;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
-use tokio::time::Duration;
+use tokio::time::{Duration, Instant};
 use tracing::{Instrument, debug, info_span, warn};
 
 use super::{Call, Internal};
-use crate::metrics::{Peer, SocketErrorKind};
 use crate::providers::{
     SttControl, SttError, SttEvent, SttSession, SttSessionConfig, TtsControl, TtsError, TtsEvent,
     TtsSession, TtsSessionConfig,
@@ -23,7 +27,6 @@ pub(super) struct SttLink {
     pub(super) events: Option<mpsc::Receiver<SttEvent>>,
     control: Option<SttControl>,
     connecting: bool,
-    failures: u32,
     /// Caller audio while no session takes it (20 ms frames, bounded).
     pre_audio: VecDeque<Bytes>,
 }
@@ -34,15 +37,10 @@ pub(super) struct TtsLink {
     pub(super) control: Option<TtsControl>,
     pub(super) events: Option<mpsc::Receiver<TtsEvent>>,
     connecting: bool,
-    failures: u32,
-}
-
-fn reconnect_delay(failures: u32) -> Duration {
-    Duration::from_millis(200 * u64::from(failures.min(10)))
 }
 
 impl Call {
-    pub(super) fn connect_stt(&mut self, delay: Duration) {
+    pub(super) fn connect_stt(&mut self) {
         if self.stt.connecting {
             return;
         }
@@ -53,7 +51,6 @@ impl Call {
         let tx = self.internal_tx.clone();
         tokio::spawn(
             async move {
-                tokio::time::sleep(delay).await;
                 let res = stt.connect(cfg, cancel).await;
                 let _ = tx.send(Internal::SttReady(res)).await;
             }
@@ -61,7 +58,7 @@ impl Call {
         );
     }
 
-    pub(super) fn connect_tts(&mut self, delay: Duration) {
+    pub(super) fn connect_tts(&mut self) {
         if self.tts.connecting {
             return;
         }
@@ -72,7 +69,6 @@ impl Call {
         let tx = self.internal_tx.clone();
         tokio::spawn(
             async move {
-                tokio::time::sleep(delay).await;
                 let res = tts.connect(cfg, cancel).await;
                 let _ = tx.send(Internal::TtsReady(res)).await;
             }
@@ -106,17 +102,16 @@ impl Call {
         self.stt.pre_audio.push_back(payload);
     }
 
-    pub(super) fn stt_ready(&mut self, res: Result<SttSession, SttError>) {
+    pub(super) async fn stt_ready(&mut self, res: Result<SttSession, SttError>) {
         self.stt.connecting = false;
         let session = match res {
             Ok(s) => s,
             Err(e) => {
-                warn!(error = %e, "speech-to-text connect failed");
-                self.stt_lost();
+                warn!(error = %e, "speech-to-text refused the session");
+                self.stt_gone().await;
                 return;
             }
         };
-        self.stt.failures = 0;
         let SttSession {
             audio,
             events,
@@ -138,61 +133,42 @@ impl Call {
         let session = match res {
             Ok(s) => s,
             Err(e) => {
-                warn!(error = %e, "text-to-speech connect failed");
-                self.tts_lost();
+                warn!(error = %e, "text-to-speech refused the session");
+                self.tts_gone().await;
                 return;
             }
         };
-        self.tts.failures = 0;
         self.tts.control = Some(session.control);
         self.tts.events = Some(session.events);
         debug!("text-to-speech connected");
         self.feed_tts().await;
     }
 
-    pub(super) fn stt_lost(&mut self) {
+    /// The STT gave up (or refused the call): the persona cannot hear, so it says
+    /// goodbye and the call ends.
+    pub(super) async fn stt_gone(&mut self) {
         self.stt.audio = None;
         self.stt.events = None;
         if let Some(c) = self.stt.control.take() {
             c.abort();
         }
-        self.shared
-            .metrics
-            .socket_error(Peer::Deepgram, SocketErrorKind::Closed);
-        self.stt.failures += 1;
-        if self.stt.failures <= self.shared.settings.session_reconnects {
-            self.shared
-                .metrics
-                .provider_reconnects
-                .with_label_values(&[Peer::Deepgram.as_str()])
-                .inc();
-            self.connect_stt(reconnect_delay(self.stt.failures));
-        }
+        self.begin_ending("stt_unavailable", Instant::now()).await;
     }
 
-    pub(super) fn tts_lost(&mut self) {
+    /// The TTS gave up (or refused the call): the persona has no voice left, so the
+    /// call ends at once. What audio arrived for open contexts is dropped with it.
+    pub(super) async fn tts_gone(&mut self) {
         self.tts.control = None;
         self.tts.events = None;
-        // Whatever audio arrived for open contexts plays; the rest of their text is gone
-        // with the session (the client already resent it on its own reconnects).
         for c in self.replies.close_open_contexts(&mut self.playout) {
             self.captures.remove(&c);
         }
-        self.shared
-            .metrics
-            .socket_error(Peer::Elevenlabs, SocketErrorKind::Closed);
-        self.tts.failures += 1;
-        if self.tts.failures <= self.shared.settings.session_reconnects {
-            self.shared
-                .metrics
-                .provider_reconnects
-                .with_label_values(&[Peer::Elevenlabs.as_str()])
-                .inc();
-            self.connect_tts(reconnect_delay(self.tts.failures));
-        } else {
-            // No voice left: end replies that wait for one, so the call does not hang.
-            self.replies.drop_queued_text();
+        self.replies.drop_queued_text();
+        let now = Instant::now();
+        if self.timers.ending().is_none() {
+            self.timers.begin_ending("tts_unavailable", now);
         }
+        self.hang_up().await;
     }
 
     /// Closes both sessions at the end of the call (bounded: a dead TTS socket must

@@ -88,8 +88,6 @@ pub struct EngineSettings {
     pub wordless_barge_in_resume: Duration,
     /// Upper bound on saying goodbye before the hangup.
     pub goodbye_timeout: Duration,
-    /// Reconnect attempts for a provider session that gave up.
-    pub session_reconnects: u32,
     /// Replies queued from the LLM task before it waits.
     pub llm_chunk_queue: usize,
 }
@@ -104,7 +102,6 @@ impl Default for EngineSettings {
             pre_connect_frames: 150,
             wordless_barge_in_resume: Duration::from_millis(2000),
             goodbye_timeout: Duration::from_secs(15),
-            session_reconnects: 5,
             llm_chunk_queue: 32,
         }
     }
@@ -243,8 +240,8 @@ impl Call {
         let span = self.span.clone();
         async move {
             info!("call started");
-            self.connect_stt(Duration::ZERO);
-            self.connect_tts(Duration::ZERO);
+            self.connect_stt();
+            self.connect_tts();
             self.say_phrase(Phrase::Greeting).await;
             let mut sleep: std::pin::Pin<Box<Sleep>> = Box::pin(sleep_until(far_future()));
             let end = loop {
@@ -390,8 +387,8 @@ impl Call {
     async fn on_stt(&mut self, ev: Option<SttEvent>) {
         let now = Instant::now();
         let Some(ev) = ev else {
-            warn!("speech-to-text session ended; reconnecting");
-            self.stt_lost();
+            warn!("speech-to-text session ended unexpectedly");
+            self.stt_gone().await;
             return;
         };
         let speech = match ev {
@@ -425,8 +422,8 @@ impl Call {
                 return;
             }
             SttEvent::Error(e) => {
-                warn!(error = %e, "speech-to-text session gave up; reconnecting");
-                self.stt_lost();
+                warn!(error = %e, "speech-to-text session gave up; ending the call");
+                self.stt_gone().await;
                 return;
             }
         };
@@ -459,12 +456,12 @@ impl Call {
                 info!(resent, "text-to-speech reconnected");
             }
             Some(TtsEvent::Error(e)) => {
-                warn!(error = %e, "text-to-speech session gave up; reconnecting");
-                self.tts_lost();
+                warn!(error = %e, "text-to-speech session gave up; ending the call");
+                self.tts_gone().await;
             }
             None => {
-                warn!("text-to-speech session ended; reconnecting");
-                self.tts_lost();
+                warn!("text-to-speech session ended unexpectedly");
+                self.tts_gone().await;
             }
         }
     }
@@ -472,7 +469,7 @@ impl Call {
     async fn on_internal(&mut self, msg: Internal) {
         let now = Instant::now();
         match msg {
-            Internal::SttReady(res) => self.stt_ready(res),
+            Internal::SttReady(res) => self.stt_ready(res).await,
             Internal::TtsReady(res) => self.tts_ready(res).await,
             Internal::Llm { reply, out } => self.on_llm(reply, out).await,
             Internal::Judge { text, finished } => {

@@ -210,10 +210,10 @@ impl Call {
                 Err(e) => Err(e),
             };
             if let Err(e) = res {
+                // The session task is gone (its queue closed): the voice with it.
                 warn!(error = %e, "text-to-speech command failed");
-                // Put the text back for the next session.
                 self.replies.tts_job_failed(job, &mut self.playout);
-                self.tts_lost();
+                self.tts_gone().await;
                 return;
             }
             self.journal.tts_characters(spoken.chars().count());
