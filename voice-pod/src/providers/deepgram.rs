@@ -28,7 +28,7 @@ use tracing::{Instrument, debug, info_span, warn};
 use url::Url;
 
 use super::backoff::Backoff;
-use super::session::{Redial, SessionError, redial};
+use super::session::{self, Redial, SessionError};
 use super::socket::{self, Ws, ws_base};
 use super::{
     ApiKey, Bytes, SpeechToText, SttCommand, SttControl, SttError, SttEvent, SttSession,
@@ -211,7 +211,7 @@ impl SpeechToText for Deepgram {
                 pending_finalize: false,
             };
             let span = info_span!("deepgram", call_sid = %cfg.call_sid);
-            tokio::spawn(task.run(first).instrument(span));
+            tokio::spawn(session::run(task, first).instrument(span));
             Ok(SttSession {
                 audio: audio_tx,
                 events: event_rx,
@@ -306,17 +306,7 @@ impl Replay {
     }
 }
 
-/// How a connected phase ended.
-enum Phase {
-    /// Closed as asked (CloseStream answered, or the engine went away).
-    Finished,
-    /// Cancelled.
-    Cancelled,
-    /// The socket broke; reconnect.
-    Dropped(SttError),
-    /// Unrecoverable.
-    Fatal(SttError),
-}
+type Phase = session::Phase<SttError>;
 
 struct SessionTask {
     client: Deepgram,
@@ -333,46 +323,6 @@ struct SessionTask {
 }
 
 impl SessionTask {
-    async fn run(mut self, first: Option<Ws>) {
-        let mut ws = match first {
-            Some(ws) => ws,
-            None => match self.reconnect().await {
-                Some(ws) => ws,
-                None => return,
-            },
-        };
-        loop {
-            match self.connected(ws).await {
-                Phase::Finished | Phase::Cancelled => return,
-                Phase::Fatal(e) => {
-                    let _ = self.events.send(SttEvent::Error(e)).await;
-                    return;
-                }
-                Phase::Dropped(e) => {
-                    self.client
-                        .metrics
-                        .socket_error(Peer::Deepgram, e.metric_kind());
-                    warn!(error = %e, "deepgram socket dropped; reconnecting");
-                    match self.reconnect().await {
-                        Some(new_ws) => ws = new_ws,
-                        None => return,
-                    }
-                }
-            }
-        }
-    }
-
-    /// The shared reconnect loop; a session that gives up tells the call once.
-    async fn reconnect(&mut self) -> Option<Ws> {
-        match redial(self).await {
-            Ok(ws) => ws,
-            Err(e) => {
-                let _ = self.events.send(SttEvent::Error(e)).await;
-                None
-            }
-        }
-    }
-
     async fn send(&self, ws: &mut Ws, msg: Message) -> bool {
         matches!(
             timeout(self.client.cfg.send_timeout, ws.send(msg)).await,
@@ -380,7 +330,8 @@ impl SessionTask {
         )
     }
 
-    async fn connected(&mut self, mut ws: Ws) -> Phase {
+    /// Runs the session on one socket until it ends or breaks.
+    async fn on_socket(&mut self, mut ws: Ws) -> Phase {
         let keepalive = self.client.cfg.keepalive_interval;
         let mut last_sent = Instant::now();
         let mut tick = tokio::time::interval(keepalive.min(Duration::from_secs(1)));
@@ -399,7 +350,7 @@ impl SessionTask {
             tokio::select! {
                 _ = self.cancel.cancelled() => {
                     let _ = timeout(Duration::from_millis(200), ws.close(None)).await;
-                    return Phase::Cancelled;
+                    return Phase::Finished;
                 }
                 _ = tokio::time::sleep_until(close_deadline), if closing.is_some() => {
                     debug!("deepgram did not close in time after CloseStream");
@@ -569,13 +520,10 @@ impl SessionTask {
                 return Ok(());
             }
         };
-        self.events.send(event).await.map_err(|_| Phase::Cancelled)
+        self.events.send(event).await.map_err(|_| Phase::Finished)
     }
 }
 
-/// Byte position in the socket's audio where a final result ends. The times come
-/// from the peer: negative, absurd or non-finite ones saturate instead of
-/// overflowing (`trim_to` clamps to the audio actually buffered).
 /// What the call sends a Deepgram session while its socket is down.
 enum DownInput {
     Audio(Bytes),
@@ -600,6 +548,14 @@ impl Redial for SessionTask {
 
     fn cancelled(&self) -> WaitForCancellationFutureOwned {
         self.cancel.clone().cancelled_owned()
+    }
+
+    async fn connected(&mut self, ws: Ws) -> Phase {
+        self.on_socket(ws).await
+    }
+
+    async fn gave_up(&mut self, e: SttError) {
+        let _ = self.events.send(SttEvent::Error(e)).await;
     }
 
     async fn next_input(&mut self) -> Option<DownInput> {
@@ -643,6 +599,9 @@ impl Redial for SessionTask {
     }
 }
 
+/// Byte position in the socket's audio where a final result ends. The times come
+/// from the peer: negative, absurd or non-finite ones saturate instead of
+/// overflowing (`trim_to` clamps to the audio actually buffered).
 fn final_audio_end(socket_base: u64, start: f64, duration: f64) -> u64 {
     let end_seconds = start + duration;
     let bytes = if end_seconds.is_finite() && end_seconds > 0.0 {

@@ -30,7 +30,7 @@ use tracing::{Instrument, debug, info_span, warn};
 use url::Url;
 
 use super::backoff::Backoff;
-use super::session::{Redial, SessionError, redial};
+use super::session::{self, Redial, SessionError};
 use super::socket::{self, Ws, ws_base};
 use super::{
     ApiKey, Bytes, ContextId, TextToSpeech, TtsCommand, TtsControl, TtsError, TtsEvent, TtsSession,
@@ -198,7 +198,7 @@ impl TextToSpeech for ElevenLabs {
                 pending_done: Vec::new(),
             };
             let span = info_span!("elevenlabs", call_sid = %cfg.call_sid);
-            tokio::spawn(task.run(first).instrument(span));
+            tokio::spawn(session::run(task, first).instrument(span));
             Ok(TtsSession {
                 control: TtsControl::new(cmd_tx, session_cancel),
                 events: event_rx,
@@ -303,11 +303,7 @@ impl Ctx {
     }
 }
 
-enum Phase {
-    Finished,
-    Dropped(TtsError),
-    Fatal(TtsError),
-}
+type Phase = session::Phase<TtsError>;
 
 struct SessionTask {
     client: ElevenLabs,
@@ -325,49 +321,6 @@ struct SessionTask {
 }
 
 impl SessionTask {
-    async fn run(mut self, first: Option<Ws>) {
-        let mut ws = match first {
-            Some(ws) => ws,
-            None => match self.reconnect().await {
-                Some(ws) => ws,
-                None => return,
-            },
-        };
-        loop {
-            match self.connected(&mut ws).await {
-                Phase::Finished => return,
-                Phase::Fatal(e) => {
-                    self.client
-                        .metrics
-                        .socket_error(Peer::Elevenlabs, e.metric_kind());
-                    let _ = self.events.send(TtsEvent::Error(e)).await;
-                    return;
-                }
-                Phase::Dropped(e) => {
-                    self.client
-                        .metrics
-                        .socket_error(Peer::Elevenlabs, e.metric_kind());
-                    warn!(error = %e, "elevenlabs socket dropped; reconnecting");
-                    match self.reconnect().await {
-                        Some(new_ws) => ws = new_ws,
-                        None => return,
-                    }
-                }
-            }
-        }
-    }
-
-    /// The shared reconnect loop; a session that gives up tells the call once.
-    async fn reconnect(&mut self) -> Option<Ws> {
-        match redial(self).await {
-            Ok(ws) => ws,
-            Err(e) => {
-                let _ = self.events.send(TtsEvent::Error(e)).await;
-                None
-            }
-        }
-    }
-
     async fn send(&self, ws: &mut Ws, v: serde_json::Value) -> Result<(), TtsError> {
         match timeout(
             self.client.cfg.send_timeout,
@@ -527,7 +480,8 @@ impl SessionTask {
         self.events.send(ev).await.is_ok()
     }
 
-    async fn connected(&mut self, ws: &mut Ws) -> Phase {
+    /// Runs the session on one socket until it ends or breaks.
+    async fn on_socket(&mut self, ws: &mut Ws) -> Phase {
         for id in std::mem::take(&mut self.pending_done) {
             if !self.emit(TtsEvent::ContextDone { context_id: id }).await {
                 return Phase::Finished;
@@ -764,6 +718,14 @@ impl Redial for SessionTask {
 
     fn cancelled(&self) -> WaitForCancellationFutureOwned {
         self.cancel.clone().cancelled_owned()
+    }
+
+    async fn connected(&mut self, mut ws: Ws) -> Phase {
+        self.on_socket(&mut ws).await
+    }
+
+    async fn gave_up(&mut self, e: TtsError) {
+        let _ = self.events.send(TtsEvent::Error(e)).await;
     }
 
     async fn next_input(&mut self) -> Option<TtsCommand> {

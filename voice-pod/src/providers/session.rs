@@ -29,6 +29,16 @@ pub(crate) trait SessionError: Display + Sized {
     fn exhausted(attempts: u32, last: String) -> Self;
 }
 
+/// How a session's time on one socket ended.
+pub(crate) enum Phase<E> {
+    /// Closed as asked (the call closed or cancelled the session).
+    Finished,
+    /// The socket broke: reconnect.
+    Dropped(E),
+    /// Nothing another socket could fix (a refused key, a fatal provider error).
+    Fatal(E),
+}
+
 /// A provider session whose socket can be re-opened.
 pub(crate) trait Redial {
     /// What the call sends while the socket is down.
@@ -58,6 +68,53 @@ pub(crate) trait Redial {
     /// Restores the session on the fresh socket and tells the call it is back;
     /// `Ok(false)` when the call side is gone.
     fn restore(&mut self, ws: &mut Ws) -> impl Future<Output = Result<bool, Self::Error>> + Send;
+    /// Runs the session on a socket until it ends or breaks.
+    fn connected(&mut self, ws: Ws) -> impl Future<Output = Phase<Self::Error>> + Send;
+    /// Tells the call the session gave up (its last event).
+    fn gave_up(&mut self, error: Self::Error) -> impl Future<Output = ()> + Send;
+}
+
+/// A session's whole life: on `first` (or, when the first connect failed, on the
+/// socket the reconnect loop opens), through every drop and reconnect, until it
+/// finishes or gives up.
+pub(crate) async fn run<S: Redial + Send>(mut s: S, first: Option<Ws>) {
+    let peer = s.peer();
+    let mut ws = match first {
+        Some(ws) => ws,
+        None => match reconnect(&mut s).await {
+            Some(ws) => ws,
+            None => return,
+        },
+    };
+    loop {
+        match s.connected(ws).await {
+            Phase::Finished => return,
+            Phase::Fatal(e) => {
+                s.metrics().socket_error(peer, e.metric_kind());
+                s.gave_up(e).await;
+                return;
+            }
+            Phase::Dropped(e) => {
+                s.metrics().socket_error(peer, e.metric_kind());
+                tracing::warn!(error = %e, peer = peer.as_str(), "provider socket dropped; reconnecting");
+                match reconnect(&mut s).await {
+                    Some(new_ws) => ws = new_ws,
+                    None => return,
+                }
+            }
+        }
+    }
+}
+
+/// [`redial`], telling the call when it gives up.
+async fn reconnect<S: Redial + Send>(s: &mut S) -> Option<Ws> {
+    match redial(s).await {
+        Ok(ws) => ws,
+        Err(e) => {
+            s.gave_up(e).await;
+            None
+        }
+    }
 }
 
 /// Reconnects `s` with backoff. `Ok(Some(ws))`: restored on `ws`; `Ok(None)`: the
