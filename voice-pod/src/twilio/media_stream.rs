@@ -22,9 +22,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD;
-use bytes::Bytes;
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
@@ -35,7 +32,7 @@ use tracing::Instrument;
 use super::context::{ContextSigner, Purpose, SIG_PARAM, is_call_sid, unix_now};
 use super::rest::TwilioClient;
 use super::stream_claims::StreamClaims;
-use super::stream_messages::{Inbound, MarkBody, MediaOut, Outbound, StartMeta, parse_inbound};
+use super::stream_messages::{Inbound, Outbound, StartMeta, StreamEvent, parse_inbound};
 use crate::capacity::{CallSlot, CallSlots};
 use crate::drain::Drain;
 use crate::metrics::{Metrics, Peer, Refusal, SocketErrorKind};
@@ -104,9 +101,72 @@ pub struct StreamDeps {
     pub claims: StreamClaims,
 }
 
+/// What the connection asks of its socket writer.
 enum WriterCmd {
-    Text(String),
+    /// The call started: write its handler's outputs from now on, in order.
+    Call(CallOutputs),
+    /// Close the socket (after the call's queued outputs).
     Close(u16, &'static str),
+}
+
+/// A call's output side, owned by the writer task: the one task between the handler
+/// and Twilio's socket.
+struct CallOutputs {
+    rx: mpsc::Receiver<CallOutput>,
+    stream_sid: String,
+    call_sid: String,
+    deps: Arc<StreamDeps>,
+    /// Cancelled when the handler hangs up: the reader stops too.
+    call_over: CancellationToken,
+    warned_frame_size: bool,
+}
+
+impl CallOutputs {
+    /// The next output; pending forever without a call.
+    async fn next(call: &mut Option<CallOutputs>) -> Option<CallOutput> {
+        match call {
+            Some(c) => c.rx.recv().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The Twilio message for `out`, counting audio; `None` when nothing is sent.
+    fn message(&mut self, out: &CallOutput) -> Option<Message> {
+        if let CallOutput::Audio(audio) = out {
+            if audio.len() % FRAME_BYTES != 0 && !self.warned_frame_size {
+                self.warned_frame_size = true;
+                tracing::warn!(
+                    bytes = audio.len(),
+                    "outbound audio is not a multiple of 20 ms frames; expect jitter"
+                );
+            }
+            self.deps
+                .metrics
+                .frames
+                .with_label_values(&["outbound"])
+                .inc_by(audio.len().div_ceil(FRAME_BYTES) as u64);
+        }
+        Outbound::for_output(out, &self.stream_sid)
+            .map(|m| Message::Text(Utf8Bytes::from(m.to_json())))
+    }
+
+    /// The handler hung up: Twilio's REST API ends the call (closing the stream
+    /// ends it too, should that request fail), and the reader stops.
+    fn hang_up(&self) {
+        tracing::info!("handler hung up");
+        if let Some(client) = self.deps.twilio.clone() {
+            let sid = self.call_sid.clone();
+            tokio::spawn(
+                async move {
+                    if let Err(err) = client.hangup(&sid).await {
+                        tracing::warn!(error = %err, "REST hangup failed; closing the stream ends the call anyway");
+                    }
+                }
+                .in_current_span(),
+            );
+        }
+        self.call_over.cancel();
+    }
 }
 
 /// Per-stream error accounting: count every error, log the first few of each kind.
@@ -180,17 +240,36 @@ pub async fn serve(socket: WebSocket, deps: Arc<StreamDeps>, upgrade: UpgradeSig
     .await
 }
 
+/// The one writer of a stream's socket: close frames from the connection, and once
+/// the call starts, the handler's outputs (queued outputs go out before a close).
 async fn write_loop(mut sink: SplitSink<WebSocket, Message>, mut rx: mpsc::Receiver<WriterCmd>) {
-    while let Some(cmd) = rx.recv().await {
-        let (msg, last) = match cmd {
-            WriterCmd::Text(t) => (Message::Text(Utf8Bytes::from(t)), false),
-            WriterCmd::Close(code, reason) => (
-                Message::Close(Some(CloseFrame {
-                    code,
-                    reason: Utf8Bytes::from_static(reason),
-                })),
-                true,
-            ),
+    let mut call: Option<CallOutputs> = None;
+    loop {
+        let (msg, last) = tokio::select! {
+            biased;
+            out = CallOutputs::next(&mut call) => match (out, call.as_mut()) {
+                (Some(CallOutput::Hangup), Some(c)) => {
+                    c.hang_up();
+                    (close_frame(close_code::NORMAL, "hangup"), true)
+                }
+                (Some(out), Some(c)) => match c.message(&out) {
+                    Some(msg) => (msg, false),
+                    None => continue,
+                },
+                // The handler is done; what it sent is written.
+                _ => {
+                    call = None;
+                    continue;
+                }
+            },
+            cmd = rx.recv() => match cmd {
+                None => break,
+                Some(WriterCmd::Call(c)) => {
+                    call = Some(c);
+                    continue;
+                }
+                Some(WriterCmd::Close(code, reason)) => (close_frame(code, reason), true),
+            },
         };
         match tokio::time::timeout(SEND_TIMEOUT, sink.send(msg)).await {
             Ok(Ok(())) => {}
@@ -208,6 +287,13 @@ async fn write_loop(mut sink: SplitSink<WebSocket, Message>, mut rx: mpsc::Recei
         }
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+}
+
+fn close_frame(code: u16, reason: &'static str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(reason),
+    }))
 }
 
 /// A frame as the reader sees it, after transport-level checks.
@@ -320,7 +406,7 @@ impl Conn {
                 Frame::Msg(other) => {
                     self.errors.record(
                         SocketErrorKind::OutOfOrder,
-                        &format!("{} before start", event_name(&other)),
+                        &format!("{} before start", other.name()),
                     );
                 }
             }
@@ -460,7 +546,8 @@ impl Conn {
         Some((ctx, slot))
     }
 
-    /// Runs the call: reader here, handler and output forwarder as tasks.
+    /// Runs the call: the reader here, the handler as a task, its outputs through
+    /// the socket writer.
     async fn run_call(&mut self, ctx: CallContext, _slot: CallSlot) {
         let deps = Arc::clone(&self.deps);
         let _active = ActiveCall::new(&deps.metrics);
@@ -485,17 +572,17 @@ impl Conn {
                 .run(ctx, in_rx, out_tx, cancel.clone())
                 .in_current_span(),
         ));
-        let forwarder = tokio::spawn(
-            forward_outputs(
-                out_rx,
-                self.writer.clone(),
-                stream_sid.clone(),
-                call_sid.clone(),
-                Arc::clone(&deps),
-                call_over.clone(),
-            )
-            .in_current_span(),
-        );
+        let outputs = CallOutputs {
+            rx: out_rx,
+            stream_sid: stream_sid.clone(),
+            call_sid: call_sid.clone(),
+            deps: Arc::clone(&deps),
+            call_over: call_over.clone(),
+            warned_frame_size: false,
+        };
+        if self.writer.send(WriterCmd::Call(outputs)).await.is_err() {
+            tracing::debug!("the socket writer is gone before the call started");
+        }
 
         let mut in_tx = Some(in_tx);
         let mut end: Option<CallEnd> = None;
@@ -510,59 +597,25 @@ impl Conn {
                     break;
                 }
             };
-            let input = match frame {
+            let event = match frame {
                 Frame::Closed => break,
                 Frame::Skipped => continue,
-                Frame::Msg(Inbound::Media {
-                    media,
-                    stream_sid: sid,
-                    ..
-                }) => {
-                    if sid != stream_sid {
-                        self.errors
-                            .record(SocketErrorKind::Protocol, &"media for another stream");
+                Frame::Msg(msg) => match msg.into_stream_event(&stream_sid) {
+                    Ok(event) => event,
+                    Err(unusable) => {
+                        self.errors.record(unusable.kind, &unusable.detail);
                         continue;
                     }
-                    let payload = match STANDARD.decode(media.payload.as_bytes()) {
-                        Ok(p) if !p.is_empty() => p,
-                        Ok(_) => {
-                            self.errors
-                                .record(SocketErrorKind::BadPayload, &"empty media payload");
-                            continue;
-                        }
-                        Err(err) => {
-                            self.errors.record(
-                                SocketErrorKind::BadPayload,
-                                &format!("media payload is not base64: {err}"),
-                            );
-                            continue;
-                        }
-                    };
-                    deps.metrics.frames.with_label_values(&["inbound"]).inc();
-                    CallInput::Audio {
-                        payload: Bytes::from(payload),
-                        timestamp_ms: media.timestamp.as_u64().unwrap_or(0),
+                },
+            };
+            let input = match event {
+                StreamEvent::Input(input) => {
+                    if matches!(input, CallInput::Audio { .. }) {
+                        deps.metrics.frames.with_label_values(&["inbound"]).inc();
                     }
+                    input
                 }
-                Frame::Msg(Inbound::Dtmf { dtmf, .. }) => {
-                    let mut chars = dtmf.digit.chars();
-                    match (chars.next(), chars.next()) {
-                        (Some(d), None)
-                            if d.is_ascii_digit() || matches!(d, '*' | '#' | 'A'..='D') =>
-                        {
-                            CallInput::Dtmf(d)
-                        }
-                        _ => {
-                            self.errors.record(
-                                SocketErrorKind::BadPayload,
-                                &"dtmf digit is not one of 0-9 * # A-D",
-                            );
-                            continue;
-                        }
-                    }
-                }
-                Frame::Msg(Inbound::Mark { mark, .. }) => CallInput::Mark(mark.name),
-                Frame::Msg(Inbound::Stop { .. }) => {
+                StreamEvent::Stop => {
                     stopped = true;
                     if let Some(tx) = in_tx.take() {
                         // Stop is the last input; a full queue must not lose it.
@@ -571,13 +624,6 @@ impl Conn {
                                 .await;
                     }
                     break;
-                }
-                Frame::Msg(other @ (Inbound::Start { .. } | Inbound::Connected { .. })) => {
-                    self.errors.record(
-                        SocketErrorKind::OutOfOrder,
-                        &format!("second {}", event_name(&other)),
-                    );
-                    continue;
                 }
             };
             if let Some(tx) = &in_tx {
@@ -628,13 +674,6 @@ impl Conn {
             }
             (None, None) => CallEnd::Failed("handler lost".into()),
         };
-        // The forwarder ends once the handler dropped its output sender.
-        if tokio::time::timeout(Duration::from_secs(2), forwarder)
-            .await
-            .is_err()
-        {
-            tracing::debug!("output forwarder did not finish in time");
-        }
         if !stopped {
             // Our side ends the stream; with nothing after <Connect>, Twilio ends the call.
             self.close(close_code::NORMAL, "call ended").await;
@@ -645,83 +684,5 @@ impl Conn {
             .with_label_values(&[persona.as_str()])
             .observe(seconds);
         tracing::info!(end = end.label(), detail = ?end, seconds, "call ended");
-    }
-}
-
-fn event_name(m: &Inbound) -> &'static str {
-    match m {
-        Inbound::Connected { .. } => "connected",
-        Inbound::Start { .. } => "start",
-        Inbound::Media { .. } => "media",
-        Inbound::Dtmf { .. } => "dtmf",
-        Inbound::Mark { .. } => "mark",
-        Inbound::Stop { .. } => "stop",
-    }
-}
-
-/// Turns handler outputs into Twilio frames, in order.
-async fn forward_outputs(
-    mut rx: mpsc::Receiver<CallOutput>,
-    writer: mpsc::Sender<WriterCmd>,
-    stream_sid: String,
-    call_sid: String,
-    deps: Arc<StreamDeps>,
-    call_over: CancellationToken,
-) {
-    let mut warned_frame_size = false;
-    while let Some(out) = rx.recv().await {
-        let msg = match out {
-            CallOutput::Audio(audio) => {
-                if audio.is_empty() {
-                    continue;
-                }
-                if audio.len() % FRAME_BYTES != 0 && !warned_frame_size {
-                    warned_frame_size = true;
-                    tracing::warn!(
-                        bytes = audio.len(),
-                        "outbound audio is not a multiple of 20 ms frames; expect jitter"
-                    );
-                }
-                deps.metrics
-                    .frames
-                    .with_label_values(&["outbound"])
-                    .inc_by(audio.len().div_ceil(FRAME_BYTES) as u64);
-                Outbound::Media {
-                    stream_sid: stream_sid.clone(),
-                    media: MediaOut {
-                        payload: STANDARD.encode(&audio),
-                    },
-                }
-            }
-            CallOutput::Mark(name) => Outbound::Mark {
-                stream_sid: stream_sid.clone(),
-                mark: MarkBody { name },
-            },
-            CallOutput::Clear => Outbound::Clear {
-                stream_sid: stream_sid.clone(),
-            },
-            CallOutput::Hangup => {
-                tracing::info!("handler hung up");
-                if let Some(client) = deps.twilio.clone() {
-                    let sid = call_sid.clone();
-                    tokio::spawn(
-                        async move {
-                            if let Err(err) = client.hangup(&sid).await {
-                                tracing::warn!(error = %err, "REST hangup failed; closing the stream ends the call anyway");
-                            }
-                        }
-                        .in_current_span(),
-                    );
-                }
-                let _ = writer
-                    .send(WriterCmd::Close(close_code::NORMAL, "hangup"))
-                    .await;
-                call_over.cancel();
-                break;
-            }
-        };
-        if writer.send(WriterCmd::Text(msg.to_json())).await.is_err() {
-            break;
-        }
     }
 }

@@ -11,9 +11,13 @@
 
 use std::collections::BTreeMap;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::metrics::SocketErrorKind;
+use crate::session::{CallInput, CallOutput};
 
 /// A count or time that Twilio sends as a string (`"1"`), parsed leniently.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -250,6 +254,123 @@ impl Outbound {
     }
 }
 
+/// What one message of a started stream means for the call, decoded completely
+/// (base64 audio, a checked DTMF digit): the connection only routes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StreamEvent {
+    /// Audio, a key or a returned mark, for the call handler.
+    Input(CallInput),
+    /// The stream is over (Twilio's last message).
+    Stop,
+}
+
+/// A message of a started stream that is skipped, with the error kind it counts as.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unusable {
+    /// `voice_socket_errors_total{kind}`.
+    pub kind: SocketErrorKind,
+    /// For the (rate-limited) log line.
+    pub detail: String,
+}
+
+impl Unusable {
+    fn new(kind: SocketErrorKind, detail: impl Into<String>) -> Self {
+        Self {
+            kind,
+            detail: detail.into(),
+        }
+    }
+}
+
+impl Inbound {
+    /// The event name, as Twilio writes it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Inbound::Connected { .. } => "connected",
+            Inbound::Start { .. } => "start",
+            Inbound::Media { .. } => "media",
+            Inbound::Dtmf { .. } => "dtmf",
+            Inbound::Mark { .. } => "mark",
+            Inbound::Stop { .. } => "stop",
+        }
+    }
+
+    /// Decodes a message that arrived after `start` on the stream `stream_sid`.
+    pub fn into_stream_event(self, stream_sid: &str) -> Result<StreamEvent, Unusable> {
+        match self {
+            Inbound::Media {
+                media,
+                stream_sid: sid,
+                ..
+            } => {
+                if sid != stream_sid {
+                    return Err(Unusable::new(
+                        SocketErrorKind::Protocol,
+                        "media for another stream",
+                    ));
+                }
+                let payload = STANDARD.decode(media.payload.as_bytes()).map_err(|err| {
+                    Unusable::new(
+                        SocketErrorKind::BadPayload,
+                        format!("media payload is not base64: {err}"),
+                    )
+                })?;
+                if payload.is_empty() {
+                    return Err(Unusable::new(
+                        SocketErrorKind::BadPayload,
+                        "empty media payload",
+                    ));
+                }
+                Ok(StreamEvent::Input(CallInput::Audio {
+                    payload: Bytes::from(payload),
+                    timestamp_ms: media.timestamp.as_u64().unwrap_or(0),
+                }))
+            }
+            Inbound::Dtmf { dtmf, .. } => {
+                let mut chars = dtmf.digit.chars();
+                match (chars.next(), chars.next()) {
+                    (Some(d), None) if d.is_ascii_digit() || matches!(d, '*' | '#' | 'A'..='D') => {
+                        Ok(StreamEvent::Input(CallInput::Dtmf(d)))
+                    }
+                    _ => Err(Unusable::new(
+                        SocketErrorKind::BadPayload,
+                        "dtmf digit is not one of 0-9 * # A-D",
+                    )),
+                }
+            }
+            Inbound::Mark { mark, .. } => Ok(StreamEvent::Input(CallInput::Mark(mark.name))),
+            Inbound::Stop { .. } => Ok(StreamEvent::Stop),
+            other @ (Inbound::Start { .. } | Inbound::Connected { .. }) => Err(Unusable::new(
+                SocketErrorKind::OutOfOrder,
+                format!("second {}", other.name()),
+            )),
+        }
+    }
+}
+
+impl Outbound {
+    /// The message for a handler's output on stream `stream_sid`; `None` for what is
+    /// not a message (empty audio, the hangup).
+    pub fn for_output(output: &CallOutput, stream_sid: &str) -> Option<Self> {
+        let stream_sid = stream_sid.to_owned();
+        match output {
+            CallOutput::Audio(audio) if audio.is_empty() => None,
+            CallOutput::Audio(audio) => Some(Outbound::Media {
+                stream_sid,
+                media: MediaOut {
+                    payload: STANDARD.encode(audio),
+                },
+            }),
+            CallOutput::Mark(name) => Some(Outbound::Mark {
+                stream_sid,
+                mark: MarkBody { name: name.clone() },
+            }),
+            CallOutput::Clear => Some(Outbound::Clear { stream_sid }),
+            CallOutput::Hangup => None,
+        }
+    }
+}
+
 /// Why an inbound frame could not be understood.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -305,6 +426,84 @@ pub fn parse_inbound(text: &str) -> Result<Inbound, FrameError> {
 mod tests {
     use super::*;
 
+    fn started(text: &str) -> Result<StreamEvent, Unusable> {
+        parse_inbound(text)
+            .expect("a Twilio frame")
+            .into_stream_event("MZ1")
+    }
+
+    #[test]
+    fn media_dtmf_marks_and_stop_decode_completely_for_the_call() {
+        assert_eq!(
+            started(
+                r#"{"event":"media","streamSid":"MZ1","media":{"payload":"//8A","timestamp":"40"}}"#
+            ),
+            Ok(StreamEvent::Input(CallInput::Audio {
+                payload: Bytes::from_static(&[0xff, 0xff, 0x00]),
+                timestamp_ms: 40
+            }))
+        );
+        assert_eq!(
+            started(r##"{"event":"dtmf","streamSid":"MZ1","dtmf":{"digit":"#"}}"##),
+            Ok(StreamEvent::Input(CallInput::Dtmf('#')))
+        );
+        assert_eq!(
+            started(r#"{"event":"mark","streamSid":"MZ1","mark":{"name":"c3"}}"#),
+            Ok(StreamEvent::Input(CallInput::Mark("c3".into())))
+        );
+        assert_eq!(
+            started(r#"{"event":"stop","streamSid":"MZ1","stop":{}}"#),
+            Ok(StreamEvent::Stop)
+        );
+    }
+
+    #[test]
+    fn unusable_messages_say_which_error_they_count_as() {
+        let kind = |text: &str| started(text).map_err(|u| u.kind);
+        assert_eq!(
+            kind(r#"{"event":"media","streamSid":"MZ2","media":{"payload":"//8A"}}"#),
+            Err(SocketErrorKind::Protocol),
+            "another stream's media"
+        );
+        assert_eq!(
+            kind(r#"{"event":"media","streamSid":"MZ1","media":{"payload":"not base64!"}}"#),
+            Err(SocketErrorKind::BadPayload)
+        );
+        assert_eq!(
+            kind(r#"{"event":"media","streamSid":"MZ1","media":{"payload":""}}"#),
+            Err(SocketErrorKind::BadPayload)
+        );
+        for digit in ["", "12", "E", "x"] {
+            let text =
+                format!(r#"{{"event":"dtmf","streamSid":"MZ1","dtmf":{{"digit":"{digit}"}}}}"#);
+            assert_eq!(kind(&text), Err(SocketErrorKind::BadPayload), "{digit:?}");
+        }
+        assert_eq!(
+            kind(r#"{"event":"connected","protocol":"Call","version":"1.0.0"}"#),
+            Err(SocketErrorKind::OutOfOrder)
+        );
+    }
+
+    #[test]
+    fn handler_outputs_become_twilio_messages_and_the_hangup_none() {
+        let media = Outbound::for_output(&CallOutput::Audio(Bytes::from_static(&[0xff; 3])), "MZ1");
+        assert_eq!(
+            media.map(|m| m.to_json()).as_deref(),
+            Some(r#"{"event":"media","streamSid":"MZ1","media":{"payload":"////"}}"#)
+        );
+        assert_eq!(
+            Outbound::for_output(&CallOutput::Audio(Bytes::new()), "MZ1"),
+            None
+        );
+        assert_eq!(
+            Outbound::for_output(&CallOutput::Clear, "MZ1"),
+            Some(Outbound::Clear {
+                stream_sid: "MZ1".into()
+            })
+        );
+        assert_eq!(Outbound::for_output(&CallOutput::Hangup, "MZ1"), None);
+    }
+
     proptest::proptest! {
         // Any text, and any values in each event's shape, parse or fail with a
         // FrameError: never a panic (the reader counts and skips the frame).
@@ -322,6 +521,9 @@ mod tests {
                 format!("{{\"event\":{event:?},\"media\":{{\"payload\":{value:?},\"timestamp\":{number},\"chunk\":{value:?}}},\"streamSid\":\"MZ1\"}}"),
                 format!("{{\"event\":{event:?},\"dtmf\":{{\"digit\":{value:?}}},\"mark\":{{\"name\":{value:?}}}}}"),
             ] {
+                if let Ok(m) = parse_inbound(&shaped) {
+                    let _ = m.into_stream_event("MZ1");
+                }
                 if let Ok(Inbound::Media { media, .. }) = parse_inbound(&shaped) {
                     let _ = media.timestamp.as_u64();
                 }
