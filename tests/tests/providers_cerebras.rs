@@ -11,9 +11,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use voice_pod::metrics::Metrics;
 use voice_pod::providers::cerebras::{Cerebras, CerebrasConfig};
-use voice_pod::providers::{
-    ApiKey, ChatDelta, ChatMessage, ChatModel, ChatRequest, LlmError, Role,
-};
+use voice_pod::providers::{ChatDelta, ChatMessage, ChatModel, ChatRequest, LlmError, Role};
+use voice_pod::secret::Secret;
 
 const MODEL: &str = "gpt-oss-120b";
 
@@ -31,7 +30,7 @@ fn client(
     metrics: Arc<Metrics>,
     tweak: impl FnOnce(&mut CerebrasConfig),
 ) -> Cerebras {
-    let mut cfg = CerebrasConfig::new(emu.base_url(), ApiKey::new(emu.api_key()));
+    let mut cfg = CerebrasConfig::new(emu.base_url(), Secret::new(emu.api_key()));
     tweak(&mut cfg);
     Cerebras::new(cfg, metrics).expect("valid config")
 }
@@ -411,7 +410,7 @@ async fn wrong_key_is_unauthorized_and_not_retried() {
     let emu = emulator("unused").await;
     let metrics = Arc::new(Metrics::new());
     let llm = Cerebras::new(
-        CerebrasConfig::new(emu.base_url(), ApiKey::new("nope")),
+        CerebrasConfig::new(emu.base_url(), Secret::new("nope")),
         metrics.clone(),
     )
     .unwrap();

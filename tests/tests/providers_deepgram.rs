@@ -13,7 +13,8 @@ use tokio::time::{Instant, sleep, timeout};
 use tokio_util::sync::CancellationToken;
 use voice_pod::metrics::Metrics;
 use voice_pod::providers::deepgram::{Deepgram, DeepgramConfig};
-use voice_pod::providers::{ApiKey, Bytes, SpeechToText, SttError, SttEvent, SttSessionConfig};
+use voice_pod::providers::{Bytes, SpeechToText, SttError, SttEvent, SttSessionConfig};
+use voice_pod::secret::Secret;
 
 const LINE_1: &str = "Hi, I would like to book a table for two.";
 const LINE_2: &str = "Tomorrow at seven in the evening, please.";
@@ -51,7 +52,7 @@ fn client(
     metrics: Arc<Metrics>,
     tweak: impl FnOnce(&mut DeepgramConfig),
 ) -> Deepgram {
-    let mut cfg = DeepgramConfig::new(emu.base_url(), ApiKey::new(emu.api_key()));
+    let mut cfg = DeepgramConfig::new(emu.base_url(), Secret::new(emu.api_key()));
     tweak(&mut cfg);
     Deepgram::new(cfg, metrics).expect("valid config")
 }
@@ -501,7 +502,7 @@ async fn wrong_key_is_refused_before_any_audio() {
     let emu = emulator(&[LINE_1]).await;
     let metrics = Arc::new(Metrics::new());
     let dg = Deepgram::new(
-        DeepgramConfig::new(emu.base_url(), ApiKey::new("wrong")),
+        DeepgramConfig::new(emu.base_url(), Secret::new("wrong")),
         metrics.clone(),
     )
     .unwrap();

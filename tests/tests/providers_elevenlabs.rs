@@ -9,9 +9,8 @@ use tokio::time::{Instant, sleep, timeout};
 use tokio_util::sync::CancellationToken;
 use voice_pod::metrics::Metrics;
 use voice_pod::providers::elevenlabs::{ElevenLabs, ElevenLabsConfig};
-use voice_pod::providers::{
-    ApiKey, TextToSpeech, TtsError, TtsEvent, TtsSession, TtsSessionConfig,
-};
+use voice_pod::providers::{TextToSpeech, TtsError, TtsEvent, TtsSession, TtsSessionConfig};
+use voice_pod::secret::Secret;
 
 fn session_cfg() -> TtsSessionConfig {
     TtsSessionConfig {
@@ -42,7 +41,7 @@ async fn connect(
     metrics: Arc<Metrics>,
     tweak: impl FnOnce(&mut ElevenLabsConfig),
 ) -> TtsSession {
-    let mut cfg = ElevenLabsConfig::new(emu.base_url(), ApiKey::new(emu.api_key()));
+    let mut cfg = ElevenLabsConfig::new(emu.base_url(), Secret::new(emu.api_key()));
     tweak(&mut cfg);
     let el = ElevenLabs::new(cfg, metrics).expect("valid config");
     el.connect(session_cfg(), CancellationToken::new())
@@ -351,7 +350,7 @@ async fn wrong_key_is_refused() {
     let emu = emulator(|_| {}).await;
     let metrics = Arc::new(Metrics::new());
     let el = ElevenLabs::new(
-        ElevenLabsConfig::new(emu.base_url(), ApiKey::new("nope")),
+        ElevenLabsConfig::new(emu.base_url(), Secret::new("nope")),
         metrics.clone(),
     )
     .unwrap();

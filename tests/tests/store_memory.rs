@@ -10,8 +10,8 @@ use callmeback_tests::postgres::TestDb;
 use chrono::Utc;
 use uuid::Uuid;
 use voice_pod::metrics::Metrics;
-use voice_pod::providers::ApiKey;
 use voice_pod::providers::cerebras::{Cerebras, CerebrasConfig};
+use voice_pod::secret::Secret;
 use voice_pod::session::Direction;
 use voice_pod::store::memory::{Summary, remember_call};
 use voice_pod::store::records::{CallRef, CallStatus, CallUpdate, NewCall, Speaker, TurnRecord};
@@ -47,7 +47,7 @@ async fn summariser() -> CerebrasEmulator {
 
 fn model(emu: &CerebrasEmulator) -> Cerebras {
     Cerebras::new(
-        CerebrasConfig::new(emu.base_url(), ApiKey::new(emu.api_key())),
+        CerebrasConfig::new(emu.base_url(), Secret::new(emu.api_key())),
         Arc::new(Metrics::new()),
     )
     .expect("client")

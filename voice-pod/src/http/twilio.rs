@@ -117,6 +117,22 @@ fn verify_webhook(
     }
 }
 
+/// A webhook's form, once its signature checks out, with its `CallSid` (empty when
+/// absent). `Err` is the response to send.
+#[allow(clippy::result_large_err)]
+fn signed_form(
+    state: &AppState,
+    endpoint: &str,
+    headers: &HeaderMap,
+    uri: &axum::http::Uri,
+    body: &[u8],
+) -> Result<(Vec<(String, String)>, String), Response> {
+    let params = form_params(body);
+    verify_webhook(state, endpoint, headers, uri, &params)?;
+    let call_sid = param(&params, "CallSid").unwrap_or("").to_string();
+    Ok((params, call_sid))
+}
+
 /// `POST /twilio/voice`: the answer webhook.
 pub async fn voice(
     State(state): State<Arc<AppState>>,
@@ -124,11 +140,10 @@ pub async fn voice(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let params = form_params(&body);
-    if let Err(resp) = verify_webhook(&state, "voice", &headers, &uri, &params) {
-        return resp;
-    }
-    let call_sid = param(&params, "CallSid").unwrap_or("").to_string();
+    let (params, call_sid) = match signed_form(&state, "voice", &headers, &uri, &body) {
+        Ok(form) => form,
+        Err(resp) => return resp,
+    };
     let span = tracing::info_span!("twilio_voice", call_sid = %call_sid);
     let _enter = span.enter();
 
@@ -291,11 +306,10 @@ pub async fn status(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let params = form_params(&body);
-    if let Err(resp) = verify_webhook(&state, "status", &headers, &uri, &params) {
-        return resp;
-    }
-    let call_sid = param(&params, "CallSid").unwrap_or("").to_string();
+    let (params, call_sid) = match signed_form(&state, "status", &headers, &uri, &body) {
+        Ok(form) => form,
+        Err(resp) => return resp,
+    };
     let status = param(&params, "CallStatus").unwrap_or("").to_string();
     let span = tracing::info_span!("twilio_status", call_sid = %call_sid);
     let _enter = span.enter();

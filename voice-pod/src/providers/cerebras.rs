@@ -21,8 +21,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::sse::{SseEvent, SseParser};
-use super::{ApiKey, ChatDelta, ChatModel, ChatRequest, ChatStream, LlmError, Usage};
+use super::{ChatDelta, ChatModel, ChatRequest, ChatStream, LlmError, Usage};
 use crate::metrics::{Metrics, Peer};
+use crate::secret::Secret;
 
 /// Cerebras client settings.
 #[derive(Clone, Debug)]
@@ -30,7 +31,7 @@ pub struct CerebrasConfig {
     /// Base URL, e.g. `https://api.cerebras.ai` (the client appends `/v1/...`).
     pub base_url: String,
     /// `CEREBRAS_API_KEY`, sent as `Authorization: Bearer <key>`.
-    pub api_key: ApiKey,
+    pub api_key: Secret,
     /// The first token (content or reasoning) must arrive this soon after the request,
     /// retries included.
     pub first_token_timeout: Duration,
@@ -46,7 +47,7 @@ pub struct CerebrasConfig {
 
 impl CerebrasConfig {
     /// Settings with production defaults.
-    pub fn new(base_url: impl Into<String>, api_key: ApiKey) -> Self {
+    pub fn new(base_url: impl Into<String>, api_key: Secret) -> Self {
         Self {
             base_url: base_url.into(),
             api_key,
@@ -563,7 +564,7 @@ mod tests {
 
     fn state() -> StreamState {
         let client = Cerebras::new(
-            CerebrasConfig::new("http://127.0.0.1:9", ApiKey::new("k")),
+            CerebrasConfig::new("http://127.0.0.1:9", Secret::new("k")),
             Arc::new(Metrics::new()),
         )
         .unwrap();

@@ -31,10 +31,11 @@ use super::backoff::Backoff;
 use super::session::{self, Redial, SessionError};
 use super::socket::{self, Ws, ws_base};
 use super::{
-    ApiKey, Bytes, SpeechToText, SttCommand, SttControl, SttError, SttEvent, SttSession,
-    SttSessionConfig, Word,
+    Bytes, SpeechToText, SttCommand, SttControl, SttError, SttEvent, SttSession, SttSessionConfig,
+    Word,
 };
 use crate::metrics::{Metrics, Peer, SocketErrorKind};
+use crate::secret::Secret;
 
 /// mu-law at 8 kHz mono: bytes per second of audio.
 const BYTES_PER_SEC: u64 = 8000;
@@ -56,7 +57,7 @@ pub struct DeepgramConfig {
     /// Base URL, e.g. `wss://api.deepgram.com` (`http(s)://` is accepted and mapped).
     pub base_url: String,
     /// `DEEPGRAM_API_KEY`, sent as `Authorization: Token <key>`.
-    pub api_key: ApiKey,
+    pub api_key: Secret,
     /// Handshake deadline.
     pub connect_timeout: Duration,
     /// Send `KeepAlive` after this long without audio (Deepgram's limit is 10 s).
@@ -79,7 +80,7 @@ pub struct DeepgramConfig {
 
 impl DeepgramConfig {
     /// Settings with production defaults.
-    pub fn new(base_url: impl Into<String>, api_key: ApiKey) -> Self {
+    pub fn new(base_url: impl Into<String>, api_key: Secret) -> Self {
         Self {
             base_url: base_url.into(),
             api_key,
@@ -751,7 +752,7 @@ mod tests {
         // Proves the URL has the protocol params Deepgram needs and never the API key.
         let m = Arc::new(Metrics::new());
         let dg = Deepgram::new(
-            DeepgramConfig::new("https://dg.example/base/", ApiKey::new("sekrit")),
+            DeepgramConfig::new("https://dg.example/base/", Secret::new("sekrit")),
             m,
         )
         .unwrap();

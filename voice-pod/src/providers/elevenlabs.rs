@@ -33,10 +33,11 @@ use super::backoff::Backoff;
 use super::session::{self, Redial, SessionError};
 use super::socket::{self, Ws, ws_base};
 use super::{
-    ApiKey, Bytes, ContextId, TextToSpeech, TtsCommand, TtsControl, TtsError, TtsEvent, TtsSession,
+    Bytes, ContextId, TextToSpeech, TtsCommand, TtsControl, TtsError, TtsEvent, TtsSession,
     TtsSessionConfig,
 };
 use crate::metrics::{Metrics, Peer, SocketErrorKind};
+use crate::secret::Secret;
 
 /// The provider's limit of open contexts per socket.
 pub const MAX_CONTEXTS: usize = 5;
@@ -57,7 +58,7 @@ pub struct ElevenLabsConfig {
     /// Base URL, e.g. `wss://api.elevenlabs.io` (`http(s)://` is accepted and mapped).
     pub base_url: String,
     /// `ELEVENLABS_API_KEY`, sent as the `xi-api-key` header.
-    pub api_key: ApiKey,
+    pub api_key: Secret,
     /// Handshake deadline.
     pub connect_timeout: Duration,
     /// Deadline for writing one frame.
@@ -77,7 +78,7 @@ pub struct ElevenLabsConfig {
 
 impl ElevenLabsConfig {
     /// Settings with production defaults.
-    pub fn new(base_url: impl Into<String>, api_key: ApiKey) -> Self {
+    pub fn new(base_url: impl Into<String>, api_key: Secret) -> Self {
         Self {
             base_url: base_url.into(),
             api_key,
@@ -846,7 +847,7 @@ mod tests {
     fn stream_url_has_format_and_no_key() {
         // Proves the URL asks for mu-law 8 kHz and never carries the key.
         let el = ElevenLabs::new(
-            ElevenLabsConfig::new("http://127.0.0.1:1", ApiKey::new("sekrit")),
+            ElevenLabsConfig::new("http://127.0.0.1:1", Secret::new("sekrit")),
             Arc::new(Metrics::new()),
         )
         .unwrap();

@@ -16,7 +16,7 @@
 //!   `socket`: opening a provider WebSocket.
 //!
 //! ## Conventions every implementation follows
-//! - Keys travel in headers, never in URLs, logs or metric labels ([`ApiKey`] redacts itself).
+//! - Keys travel in headers, never in URLs, logs or metric labels (a [`Secret`] never prints).
 //! - Every channel is bounded; every network await has a timeout; a
 //!   [`CancellationToken`] stops a session and all its tasks.
 //! - A session reconnects on its own and gives up once (`Error`); callers never dial
@@ -38,6 +38,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::SocketErrorKind;
+use crate::secret::Secret;
 
 pub mod backoff;
 pub mod cerebras;
@@ -46,34 +47,6 @@ pub mod elevenlabs;
 mod session;
 mod socket;
 pub mod sse;
-
-/// A provider API key. Its `Debug` and `Display` never show the value.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ApiKey(String);
-
-impl ApiKey {
-    /// Wraps a key read from the environment.
-    pub fn new(key: impl Into<String>) -> Self {
-        Self(key.into())
-    }
-
-    /// The key itself, for building a request header. Never log it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for ApiKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("ApiKey(<redacted>)")
-    }
-}
-
-impl fmt::Display for ApiKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // Speech-to-text
@@ -774,15 +747,15 @@ pub struct ProviderSettings {
     /// `DEEPGRAM_URL`.
     pub deepgram_url: String,
     /// `DEEPGRAM_API_KEY`.
-    pub deepgram_key: ApiKey,
+    pub deepgram_key: Secret,
     /// `CEREBRAS_URL`.
     pub cerebras_url: String,
     /// `CEREBRAS_API_KEY`.
-    pub cerebras_key: ApiKey,
+    pub cerebras_key: Secret,
     /// `ELEVENLABS_URL`.
     pub elevenlabs_url: String,
     /// `ELEVENLABS_API_KEY`.
-    pub elevenlabs_key: ApiKey,
+    pub elevenlabs_key: Secret,
 }
 
 impl ProviderSettings {
@@ -792,7 +765,7 @@ impl ProviderSettings {
         let get = |name: &'static str| lookup(name).filter(|v| !v.trim().is_empty());
         let key = |name: &'static str| {
             get(name)
-                .map(ApiKey::new)
+                .map(Secret::new)
                 .ok_or(ProviderInitError::Missing(name))
         };
         Ok(Self {
