@@ -9,7 +9,7 @@ use chrono::{TimeZone, Utc};
 use sqlx::Row;
 use uuid::Uuid;
 use voice_pod::metrics::Metrics;
-use voice_pod::session::Direction;
+use voice_pod::session::{CallSpec, Direction};
 use voice_pod::store::postgres::MIGRATOR;
 use voice_pod::store::pricing::PriceTable;
 use voice_pod::store::queries::CallFilter;
@@ -116,14 +116,16 @@ async fn a_simulated_call_leaves_its_record_transcript_and_costs() {
     CallRecords::call_created(
         &store,
         CallCreated {
-            call_id: call_id.to_string(),
+            spec: CallSpec {
+                call_id: call_id.to_string(),
+                persona: "ava".into(),
+                direction: Direction::Outbound,
+                from: Some("+14155550100".into()),
+                to: Some("+14155550199".into()),
+                pretext: Some("get me out of this date".into()),
+                user: Some("user-42".into()),
+            },
             call_sid: None,
-            persona: "ava".into(),
-            direction: Direction::Outbound,
-            from: Some("+14155550100".into()),
-            to: Some("+14155550199".into()),
-            pretext: Some("get me out of this date".into()),
-            user: Some("user-42".into()),
             status: "queued".into(),
         },
     )

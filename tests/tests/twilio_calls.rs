@@ -120,8 +120,8 @@ async fn call_me_back_creates_the_call_with_inline_twiml_and_every_status_event(
 
     let prepared = s.probe.prepared();
     assert_eq!(prepared.len(), 1);
-    assert_eq!(prepared[0].call_id, id);
-    assert_eq!(prepared[0].pretext.as_deref(), Some(pretext.as_str()));
+    assert_eq!(prepared[0].spec.call_id, id);
+    assert_eq!(prepared[0].spec.pretext.as_deref(), Some(pretext.as_str()));
     assert_eq!(
         s.pod
             .metric("voice_outbound_calls_total", &[("result", "created")])
@@ -146,11 +146,11 @@ async fn call_me_back_creates_the_call_with_inline_twiml_and_every_status_event(
         .await
     );
     let ctx = &s.probe.calls()[0].ctx;
-    assert_eq!(ctx.direction, Direction::Outbound);
-    assert_eq!(ctx.pretext.as_deref(), Some(pretext.as_str()));
-    assert_eq!(ctx.user.as_deref(), Some("user-42"));
-    assert_eq!(ctx.call_id, id);
-    assert_eq!(ctx.to.as_deref(), Some(CALLEE));
+    assert_eq!(ctx.spec.direction, Direction::Outbound);
+    assert_eq!(ctx.spec.pretext.as_deref(), Some(pretext.as_str()));
+    assert_eq!(ctx.spec.user.as_deref(), Some("user-42"));
+    assert_eq!(ctx.spec.call_id, id);
+    assert_eq!(ctx.spec.to.as_deref(), Some(CALLEE));
     assert_eq!(s.probe.calls()[0].inputs, [CallInput::Stop]);
 
     // Twilio reports the end: the signed status URL attributes it to the persona.
@@ -271,7 +271,7 @@ async fn context_too_long_for_inline_twiml_falls_back_to_a_sealed_answer_url() {
         .await
     );
     assert_eq!(
-        s.probe.calls()[0].ctx.pretext.as_deref(),
+        s.probe.calls()[0].ctx.spec.pretext.as_deref(),
         Some(pretext.as_str())
     );
 

@@ -11,7 +11,7 @@ use callmeback_tests::twilio_sim::{
     TestPodOptions, eventually, new_call_sid,
 };
 use voice_pod::secret::Secret;
-use voice_pod::session::{Bytes, CallInput, CallOutput, Direction};
+use voice_pod::session::{Bytes, CallInput, CallOutput, CallSpec, Direction};
 use voice_pod::twilio::context::{CallContextParams, ContextSigner, Purpose, unix_now};
 
 const FROM: &str = "+14155550123";
@@ -48,13 +48,15 @@ async fn raw_stream(pod: &TestPod) -> SimStream {
 fn signed_context(call_sid: Option<&str>, expires_at: u64) -> BTreeMap<String, String> {
     let signer = ContextSigner::new(&Secret::new(TEST_AUTH_TOKEN));
     let ctx = CallContextParams {
-        persona: "ada".into(),
-        direction: Direction::Inbound,
-        from: Some(FROM.into()),
-        to: Some(TO.into()),
-        pretext: None,
-        user: None,
-        call_id: "c-1".into(),
+        spec: CallSpec {
+            call_id: "c-1".into(),
+            persona: "ada".into(),
+            direction: Direction::Inbound,
+            from: Some(FROM.into()),
+            to: Some(TO.into()),
+            pretext: None,
+            user: None,
+        },
         call_sid: call_sid.map(str::to_string),
         caller_verstat: None,
         expires_at,
@@ -114,10 +116,10 @@ async fn happy_path_delivers_audio_dtmf_marks_and_stop_to_the_handler() {
     let call = &probe.calls()[0];
     assert_eq!(call.ctx.call_sid, call_sid);
     assert_eq!(call.ctx.stream_sid, stream.stream_sid);
-    assert_eq!(call.ctx.persona_name, "ada");
+    assert_eq!(call.ctx.spec.persona, "ada");
     assert_eq!(call.ctx.persona.greeting, "Hello, this is Ada!");
-    assert_eq!(call.ctx.direction, Direction::Inbound);
-    assert_eq!(call.ctx.from.as_deref(), Some(FROM));
+    assert_eq!(call.ctx.spec.direction, Direction::Inbound);
+    assert_eq!(call.ctx.spec.from.as_deref(), Some(FROM));
     let mut received = Vec::new();
     let mut timestamps = Vec::new();
     for i in &call.inputs {

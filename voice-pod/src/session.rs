@@ -79,6 +79,26 @@ impl TryFrom<String> for Direction {
 /// Size of a 20 ms mu-law frame at 8 kHz.
 pub const FRAME_BYTES: usize = 160;
 
+/// A call's parties and purpose: what the signed context, the stream's context, the
+/// warm-up and the call record all carry, under one set of names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CallSpec {
+    /// Our id of the call (the `id` from `POST /v1/calls`, or a UUID for inbound calls).
+    pub call_id: String,
+    /// Persona name (a key of the persona registry).
+    pub persona: String,
+    /// Inbound or outbound.
+    pub direction: Direction,
+    /// Caller number (E.164), if known. Personal data: never log it unmasked.
+    pub from: Option<String>,
+    /// Called number (E.164), if known. Personal data: never log it unmasked.
+    pub to: Option<String>,
+    /// Why the persona calls (outbound calls), appended to the system prompt.
+    pub pretext: Option<String>,
+    /// Opaque id of the user this call is for (relationship memory).
+    pub user: Option<String>,
+}
+
 /// Everything known about a call when its stream starts (all of it verified: it
 /// comes from our signed `<Parameter>`s and Twilio's `start`).
 #[derive(Clone, Debug)]
@@ -89,22 +109,10 @@ pub struct CallContext {
     pub stream_sid: String,
     /// Twilio account SID.
     pub account_sid: String,
-    /// Our id of the call (the `id` from `POST /v1/calls`, or a UUID for inbound calls).
-    pub call_id: String,
-    /// Persona name.
-    pub persona_name: String,
+    /// Who and why.
+    pub spec: CallSpec,
     /// The persona as it was when the stream started; later edits do not affect it.
     pub persona: Arc<PersonaSpec>,
-    /// Inbound or outbound.
-    pub direction: Direction,
-    /// Caller number (E.164), if known. Personal data: never log it unmasked.
-    pub from: Option<String>,
-    /// Called number (E.164), if known. Personal data: never log it unmasked.
-    pub to: Option<String>,
-    /// Why the persona is calling (outbound calls).
-    pub pretext: Option<String>,
-    /// Opaque id of the user this call is for.
-    pub user: Option<String>,
     /// Twilio's STIR/SHAKEN verdict on the caller's number (inbound), signed into
     /// the stream context by the answer webhook.
     pub caller_verstat: Option<String>,
@@ -176,18 +184,10 @@ impl CallEnd {
 /// heard within a second of the answer.
 #[derive(Clone, Debug)]
 pub struct PreparedCall {
-    /// Our call id (matches [`CallContext::call_id`] when the stream starts).
-    pub call_id: String,
-    /// Persona name.
-    pub persona_name: String,
+    /// Who and why (its `call_id` matches the stream's when it starts).
+    pub spec: CallSpec,
     /// The persona.
     pub persona: Arc<PersonaSpec>,
-    /// Inbound or outbound.
-    pub direction: Direction,
-    /// Why the persona calls.
-    pub pretext: Option<String>,
-    /// Opaque user id.
-    pub user: Option<String>,
 }
 
 /// Whatever talks to the caller. One instance serves every call of the pod.
@@ -258,7 +258,7 @@ impl CallHandler for RecordingHandler {
                 }
             };
             tracing::info!(
-                persona = %ctx.persona_name,
+                persona = %ctx.spec.persona,
                 frames = rec.frames,
                 seconds = rec.bytes as f64 / 8000.0,
                 dtmf_digits = rec.dtmf.len(),

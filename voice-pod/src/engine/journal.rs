@@ -45,8 +45,9 @@ const MAX_KEPT_TRANSCRIPT_CHARS: usize = 2 * crate::store::memory::MAX_TRANSCRIP
 /// recognises this caller ([`caller_identity`]). `None`: nobody to remember; the
 /// call runs without memory and writes none.
 pub fn relationship_user(ctx: &CallContext) -> Option<String> {
-    match ctx.direction {
+    match ctx.spec.direction {
         Direction::Outbound => ctx
+            .spec
             .user
             .as_deref()
             .map(str::trim)
@@ -54,7 +55,7 @@ pub fn relationship_user(ctx: &CallContext) -> Option<String> {
             .map(str::to_owned),
         Direction::Inbound => caller_identity(
             &ctx.persona,
-            ctx.from.as_deref(),
+            ctx.spec.from.as_deref(),
             ctx.caller_verstat.as_deref(),
         ),
     }
@@ -119,7 +120,7 @@ pub(crate) async fn open(
     let relationship = match &user_id {
         Some(u) => {
             journal
-                .load_relationship(u.clone(), ctx.persona_name.clone())
+                .load_relationship(u.clone(), ctx.spec.persona.clone())
                 .await
         }
         None => None,
@@ -151,7 +152,7 @@ pub(crate) async fn open(
         memory_notes,
         ..RelationshipContext::default()
     });
-    let call_id = match Uuid::parse_str(&ctx.call_id) {
+    let call_id = match Uuid::parse_str(&ctx.spec.call_id) {
         Ok(id) => id,
         Err(_) => {
             // Our webhooks always mint UUIDs; anything else gets a record of its own.
@@ -160,18 +161,18 @@ pub(crate) async fn open(
         }
     };
     let started = wall_std(ctx.started_at);
-    let direction = ctx.direction;
+    let direction = ctx.spec.direction;
     // The webhook or the API created the row already (on this pod or another); the
     // insert is a no-op then, and makes the call's records stand on their own if not.
     journal.submit(Record::CallCreated(NewCall {
         id: call_id,
         call_sid: Some(ctx.call_sid.clone()),
         direction,
-        persona: ctx.persona_name.clone(),
+        persona: ctx.spec.persona.clone(),
         user_id: user_id.clone(),
-        from_number: ctx.from.clone(),
-        to_number: ctx.to.clone(),
-        pretext: ctx.pretext.clone(),
+        from_number: ctx.spec.from.clone(),
+        to_number: ctx.spec.to.clone(),
+        pretext: ctx.spec.pretext.clone(),
         status: CallStatus::InProgress,
         created_at: started,
         scheduled_for: None,

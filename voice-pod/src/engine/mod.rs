@@ -270,7 +270,7 @@ impl CallHandler for Engine {
     fn prepare(&self, call: &PreparedCall) {
         self.check_model_once(&call.persona.llm.model);
         let engine = self.clone();
-        let (name, spec) = (call.persona_name.clone(), call.persona.clone());
+        let (name, spec) = (call.spec.persona.clone(), call.persona.clone());
         tokio::spawn(async move { engine.prepare_phrases(name, spec).await });
     }
 

@@ -37,7 +37,6 @@ use crate::duration::parse_duration;
 use crate::metrics::Refusal;
 use crate::phone::{mask_number, mask_numbers_in, normalize_e164};
 use crate::scheduler::queries::{self as schedule_sql, CancelOutcome, ScheduledCall};
-use crate::session::Direction;
 use crate::store::queries::{CallFilter, MAX_LIST_LIMIT};
 use crate::store::records::{CallRef, CallStatus};
 use crate::store::{CallCreated, PgStore, RecordError, call_key};
@@ -603,14 +602,8 @@ async fn create_inner(
     count(state, "created");
     let records = Arc::clone(&state.records);
     let record = CallCreated {
-        call_id: call_id.clone(),
+        spec: ctx.spec,
         call_sid: Some(created.sid.clone()),
-        persona: persona_name,
-        direction: Direction::Outbound,
-        from: Some(from),
-        to: Some(to),
-        pretext: ctx.pretext,
-        user: ctx.user,
         status: created.status.clone(),
     };
     tokio::spawn(async move {

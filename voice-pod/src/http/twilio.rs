@@ -18,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use super::AppState;
 use crate::metrics::Refusal;
 use crate::phone::mask_number;
-use crate::session::{Direction, PreparedCall};
+use crate::session::{CallSpec, Direction, PreparedCall};
 use crate::store::{CallCreated, CallStatusChange};
 use crate::twilio::context::{
     CallContextParams, Purpose, SEALED_PARAM, StatusContext, is_call_sid, unix_now,
@@ -204,13 +204,15 @@ pub async fn voice(
         let routed = to.as_deref().and_then(|t| snapshot.route(t));
         match (inbound, routed) {
             (true, Some((persona, _))) => CallContextParams {
-                persona,
-                direction: Direction::Inbound,
-                from: from.clone(),
-                to: to.clone(),
-                pretext: None,
-                user: None,
-                call_id: uuid::Uuid::new_v4().to_string(),
+                spec: CallSpec {
+                    call_id: uuid::Uuid::new_v4().to_string(),
+                    persona,
+                    direction: Direction::Inbound,
+                    from: from.clone(),
+                    to: to.clone(),
+                    pretext: None,
+                    user: None,
+                },
                 call_sid: Some(call_sid.clone()),
                 // Twilio's values are short words; anything longer is not one of them.
                 caller_verstat: param(&params, "StirVerstat")
@@ -229,16 +231,16 @@ pub async fn voice(
             }
         }
     };
-    let Some(persona) = state.personas.snapshot().get(&ctx.persona) else {
+    let Some(persona) = state.personas.snapshot().get(&ctx.spec.persona) else {
         count(&state, "voice", "rejected");
-        tracing::warn!(persona = %ctx.persona, "persona not loaded; rejecting");
+        tracing::warn!(persona = %ctx.spec.persona, "persona not loaded; rejecting");
         return xml(twiml::reject());
     };
-    if ctx.direction == Direction::Inbound
-        && ctx.from.is_some()
+    if ctx.spec.direction == Direction::Inbound
+        && ctx.spec.from.is_some()
         && crate::engine::journal::caller_identity(
             &persona,
-            ctx.from.as_deref(),
+            ctx.spec.from.as_deref(),
             ctx.caller_verstat.as_deref(),
         )
         .is_none()
@@ -260,24 +262,14 @@ pub async fn voice(
         }
     };
     state.handler.prepare(&PreparedCall {
-        call_id: ctx.call_id.clone(),
-        persona_name: ctx.persona.clone(),
+        spec: ctx.spec.clone(),
         persona,
-        direction: ctx.direction,
-        pretext: ctx.pretext.clone(),
-        user: ctx.user.clone(),
     });
-    if ctx.direction == Direction::Inbound {
+    if ctx.spec.direction == Direction::Inbound {
         let records = Arc::clone(&state.records);
         let created = CallCreated {
-            call_id: ctx.call_id.clone(),
+            spec: ctx.spec.clone(),
             call_sid: Some(call_sid.clone()),
-            persona: ctx.persona.clone(),
-            direction: Direction::Inbound,
-            from: from.clone(),
-            to: to.clone(),
-            pretext: None,
-            user: None,
             status: param(&params, "CallStatus")
                 .unwrap_or("ringing")
                 .to_string(),
@@ -290,8 +282,8 @@ pub async fn voice(
     }
     count(&state, "voice", "stream");
     tracing::info!(
-        persona = %ctx.persona,
-        direction = ctx.direction.as_str(),
+        persona = %ctx.spec.persona,
+        direction = ctx.spec.direction.as_str(),
         from = from.as_deref().map(mask_number),
         to = to.as_deref().map(mask_number),
         "answering with a media stream"

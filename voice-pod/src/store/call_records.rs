@@ -63,18 +63,19 @@ pub fn call_key(s: &str) -> CallRef {
 }
 
 fn new_call(c: CallCreated) -> Result<NewCall, RecordError> {
-    let id = Uuid::parse_str(&c.call_id)
+    let spec = c.spec;
+    let id = Uuid::parse_str(&spec.call_id)
         .map_err(|_| RecordError::Store("call id is not a UUID".into()))?;
     let status = CallStatus::from_twilio(&c.status).unwrap_or(CallStatus::Queued);
     Ok(NewCall {
         id,
         call_sid: c.call_sid,
-        direction: c.direction,
-        persona: c.persona,
-        user_id: c.user,
-        from_number: c.from,
-        to_number: c.to,
-        pretext: c.pretext,
+        direction: spec.direction,
+        persona: spec.persona,
+        user_id: spec.user,
+        from_number: spec.from,
+        to_number: spec.to,
+        pretext: spec.pretext,
         status,
         created_at: Utc::now(),
         scheduled_for: None,

@@ -28,27 +28,15 @@ pub use postgres::{PgStore, StoreConfig, StoreHealth};
 
 use futures::future::BoxFuture;
 
-use crate::session::Direction;
+use crate::session::CallSpec;
 
 /// A call the pod created or answered.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CallCreated {
-    /// Our call id (a UUID).
-    pub call_id: String,
+    /// Who and why.
+    pub spec: CallSpec,
     /// Twilio call SID, when known (always for inbound; after the REST call for outbound).
     pub call_sid: Option<String>,
-    /// Persona name.
-    pub persona: String,
-    /// Inbound or outbound.
-    pub direction: Direction,
-    /// Caller (E.164).
-    pub from: Option<String>,
-    /// Callee (E.164).
-    pub to: Option<String>,
-    /// Why the persona calls.
-    pub pretext: Option<String>,
-    /// Opaque user id.
-    pub user: Option<String>,
     /// Twilio's status at creation (`queued`, `ringing`, `in-progress`).
     pub status: String,
 }

@@ -31,7 +31,7 @@ use sha2::Sha256;
 
 use super::signature::ct_eq_str;
 use crate::secret::Secret;
-use crate::session::Direction;
+use crate::session::{CallSpec, Direction};
 
 /// Name of the signature parameter.
 pub const SIG_PARAM: &str = "sig";
@@ -59,20 +59,8 @@ impl Purpose {
 /// The context of one call, as the stream endpoint needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CallContextParams {
-    /// Persona name (a key of the persona registry).
-    pub persona: String,
-    /// Inbound or outbound.
-    pub direction: Direction,
-    /// Caller number (E.164), when known.
-    pub from: Option<String>,
-    /// Called number (E.164), when known.
-    pub to: Option<String>,
-    /// Why the persona calls (outbound), appended to the system prompt.
-    pub pretext: Option<String>,
-    /// Opaque id of the user the call is for (relationship memory).
-    pub user: Option<String>,
-    /// Our id of the call (the `id` of `POST /v1/calls`; a fresh UUID for inbound calls).
-    pub call_id: String,
+    /// Who and why.
+    pub spec: CallSpec,
     /// Twilio's call SID when known at signing time (inbound webhooks); the stream
     /// endpoint then requires `start.callSid` to match.
     pub call_sid: Option<String>,
@@ -302,16 +290,19 @@ impl CallContextParams {
     pub fn to_params(&self) -> Vec<(String, String)> {
         let mut p = vec![
             ("v".to_string(), CONTEXT_VERSION.to_string()),
-            ("persona".to_string(), self.persona.clone()),
-            ("direction".to_string(), self.direction.as_str().to_string()),
-            ("call_id".to_string(), self.call_id.clone()),
+            ("persona".to_string(), self.spec.persona.clone()),
+            (
+                "direction".to_string(),
+                self.spec.direction.as_str().to_string(),
+            ),
+            ("call_id".to_string(), self.spec.call_id.clone()),
             ("exp".to_string(), self.expires_at.to_string()),
         ];
         let optional = [
-            ("from", &self.from),
-            ("to", &self.to),
-            ("pretext", &self.pretext),
-            ("user", &self.user),
+            ("from", &self.spec.from),
+            ("to", &self.spec.to),
+            ("pretext", &self.spec.pretext),
+            ("user", &self.spec.user),
             ("call_sid", &self.call_sid),
             ("verstat", &self.caller_verstat),
         ];
@@ -341,13 +332,15 @@ impl CallContextParams {
             .parse::<u64>()
             .map_err(|_| ContextError::Malformed("exp"))?;
         Ok(Self {
-            persona: req("persona")?,
-            direction,
-            from: params.get("from").cloned(),
-            to: params.get("to").cloned(),
-            pretext: params.get("pretext").cloned(),
-            user: params.get("user").cloned(),
-            call_id: req("call_id")?,
+            spec: CallSpec {
+                call_id: req("call_id")?,
+                persona: req("persona")?,
+                direction,
+                from: params.get("from").cloned(),
+                to: params.get("to").cloned(),
+                pretext: params.get("pretext").cloned(),
+                user: params.get("user").cloned(),
+            },
             call_sid: params.get("call_sid").cloned(),
             caller_verstat: params.get("verstat").cloned(),
             expires_at,
@@ -413,13 +406,15 @@ mod tests {
 
     fn ctx() -> CallContextParams {
         CallContextParams {
-            persona: "date-rescuer".into(),
-            direction: Direction::Outbound,
-            from: Some("+14155550100".into()),
-            to: Some("+14155550199".into()),
-            pretext: Some("Rescue me & my \"date\" <now> 🙂".into()),
-            user: Some("u-1".into()),
-            call_id: "c-1".into(),
+            spec: CallSpec {
+                call_id: "c-1".into(),
+                persona: "date-rescuer".into(),
+                direction: Direction::Outbound,
+                from: Some("+14155550100".into()),
+                to: Some("+14155550199".into()),
+                pretext: Some("Rescue me & my \"date\" <now> 🙂".into()),
+                user: Some("u-1".into()),
+            },
             call_sid: None,
             caller_verstat: None,
             expires_at: 2_000,

@@ -506,8 +506,8 @@ impl Conn {
                 .await;
             return None;
         }
-        let Some(persona) = self.deps.personas.snapshot().get(&params.persona) else {
-            tracing::error!(persona = %params.persona, "the call's persona is not loaded on this pod");
+        let Some(persona) = self.deps.personas.snapshot().get(&params.spec.persona) else {
+            tracing::error!(persona = %params.spec.persona, "the call's persona is not loaded on this pod");
             self.deps
                 .metrics
                 .webhook_requests
@@ -527,19 +527,13 @@ impl Conn {
                 .await;
             return None;
         };
-        span.record("persona", params.persona.as_str());
+        span.record("persona", params.spec.persona.as_str());
         let ctx = CallContext {
             call_sid: start.call_sid,
             stream_sid,
             account_sid: start.account_sid,
-            call_id: params.call_id,
-            persona_name: params.persona,
+            spec: params.spec,
             persona,
-            direction: params.direction,
-            from: params.from,
-            to: params.to,
-            pretext: params.pretext,
-            user: params.user,
             caller_verstat: params.caller_verstat,
             started_at: Instant::now(),
         };
@@ -551,15 +545,15 @@ impl Conn {
     async fn run_call(&mut self, ctx: CallContext, _slot: CallSlot) {
         let deps = Arc::clone(&self.deps);
         let _active = ActiveCall::new(&deps.metrics);
-        let persona = ctx.persona_name.clone();
+        let persona = ctx.spec.persona.clone();
         let call_sid = ctx.call_sid.clone();
         let stream_sid = ctx.stream_sid.clone();
         let started = ctx.started_at;
         tracing::info!(
-            direction = ctx.direction.as_str(),
-            call_id = %ctx.call_id,
-            from = ctx.from.as_deref().map(crate::phone::mask_number),
-            to = ctx.to.as_deref().map(crate::phone::mask_number),
+            direction = ctx.spec.direction.as_str(),
+            call_id = %ctx.spec.call_id,
+            from = ctx.spec.from.as_deref().map(crate::phone::mask_number),
+            to = ctx.spec.to.as_deref().map(crate::phone::mask_number),
             "call started"
         );
 

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use callmeback_api::PersonaSpec;
 
-use crate::session::{Direction, PreparedCall};
+use crate::session::{CallSpec, Direction, PreparedCall};
 use crate::twilio::context::{
     CallContextParams, ContextSigner, Purpose, SEALED_PARAM, StatusContext, unix_now,
 };
@@ -56,14 +56,25 @@ impl OutboundRequest {
     /// The warm-up for this call about to be placed: its id, persona, pretext and
     /// user as the signed context carries them (`POST /v1/calls` and the scheduler).
     pub fn prepared(&self, persona: Arc<PersonaSpec>) -> PreparedCall {
-        let ctx = &self.context;
         PreparedCall {
-            call_id: ctx.call_id.clone(),
-            persona_name: ctx.persona.clone(),
+            spec: self.context.spec.clone(),
             persona,
+        }
+    }
+}
+
+impl OutboundPlan {
+    /// The call as every later description carries it (empty pretext and user are
+    /// `None`).
+    pub fn spec(&self) -> CallSpec {
+        CallSpec {
+            call_id: self.call_id.clone(),
+            persona: self.persona.clone(),
             direction: Direction::Outbound,
-            pretext: ctx.pretext.clone(),
-            user: ctx.user.clone(),
+            from: Some(self.from.clone()),
+            to: Some(self.to.clone()),
+            pretext: self.pretext.clone().filter(|p| !p.is_empty()),
+            user: self.user.clone().filter(|u| !u.is_empty()),
         }
     }
 }
@@ -78,13 +89,7 @@ pub fn build(
 ) -> Result<OutboundRequest, TwimlError> {
     let now = unix_now();
     let context = CallContextParams {
-        persona: plan.persona.clone(),
-        direction: Direction::Outbound,
-        from: Some(plan.from.clone()),
-        to: Some(plan.to.clone()),
-        pretext: plan.pretext.clone().filter(|p| !p.is_empty()),
-        user: plan.user.clone().filter(|u| !u.is_empty()),
-        call_id: plan.call_id.clone(),
+        spec: plan.spec(),
         call_sid: None,
         caller_verstat: None,
         expires_at: now + limits.ring_timeout.as_secs() + limits.outbound_context_grace.as_secs(),

@@ -91,7 +91,7 @@ impl Call {
         self.shared
             .metrics
             .barge_ins
-            .with_label_values(&[self.ctx.persona_name.as_str()])
+            .with_label_values(&[self.ctx.spec.persona.as_str()])
             .inc();
         self.interrupt_active(now, audible).await;
         if trigger == BargeTrigger::Voice {

@@ -185,7 +185,7 @@ impl Call {
         let persona = ctx.persona.clone();
         let now = Instant::now();
         let (internal_tx, internal_rx) = mpsc::channel(shared.settings.llm_chunk_queue.max(8));
-        let span = info_span!("call", call_sid = %ctx.call_sid, persona = %ctx.persona_name);
+        let span = info_span!("call", call_sid = %ctx.call_sid, persona = %ctx.spec.persona);
         let turn = TurnTaker::new(TurnConfig::from_persona(&persona.turn_taking, &persona.stt));
         let judge: Option<Arc<dyn TurnJudge>> = persona.turn_taking.llm_judge.then(|| {
             Arc::new(LlmJudge::new(
@@ -193,7 +193,7 @@ impl Call {
                 persona.llm.model.clone(),
             )) as Arc<dyn TurnJudge>
         });
-        let system = prompt::system_prompt(&persona, ctx.pretext.as_deref(), relationship);
+        let system = prompt::system_prompt(&persona, ctx.spec.pretext.as_deref(), relationship);
         let memory = prompt::memory_message(relationship);
         // The max duration counts from the stream's start, which may predate this task.
         let elapsed = ctx.started_at.elapsed();
@@ -277,7 +277,7 @@ impl Call {
                 &end,
                 self.audio_clock,
                 self.ctx.started_at.elapsed(),
-                &self.ctx.persona_name,
+                &self.ctx.spec.persona,
                 &self.persona,
                 &self.shared.providers.llm,
             );

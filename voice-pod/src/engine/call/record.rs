@@ -63,7 +63,7 @@ impl Call {
     /// Reply audio reached Twilio: the first frame of an audible answer closes its
     /// latency (phrases have no caller turn to measure from).
     pub(super) fn on_first_frame(&mut self, now: Instant) {
-        let persona = self.ctx.persona_name.as_str();
+        let persona = self.ctx.spec.persona.as_str();
         let metrics = &self.shared.metrics;
         let Some(r) = self.replies.active_mut() else {
             return;

@@ -159,7 +159,7 @@ impl Call {
     /// Adds a phrase to a reply: from the cache at once, or through TTS (then cached).
     async fn append_phrase(&mut self, reply: u64, phrase: Phrase) {
         let text = phrase.text(&self.persona).to_string();
-        let key = GreetingKey::for_phrase(&self.ctx.persona_name, &self.persona, phrase);
+        let key = GreetingKey::for_phrase(&self.ctx.spec.persona, &self.persona, phrase);
         let cached = self.shared.phrases.get(&key);
         let Some(r) = self.replies.get_mut(reply) else {
             return;
