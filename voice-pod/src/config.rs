@@ -450,14 +450,6 @@ pub fn pod_name() -> Option<String> {
 mod tests {
     use super::*;
 
-    proptest::proptest! {
-        // Any text as a duration: a Duration or an error, never a panic.
-        #[test]
-        fn arbitrary_durations_never_panic(raw in "(?s).{0,40}|[0-9]{0,30}[a-z ]{0,6}") {
-            let _ = parse_duration(&raw);
-        }
-    }
-
     fn args() -> ServeArgs {
         ServeArgs {
             listen: "127.0.0.1:8080".into(),
@@ -465,15 +457,6 @@ mod tests {
             twilio_api_url: "https://api.twilio.com".into(),
             ..Default::default()
         }
-    }
-
-    #[test]
-    fn durations_accept_suffixes_and_bare_seconds() {
-        // Proves the documented duration forms parse: 90s, 5m, bare seconds.
-        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
-        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
-        assert_eq!(parse_duration("120").unwrap(), Duration::from_secs(120));
-        assert!(parse_duration("soon").is_err());
     }
 
     #[test]

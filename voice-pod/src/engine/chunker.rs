@@ -540,7 +540,10 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(512))]
+        // 512 by default; a campaign (scripts/parser-campaign.sh) sets PROPTEST_CASES.
+        #![proptest_config(ProptestConfig::with_cases(
+            std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(512)
+        ))]
 
         #[test]
         fn any_unicode_reply_chunks_without_panic_losslessly_and_bounded(
