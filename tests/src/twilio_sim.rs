@@ -37,6 +37,7 @@ use voice_pod::drain::DrainOutcome;
 use voice_pod::metrics::Metrics;
 use voice_pod::pod::{Pod, ServeError};
 use voice_pod::session::CallHandler;
+use voice_pod::store::PgStore;
 use voice_pod::twilio::Limits;
 use voice_pod::twilio::signature::{Algorithm, compute_signature};
 
@@ -827,6 +828,8 @@ pub struct TestPodOptions {
     pub handler: Option<Arc<dyn CallHandler>>,
     /// Limits (shortened for tests by default: 1 s start timeout, 200 ms rescans).
     pub limits: Limits,
+    /// PostgreSQL (call records, stream claims, the scheduler); `None`: no persistence.
+    pub store: Option<PgStore>,
 }
 
 impl Default for TestPodOptions {
@@ -844,6 +847,7 @@ impl Default for TestPodOptions {
                 handler_finish_grace: Duration::from_secs(2),
                 ..Limits::default()
             },
+            store: None,
         }
     }
 }
@@ -915,6 +919,9 @@ impl TestPod {
         let mut pod = Pod::new(config).with_metrics(Arc::clone(&metrics));
         if let Some(h) = opts.handler {
             pod = pod.with_handler(h);
+        }
+        if let Some(store) = opts.store {
+            pod = pod.with_store(store);
         }
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(voice_pod::pod::serve(

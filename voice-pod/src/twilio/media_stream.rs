@@ -37,7 +37,9 @@ use crate::capacity::{CallSlot, CallSlots};
 use crate::drain::Drain;
 use crate::metrics::{Metrics, Peer, Refusal, SocketErrorKind};
 use crate::personas::Personas;
-use crate::session::{CallContext, CallEnd, CallHandler, CallInput, CallOutput, FRAME_BYTES};
+use crate::session::{
+    CallContext, CallEnd, CallHandler, CallInput, CallOutput, Direction, FRAME_BYTES,
+};
 use crate::twilio::Limits;
 
 /// Largest WebSocket message the transport accepts. Beyond it the socket fails.
@@ -470,6 +472,20 @@ impl Conn {
             self.errors.record(
                 SocketErrorKind::BadSignature,
                 &"call context signed for another call",
+            );
+            self.close(close_code::POLICY, "call context belongs to another call")
+                .await;
+            return None;
+        }
+        if params.call_sid.is_none()
+            && params.spec.direction == Direction::Outbound
+            && let Some(placed) = self.deps.claims.placed_call_sid(&params.spec.call_id).await
+            && placed != start.call_sid
+        {
+            // An outbound context presented by a stream of another call.
+            self.errors.record(
+                SocketErrorKind::BadSignature,
+                &"outbound call context presented by another call",
             );
             self.close(close_code::POLICY, "call context belongs to another call")
                 .await;

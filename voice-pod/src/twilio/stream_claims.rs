@@ -10,6 +10,12 @@
 //!   per-pod check in force (logged and counted as a database socket error): a call
 //!   is not dropped because the database is slow, and a replay would then have to
 //!   reach another pod within the context's few seconds of validity.
+//!
+//! An outbound call's context is signed before Twilio names the call (it travels
+//! inline in the Calls API request), so it cannot carry the CallSid the way an
+//! inbound one does. [`StreamClaims::placed_call_sid`] closes that gap where the
+//! call row exists: once the REST answer is recorded, only the stream of that
+//! CallSid may present the context.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -116,6 +122,36 @@ impl StreamClaims {
                     .socket_error(Peer::Database, SocketErrorKind::Timeout);
                 tracing::warn!("stream claim timed out in PostgreSQL; the per-pod check holds");
                 Ok(())
+            }
+        }
+    }
+}
+
+impl StreamClaims {
+    /// The CallSid Twilio gave the outbound call `call_id`, as its call row holds it.
+    /// `None` without a database, for a call with no row or no CallSid yet, and when
+    /// the database does not answer within [`DB_CLAIM_TIMEOUT`] (counted): the
+    /// stream is then judged by its signature and single use alone.
+    pub async fn placed_call_sid(&self, call_id: &str) -> Option<String> {
+        let pool = self.pool.as_ref()?;
+        let id = uuid::Uuid::parse_str(call_id).ok()?;
+        let lookup =
+            sqlx::query_scalar::<_, Option<String>>("SELECT call_sid FROM calls WHERE id = $1")
+                .bind(id)
+                .fetch_optional(pool);
+        match tokio::time::timeout(DB_CLAIM_TIMEOUT, lookup).await {
+            Ok(Ok(sid)) => sid.flatten(),
+            Ok(Err(err)) => {
+                self.metrics
+                    .socket_error(Peer::Database, SocketErrorKind::Protocol);
+                tracing::warn!(error = %err, "outbound call lookup failed; the stream's signature decides");
+                None
+            }
+            Err(_) => {
+                self.metrics
+                    .socket_error(Peer::Database, SocketErrorKind::Timeout);
+                tracing::warn!("outbound call lookup timed out; the stream's signature decides");
+                None
             }
         }
     }
