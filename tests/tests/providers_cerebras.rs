@@ -4,14 +4,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use callmeback_tests::emulators::cerebras::{
-    CerebrasEmulator, CerebrasEmulatorConfig, CerebrasFault, Reply, scripted,
+    CerebrasEmulator, CerebrasEmulatorConfig, CerebrasFault, ChatCall, Reply, scripted,
 };
 use futures::StreamExt;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use voice_pod::metrics::Metrics;
 use voice_pod::providers::cerebras::{Cerebras, CerebrasConfig};
-use voice_pod::providers::{ChatDelta, ChatMessage, ChatModel, ChatRequest, LlmError, Role};
+use voice_pod::providers::{
+    ChatDelta, ChatMessage, ChatModel, ChatRequest, LlmError, Role, ToolCall, ToolDef,
+};
 use voice_pod::secret::Secret;
 
 const MODEL: &str = "gpt-oss-120b";
@@ -45,6 +47,7 @@ fn request() -> ChatRequest {
         temperature: 0.6,
         max_tokens: 120,
         reasoning_effort: None,
+        tools: Vec::new(),
     }
 }
 
@@ -102,6 +105,7 @@ async fn reasoning_tokens_never_arrive_as_content() {
         reply: Arc::new(|_| Reply {
             reasoning: Some("The user wants a table. I should ask for the time.".into()),
             content: "Sure, what time?".into(),
+            tool_calls: Vec::new(),
         }),
         ..CerebrasEmulatorConfig::default()
     })
@@ -428,4 +432,102 @@ async fn wrong_key_is_unauthorized_and_not_retried() {
             .get(),
         1
     );
+}
+
+#[tokio::test]
+async fn a_function_call_streamed_in_fragments_arrives_whole_and_its_result_goes_back() {
+    // Proves OpenAI-compatible function calling over a real socket: the request offers
+    // `tools`; the model's words stream as content, its call (index, id and name first,
+    // the arguments in 10-character fragments) arrives as one ToolCall just before
+    // Done{tool_calls}; the next request carries the assistant's call and the tool's
+    // result in the API's shape, and the model answers it.
+    let arguments = r#"{"in_minutes":10,"note":"caller is on a date — «rescue me» 🙂"}"#;
+    let emu = CerebrasEmulator::start(CerebrasEmulatorConfig {
+        reply: Arc::new(move |call: &ChatCall| {
+            if call.messages.last().is_some_and(|(role, _)| role == "tool") {
+                Reply::text("Done, talk in ten minutes!")
+            } else if call.tools.iter().any(|t| t == "schedule_callback") {
+                Reply {
+                    reasoning: None,
+                    content: "Sure, I will call you back.".into(),
+                    tool_calls: vec![("schedule_callback".into(), arguments.into())],
+                }
+            } else {
+                Reply::text("No tools were offered.")
+            }
+        }),
+        ..CerebrasEmulatorConfig::default()
+    })
+    .await
+    .unwrap();
+    let llm = client(&emu, Arc::new(Metrics::new()), |_| {});
+    let mut req = request();
+    req.tools = vec![ToolDef {
+        name: "schedule_callback".into(),
+        description: "Call the caller back later.".into(),
+        parameters: serde_json::json!({
+            "type": "object",
+            "properties": {"in_minutes": {"type": "integer"}, "note": {"type": "string"}},
+            "required": ["in_minutes"],
+        }),
+    }];
+    let stream = llm
+        .stream(req.clone(), CancellationToken::new())
+        .await
+        .expect("stream starts");
+    let (content, _, items, err) = drain(stream).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(content, "Sure, I will call you back.");
+    let n = items.len();
+    assert!(n >= 2, "{items:?}");
+    let ChatDelta::ToolCalls(calls) = &items[n - 2] else {
+        panic!("no tool calls just before Done: {items:?}")
+    };
+    assert_eq!(
+        items[n - 1],
+        ChatDelta::Done {
+            finish_reason: Some("tool_calls".into())
+        }
+    );
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].name, "schedule_callback");
+    assert_eq!(calls[0].arguments, arguments, "every fragment, in order");
+    assert!(calls[0].id.starts_with("call_"), "{}", calls[0].id);
+    let first = &emu.chat_requests()[0].body;
+    assert_eq!(first["tools"][0]["type"], "function");
+    assert_eq!(first["tools"][0]["function"]["name"], "schedule_callback");
+    assert_eq!(
+        first["tools"][0]["function"]["parameters"]["required"][0],
+        "in_minutes"
+    );
+
+    // The next step: the persona's call and its result go back to the model.
+    let call: ToolCall = calls[0].clone();
+    req.messages
+        .push(ChatMessage::assistant_calls(content, vec![call.clone()]));
+    req.messages.push(ChatMessage::tool_result(
+        call.id.clone(),
+        r#"{"scheduled_for":"18:15"}"#,
+    ));
+    let stream = llm
+        .stream(req, CancellationToken::new())
+        .await
+        .expect("the API accepts the call and its result");
+    let (answer, _, _, err) = drain(stream).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(answer, "Done, talk in ten minutes!");
+    let second = &emu.chat_requests()[1].body;
+    let messages = second["messages"].as_array().unwrap();
+    let [.., assistant, tool] = messages.as_slice() else {
+        panic!("{messages:?}")
+    };
+    assert_eq!(assistant["role"], "assistant");
+    assert_eq!(assistant["tool_calls"][0]["id"], call.id.as_str());
+    assert_eq!(assistant["tool_calls"][0]["type"], "function");
+    assert_eq!(
+        assistant["tool_calls"][0]["function"]["arguments"],
+        arguments
+    );
+    assert_eq!(tool["role"], "tool");
+    assert_eq!(tool["tool_call_id"], call.id.as_str());
 }

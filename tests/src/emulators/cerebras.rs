@@ -5,8 +5,13 @@
 //!   exists, that `messages` is a non-empty list of role/content pairs and that
 //!   `stream` is `true` (the voice pod only streams), then answers server-sent events:
 //!   a first chunk with the assistant role, optional `delta.reasoning` chunks, the reply
-//!   token by token as `chat.completion.chunk`s, a last chunk with `finish_reason`,
-//!   `usage` and Cerebras' `time_info`, then `data: [DONE]`;
+//!   token by token as `chat.completion.chunk`s, then any function calls the reply
+//!   makes as OpenAI-style `delta.tool_calls` (each call's index, id and name first,
+//!   its arguments in fragments), a last chunk with `finish_reason` (`tool_calls`
+//!   when it called any), `usage` and Cerebras' `time_info`, then `data: [DONE]`.
+//!   Requests may offer `tools` (each `{type: function, function: {name, ...}}`) and
+//!   carry `tool` messages (with `tool_call_id`) and assistant messages with
+//!   `tool_calls`, as the API accepts them;
 //! - `GET /v1/models` lists the configured models.
 //!
 //! Replies come from a function of the request (scripted lines, an echo, anything).
@@ -37,10 +42,12 @@ use tokio_util::sync::CancellationToken;
 pub struct ChatCall {
     /// Requested model.
     pub model: String,
-    /// `(role, content)` pairs, in order.
+    /// `(role, content)` pairs, in order (`content` is empty when null).
     pub messages: Vec<(String, String)>,
     /// 0-based index of this completion request on the emulator.
     pub index: usize,
+    /// Names of the functions the request offers.
+    pub tools: Vec<String>,
 }
 
 impl ChatCall {
@@ -61,6 +68,8 @@ pub struct Reply {
     pub reasoning: Option<String>,
     /// The reply text, streamed token by token as `delta.content`.
     pub content: String,
+    /// Functions the reply calls after its text: `(name, arguments JSON text)`.
+    pub tool_calls: Vec<(String, String)>,
 }
 
 impl Reply {
@@ -69,6 +78,7 @@ impl Reply {
         Self {
             reasoning: None,
             content: content.into(),
+            tool_calls: Vec::new(),
         }
     }
 }
@@ -434,20 +444,27 @@ async fn chat(
         parsed.get("messages").and_then(|m| m.as_array()).map(|a| {
             a.iter()
                 .filter_map(|m| {
-                    Some((
-                        m.get("role")?.as_str()?.to_owned(),
-                        m.get("content")?.as_str()?.to_owned(),
-                    ))
+                    let role = m.get("role")?.as_str()?.to_owned();
+                    let content = match m.get("content") {
+                        Some(serde_json::Value::String(c)) => c.clone(),
+                        // An assistant turn that only called functions.
+                        None | Some(serde_json::Value::Null) if m.get("tool_calls").is_some() => {
+                            String::new()
+                        }
+                        _ => return None,
+                    };
+                    let well_formed = match role.as_str() {
+                        "system" | "user" => true,
+                        "assistant" => m.get("tool_calls").is_none_or(valid_tool_calls),
+                        "tool" => m.get("tool_call_id").and_then(|i| i.as_str()).is_some(),
+                        _ => false,
+                    };
+                    well_formed.then_some((role, content))
                 })
                 .collect()
         });
-    let valid_roles = |ms: &Vec<(String, String)>| {
-        ms.iter()
-            .all(|(r, _)| matches!(r.as_str(), "system" | "user" | "assistant"))
-    };
     let Some(messages) = messages.filter(|ms| {
         !ms.is_empty()
-            && valid_roles(ms)
             && Some(ms.len())
                 == parsed
                     .get("messages")
@@ -457,9 +474,31 @@ async fn chat(
         record(422);
         return error_response(
             StatusCode::UNPROCESSABLE_ENTITY,
-            "messages must be a non-empty list of {role, content} with roles system, user or assistant",
+            "messages must be a non-empty list of {role, content} with roles system, user, assistant (optionally with tool_calls) or tool (with tool_call_id)",
             "invalid_request_error",
             "messages",
+            "wrong_api_format",
+        );
+    };
+    let tools: Option<Vec<String>> = match parsed.get("tools") {
+        None => Some(Vec::new()),
+        Some(t) => t.as_array().and_then(|a| {
+            a.iter()
+                .map(|t| {
+                    (t.get("type")?.as_str()? == "function")
+                        .then(|| t.get("function")?.get("name")?.as_str().map(str::to_owned))
+                        .flatten()
+                })
+                .collect()
+        }),
+    };
+    let Some(tools) = tools else {
+        record(422);
+        return error_response(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "tools must be a list of {type: function, function: {name, description, parameters}}",
+            "invalid_request_error",
+            "tools",
             "wrong_api_format",
         );
     };
@@ -518,6 +557,7 @@ async fn chat(
         model: model.clone(),
         messages,
         index,
+        tools,
     };
     let reply = (shared.cfg.reply)(&call);
     let (first, inter) = *shared.latency.lock().unwrap_or_else(|e| e.into_inner());
@@ -646,6 +686,27 @@ async fn produce(
             .await;
         return;
     }
+    // Function calls after the text, as OpenAI-compatible APIs stream them.
+    for (i, (name, arguments)) in reply.tool_calls.iter().enumerate() {
+        let call_id = format!("call_{:012x}", rand::random::<u64>() >> 16);
+        let start = json!({"tool_calls": [{"index": i, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}]});
+        if tx.send(Ok(chunk(start, None))).await.is_err() {
+            return;
+        }
+        let chars: Vec<char> = arguments.chars().collect();
+        for piece in chars.chunks(10) {
+            let piece: String = piece.iter().collect();
+            let delta = json!({"tool_calls": [{"index": i, "function": {"arguments": piece}}]});
+            if tx.send(Ok(chunk(delta, None))).await.is_err() {
+                return;
+            }
+        }
+    }
+    let finish_reason = if reply.tool_calls.is_empty() {
+        "stop"
+    } else {
+        "tool_calls"
+    };
     let completion_time = first_token_at.elapsed().as_secs_f64();
     let prompt_time = (first_token_at - arrived).as_secs_f64();
     let last = json!({
@@ -654,13 +715,31 @@ async fn produce(
         "created": created,
         "model": model,
         "system_fingerprint": "fp_emulated",
-        "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+        "choices": [{"index": 0, "delta": {}, "finish_reason": finish_reason}],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": total, "total_tokens": prompt_tokens + total},
         "time_info": {"queue_time": 0.0001, "prompt_time": prompt_time, "completion_time": completion_time, "total_time": prompt_time + completion_time, "created": created},
     });
     let _ = tx
         .send(Ok(format!("data: {last}\n\ndata: [DONE]\n\n")))
         .await;
+}
+
+/// Whether `calls` is a list of `{id, type: function, function: {name, arguments}}`.
+fn valid_tool_calls(calls: &serde_json::Value) -> bool {
+    calls.as_array().is_some_and(|a| {
+        a.iter().all(|c| {
+            c.get("id").and_then(|i| i.as_str()).is_some()
+                && c.get("type").and_then(|t| t.as_str()) == Some("function")
+                && c.get("function")
+                    .and_then(|f| f.get("name"))
+                    .and_then(|n| n.as_str())
+                    .is_some()
+                && c.get("function")
+                    .and_then(|f| f.get("arguments"))
+                    .and_then(|a| a.as_str())
+                    .is_some()
+        })
+    })
 }
 
 #[cfg(test)]

@@ -49,6 +49,7 @@ impl TurnJudge for LlmJudge {
             temperature: 0.0,
             max_tokens: 16,
             reasoning_effort: Some(ReasoningEffort::Low),
+            tools: Vec::new(),
         };
         Box::pin(async move {
             let cancel = CancellationToken::new();
@@ -65,7 +66,7 @@ impl TurnJudge for LlmJudge {
                         }
                     }
                     ChatDelta::Done { .. } => break,
-                    ChatDelta::Reasoning(_) | ChatDelta::Usage(_) => {}
+                    ChatDelta::Reasoning(_) | ChatDelta::Usage(_) | ChatDelta::ToolCalls(_) => {}
                 }
             }
             verdict(&answer)

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::sse::{SseEvent, SseParser};
+use super::tool_calls::ToolCallAssembly;
 use super::{ChatDelta, ChatModel, ChatRequest, ChatStream, LlmError, Usage};
 use crate::metrics::{Metrics, Peer};
 use crate::secret::Secret;
@@ -171,6 +172,24 @@ impl Cerebras {
         if let Some(effort) = req.reasoning_effort {
             body["reasoning_effort"] = serde_json::to_value(effort).unwrap_or_default();
         }
+        if !req.tools.is_empty() {
+            let tools: Vec<serde_json::Value> = req
+                .tools
+                .iter()
+                .map(|t| {
+                    serde_json::json!({
+                        "type": "function",
+                        "function": {
+                            "name": t.name,
+                            "description": t.description,
+                            "parameters": t.parameters,
+                        },
+                    })
+                })
+                .collect();
+            body["tools"] = serde_json::Value::Array(tools);
+            body["parallel_tool_calls"] = serde_json::Value::Bool(true);
+        }
         body
     }
 
@@ -212,6 +231,7 @@ impl Cerebras {
             parser: SseParser::new(),
             pending: VecDeque::new(),
             finish_reason: None,
+            tool_calls: ToolCallAssembly::default(),
             finished: false,
             stall: self.cfg.stall_timeout,
             cancel: cancel.clone(),
@@ -266,6 +286,8 @@ struct StreamState {
     parser: SseParser,
     pending: VecDeque<Result<ChatDelta, LlmError>>,
     finish_reason: Option<String>,
+    /// Function calls under way, delivered whole before `Done`.
+    tool_calls: ToolCallAssembly,
     /// `Done` or an error was queued; nothing more is read.
     finished: bool,
     stall: Duration,
@@ -304,6 +326,15 @@ impl StreamState {
         }
         let data = ev.data.trim();
         if data == "[DONE]" {
+            if !self.tool_calls.is_empty() {
+                match std::mem::take(&mut self.tool_calls).finish() {
+                    Ok(calls) => self.pending.push_back(Ok(ChatDelta::ToolCalls(calls))),
+                    Err(e) => {
+                        self.fail(LlmError::Malformed(e));
+                        return;
+                    }
+                }
+            }
             self.finished = true;
             self.pending.push_back(Ok(ChatDelta::Done {
                 finish_reason: self.finish_reason.take(),
@@ -334,6 +365,18 @@ impl StreamState {
                 }
                 if let Some(c) = delta.content.filter(|c| !c.is_empty()) {
                     self.pending.push_back(Ok(ChatDelta::Content(c)));
+                }
+                for call in delta.tool_calls.unwrap_or_default() {
+                    let function = call.function.unwrap_or_default();
+                    if let Err(e) = self.tool_calls.push(
+                        call.index,
+                        call.id.as_deref(),
+                        function.name.as_deref(),
+                        function.arguments.as_deref(),
+                    ) {
+                        self.fail(LlmError::Malformed(e));
+                        return;
+                    }
                 }
             }
             if let Some(f) = choice.finish_reason {
@@ -540,6 +583,27 @@ struct Delta {
     content: Option<String>,
     #[serde(default)]
     reasoning: Option<String>,
+    #[serde(default)]
+    tool_calls: Option<Vec<ToolCallDelta>>,
+}
+
+/// One `delta.tool_calls[]` entry: a call's start or a fragment of its arguments.
+#[derive(Deserialize)]
+struct ToolCallDelta {
+    #[serde(default)]
+    index: u32,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    function: Option<FunctionDelta>,
+}
+
+#[derive(Default, Deserialize)]
+struct FunctionDelta {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    arguments: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -573,6 +637,7 @@ mod tests {
             parser: SseParser::new(),
             pending: VecDeque::new(),
             finish_reason: None,
+            tool_calls: ToolCallAssembly::default(),
             finished: false,
             stall: Duration::from_secs(1),
             cancel: CancellationToken::new(),

@@ -9,7 +9,8 @@
 //!   session handles, event types and error enums.
 //! - `deepgram`: Deepgram live (`/v1/listen`) over WebSocket, with KeepAlive, Finalize,
 //!   reconnect and audio replay.
-//! - `cerebras` + `sse`: Cerebras chat completions streamed as server-sent events.
+//! - `cerebras` + `sse`: Cerebras (any OpenAI-compatible API) chat completions streamed
+//!   as server-sent events; `tool_calls`: function-call deltas assembled by index.
 //! - `elevenlabs`: ElevenLabs multi-context stream input over one WebSocket per call.
 //! - `session`: the one reconnecting-socket loop both streaming sessions use
 //!   (backoff, restore, give up once); `backoff`: its bounded, jittered delays;
@@ -47,6 +48,7 @@ pub mod elevenlabs;
 mod session;
 mod socket;
 pub mod sse;
+pub mod tool_calls;
 
 // ---------------------------------------------------------------------------------------
 // Speech-to-text
@@ -291,6 +293,8 @@ pub enum Role {
     User,
     /// The persona.
     Assistant,
+    /// The result of a function the persona called.
+    Tool,
 }
 
 /// One message of the conversation.
@@ -298,8 +302,14 @@ pub enum Role {
 pub struct ChatMessage {
     /// Who said it.
     pub role: Role,
-    /// What was said.
+    /// What was said (a tool result's text for [`Role::Tool`]).
     pub content: String,
+    /// The functions an assistant message called.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// The call a [`Role::Tool`] message answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
@@ -308,6 +318,90 @@ impl ChatMessage {
         Self {
             role,
             content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+        }
+    }
+
+    /// The persona's turn that called functions (with what it said before them).
+    pub fn assistant_calls(content: impl Into<String>, calls: Vec<ToolCall>) -> Self {
+        Self {
+            tool_calls: calls,
+            ..Self::new(Role::Assistant, content)
+        }
+    }
+
+    /// The result of call `call_id`, for the model's next step.
+    pub fn tool_result(call_id: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            tool_call_id: Some(call_id.into()),
+            ..Self::new(Role::Tool, content)
+        }
+    }
+}
+
+/// A function the model may call: what the request offers (OpenAI `tools`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ToolDef {
+    /// The function's name.
+    pub name: String,
+    /// What it does, for the model.
+    pub description: String,
+    /// Its arguments as a JSON Schema object.
+    pub parameters: serde_json::Value,
+}
+
+/// A function call the model made, assembled from the stream.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(from = "WireToolCall", into = "WireToolCall")]
+pub struct ToolCall {
+    /// The provider's id of the call (a tool result names it).
+    pub id: String,
+    /// Which function.
+    pub name: String,
+    /// Its arguments: JSON text as the model wrote it (not yet validated).
+    pub arguments: String,
+}
+
+/// [`ToolCall`] as OpenAI-compatible APIs write it in a message.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+struct WireToolCall {
+    id: String,
+    #[serde(rename = "type", default = "function_type")]
+    kind: String,
+    function: WireFunction,
+}
+
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+struct WireFunction {
+    name: String,
+    #[serde(default)]
+    arguments: String,
+}
+
+fn function_type() -> String {
+    "function".into()
+}
+
+impl From<WireToolCall> for ToolCall {
+    fn from(w: WireToolCall) -> Self {
+        Self {
+            id: w.id,
+            name: w.function.name,
+            arguments: w.function.arguments,
+        }
+    }
+}
+
+impl From<ToolCall> for WireToolCall {
+    fn from(c: ToolCall) -> Self {
+        Self {
+            id: c.id,
+            kind: function_type(),
+            function: WireFunction {
+                name: c.name,
+                arguments: c.arguments,
+            },
         }
     }
 }
@@ -325,6 +419,8 @@ pub struct ChatRequest {
     pub max_tokens: u32,
     /// For reasoning models.
     pub reasoning_effort: Option<ReasoningEffort>,
+    /// Functions the model may call (none: a plain completion).
+    pub tools: Vec<ToolDef>,
 }
 
 impl ChatRequest {
@@ -336,6 +432,7 @@ impl ChatRequest {
             temperature: spec.temperature,
             max_tokens: spec.max_tokens,
             reasoning_effort: spec.reasoning_effort,
+            tools: Vec::new(),
         }
     }
 }
@@ -361,6 +458,9 @@ pub enum ChatDelta {
     Reasoning(String),
     /// Token usage (usually just before `Done`).
     Usage(Usage),
+    /// The functions the model called, whole, in index order (just before `Done`,
+    /// whose `finish_reason` is then `tool_calls`).
+    ToolCalls(Vec<ToolCall>),
     /// The stream ended normally (`[DONE]`). Nothing follows.
     Done {
         /// `stop`, `length`, `content_filter`, ... when the provider said.

@@ -99,7 +99,7 @@ pub async fn summarize_call(
                 }
                 ChatDelta::Usage(u) => usage = Some(u),
                 ChatDelta::Done { .. } => break,
-                ChatDelta::Reasoning(_) => {}
+                ChatDelta::Reasoning(_) | ChatDelta::ToolCalls(_) => {}
             }
         }
         Ok::<_, SummaryError>((text, usage))

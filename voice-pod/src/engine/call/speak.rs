@@ -305,6 +305,14 @@ async fn llm_task(
             }
             // Reasoning never reaches the caller's ears.
             Some(Ok(ChatDelta::Reasoning(_))) => {}
+            // The engine offers the model no functions yet (issue 19), so a call
+            // here is a provider's invention: nothing to run.
+            Some(Ok(ChatDelta::ToolCalls(calls))) => {
+                warn!(
+                    calls = calls.len(),
+                    "the model called functions it was not offered"
+                );
+            }
             Some(Ok(ChatDelta::Done { .. })) | None => {
                 if let Some(c) = chunker.finish() {
                     send(LlmOut::Chunk(c)).await;
