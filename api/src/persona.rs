@@ -83,6 +83,10 @@ pub struct PersonaSpec {
     // and an operator upgrade rolls no pods.
     #[serde(default, skip_serializing_if = "CallbackSpec::is_unset")]
     pub callbacks: CallbackSpec,
+    /// Functions the persona may call during a conversation (none by default).
+    // Omitted when unset, for the same reason as `callbacks`.
+    #[serde(default, skip_serializing_if = "ToolsSpec::is_unset")]
+    pub tools: ToolsSpec,
 }
 
 /// Text-to-speech settings (ElevenLabs).
@@ -284,6 +288,24 @@ impl CallbackSpec {
     /// Nothing set: the pods' defaults apply.
     pub fn is_unset(&self) -> bool {
         self.max_lateness_seconds.is_none()
+    }
+}
+
+/// The functions a persona may call during a conversation.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ToolsSpec {
+    /// The persona may end the call itself, after saying goodbye in the same reply
+    /// (the caller is done, or asked to hang up). The call record's outcome is then
+    /// `ended_by_persona`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub end_call: bool,
+}
+
+impl ToolsSpec {
+    /// No tool enabled.
+    pub fn is_unset(&self) -> bool {
+        !self.end_call
     }
 }
 

@@ -9,6 +9,7 @@ use callmeback_tests::call_harness::{
     Caller, Emulators, PodProcess, ProviderProfile, converse, lines, persona_json, table,
     table_replies,
 };
+use callmeback_tests::emulators::cerebras::{ChatCall, Reply};
 use serde_json::json;
 
 const FROM: &str = "+14155550123";
@@ -276,6 +277,76 @@ async fn key_presses_reach_the_model_as_a_caller_turn() {
     assert!(
         !log.contains("\"digit\"") && !log.contains("pressed 1 2"),
         "DTMF digits in the log"
+    );
+    pod.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persona_that_may_end_the_call_says_goodbye_then_hangs_up() {
+    // Proves the end_call tool (issue 19): a persona with `tools.endCall` offers the
+    // model `end_call`; when the model says goodbye and calls it, the caller hears the
+    // whole goodbye, then the pod ends the call (`ended_by_persona`).
+    let bye = "It was lovely talking to you. Goodbye!";
+    let replies = Arc::new(move |call: &ChatCall| {
+        let offered = call.tools.iter().any(|t| t == "end_call");
+        if offered && call.last_user().is_some_and(|u| u.contains("bye")) {
+            Reply {
+                reasoning: None,
+                content: bye.into(),
+                tool_calls: vec![("end_call".into(), "{}".into())],
+            }
+        } else {
+            Reply::text("Happy to help with anything else.")
+        }
+    });
+    let emus = Emulators::start(
+        lines(&["That is all for today, bye."]),
+        replies,
+        ProviderProfile::ZERO,
+    )
+    .await
+    .unwrap();
+    let pod = PodProcess::start(
+        &emus,
+        &[("ada", persona_json(json!({"tools": {"endCall": true}})))],
+        &[],
+    )
+    .await
+    .unwrap();
+    let mut caller = Caller::dial(&pod.sim(), FROM, TO).await.unwrap();
+    caller
+        .listen(Duration::from_secs(10), Duration::from_millis(500))
+        .await
+        .unwrap()
+        .expect("greeting");
+    caller.say("That is all for today, bye.").await.unwrap();
+    let goodbye = caller
+        .listen(Duration::from_secs(10), Duration::from_millis(400))
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("no goodbye:\n{}", pod.log_tail(40)));
+    let heard = goodbye.bytes as f64 / 8000.0;
+    let expected = bye.chars().count() as f64 / 15.0;
+    assert!(
+        heard >= 0.9 * expected,
+        "heard {heard:.1} s of {expected:.1} s"
+    );
+    assert!(
+        caller.wait_closed(Duration::from_secs(10)).await,
+        "the persona did not hang up:\n{}",
+        pod.log_tail(40)
+    );
+    assert!(
+        pod.log().contains("ended_by_persona"),
+        "{}",
+        pod.log_tail(20)
+    );
+    let offered = emus.cerebras.chat_requests();
+    assert!(
+        offered
+            .iter()
+            .all(|r| r.body["tools"][0]["function"]["name"] == "end_call"),
+        "every request of ada offers end_call"
     );
     pod.stop().await.unwrap();
 }

@@ -96,6 +96,10 @@ async fn reply_streams_token_by_token_then_usage_and_done() {
     assert_eq!(req.body["model"], MODEL);
     assert_eq!(req.body["max_completion_tokens"], 120);
     assert_eq!(req.body["messages"][1]["role"], "user");
+    assert!(
+        req.body.get("tools").is_none(),
+        "no tools offered, none sent"
+    );
 }
 
 #[tokio::test]

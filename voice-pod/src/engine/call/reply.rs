@@ -62,6 +62,8 @@ pub(super) struct Reply {
     pub(super) text: String,
     /// Whether `text` is in the history yet.
     pub(super) in_history: bool,
+    /// The model called `end_call`: once this reply has played, the call ends.
+    pub(super) ends_call: bool,
     /// Seconds of caller audio sent to the STT when the reply started: caller speech
     /// stamped earlier belongs to the turn this reply answers, not to an interruption.
     pub(super) audio_start: f64,
@@ -91,6 +93,7 @@ impl Reply {
             next_context: 0,
             text: String::new(),
             in_history: false,
+            ends_call: false,
             audio_start,
             timing: Timing::default(),
             span,

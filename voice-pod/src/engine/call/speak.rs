@@ -16,12 +16,36 @@ use super::{Call, Internal};
 use crate::engine::chunker::{Chunker, ChunkerConfig};
 use crate::engine::greeting_cache::{GreetingKey, Phrase};
 use crate::engine::prompt::Role as PromptRole;
-use crate::providers::{ChatDelta, ChatMessage, ChatModel, ChatRequest, LlmError, Role, Usage};
+use callmeback_api::PersonaSpec;
+
+use crate::providers::{
+    ChatDelta, ChatMessage, ChatModel, ChatRequest, LlmError, Role, ToolCall, ToolDef, Usage,
+};
+
+/// The function a persona may call to end the call (`tools.endCall`).
+pub(super) const END_CALL: &str = "end_call";
+
+/// The functions the persona may call, as the model sees them.
+fn offered_tools(persona: &PersonaSpec) -> Vec<ToolDef> {
+    let mut tools = Vec::new();
+    if persona.tools.end_call {
+        tools.push(ToolDef {
+            name: END_CALL.into(),
+            description: "End the phone call. Say your goodbye in the same reply, before \
+                calling this. Call it only when the caller is done or asks to hang up."
+                .into(),
+            parameters: serde_json::json!({"type": "object", "properties": {}}),
+        });
+    }
+    tools
+}
 
 /// What a reply's LLM task reports.
 pub(super) enum LlmOut {
     FirstToken(Instant),
     Chunk(String),
+    /// The functions the model called (after its words).
+    ToolCalls(Vec<ToolCall>),
     /// Token accounting of the completion (billed even when the reply was cut).
     Usage(Usage),
     Done,
@@ -73,7 +97,8 @@ impl Call {
                 _ => messages.push(ChatMessage::new(Role::User, user_text)),
             }
         }
-        let req = ChatRequest::from_spec(&self.persona.llm, messages);
+        let mut req = ChatRequest::from_spec(&self.persona.llm, messages);
+        req.tools = offered_tools(&self.persona);
         r.timing.llm_start = Some(now);
         let llm = self.shared.providers.llm.clone();
         let tx = self.internal_tx.clone();
@@ -102,8 +127,31 @@ impl Call {
                     self.feed_tts().await;
                 }
             }
+            LlmOut::ToolCalls(calls) => self.on_tool_calls(reply, calls),
             LlmOut::Done => self.generation_ended(reply, None).await,
             LlmOut::Failed(e) => self.generation_ended(reply, Some(e)).await,
+        }
+    }
+
+    /// Functions the model called for reply `reply`. Only offered ones act; anything
+    /// else is logged and ignored (a model's invention must not act for a caller).
+    fn on_tool_calls(&mut self, reply: u64, calls: Vec<ToolCall>) {
+        let end_call_offered = self.persona.tools.end_call;
+        let Some(r) = self.replies.get_mut(reply) else {
+            return; // a discarded or interrupted reply
+        };
+        let _s = r.span.enter();
+        for call in calls {
+            if call.name == END_CALL && end_call_offered {
+                info!("the persona ends the call after this reply");
+                r.ends_call = true;
+            } else {
+                let name: String = call.name.chars().take(40).collect();
+                warn!(
+                    function = %crate::phone::mask_numbers_in(&name),
+                    "the model called a function it was not offered; ignored"
+                );
+            }
         }
     }
 
@@ -119,6 +167,13 @@ impl Call {
             warn!(error = %e, kind = e.metric_kind().as_str(), "the model failed");
         }
         if self.replies.generation_ended(reply, &mut self.history) == Some(Generated::Nothing) {
+            let ends_call = self.replies.get(reply).is_some_and(|r| r.ends_call);
+            if ends_call && error.is_none() {
+                // Ending without a word: the persona's own goodbye, not the fallback.
+                self.append_phrase(reply, Phrase::Goodbye).await;
+                self.replies.commit(reply, &mut self.history);
+                return;
+            }
             if error.is_none() {
                 let _s = span.enter();
                 warn!("the model returned no words");
@@ -230,6 +285,9 @@ impl Call {
             let _s = r.span.enter();
             debug!("reply played");
         }
+        if r.ends_call {
+            self.timers.begin_ending("ended_by_persona", Instant::now());
+        }
         if self.timers.ending().is_some() {
             self.hang_up().await;
         }
@@ -305,13 +363,11 @@ async fn llm_task(
             }
             // Reasoning never reaches the caller's ears.
             Some(Ok(ChatDelta::Reasoning(_))) => {}
-            // The engine offers the model no functions yet (issue 19), so a call
-            // here is a provider's invention: nothing to run.
+            // Acted on by the call loop (only what the persona was offered).
             Some(Ok(ChatDelta::ToolCalls(calls))) => {
-                warn!(
-                    calls = calls.len(),
-                    "the model called functions it was not offered"
-                );
+                if !send(LlmOut::ToolCalls(calls)).await {
+                    return;
+                }
             }
             Some(Ok(ChatDelta::Done { .. })) | None => {
                 if let Some(c) = chunker.finish() {
