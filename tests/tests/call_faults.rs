@@ -120,6 +120,33 @@ async fn elevenlabs_dropping_mid_reply_still_delivers_the_whole_answer() {
     pod.stop().await.unwrap();
 }
 
+/// A greeted call whose caller says nothing (the model is never asked).
+async fn greeted_quiet_call() -> (Emulators, PodProcess, Caller) {
+    let said = Arc::new(Mutex::new(Vec::new()));
+    let replies = table_replies(table(&[]), "Sorry?".into(), said);
+    let emus = Emulators::start(lines(&[]), replies, ProviderProfile::ZERO)
+        .await
+        .unwrap();
+    let pod = PodProcess::start(&emus, &[("ada", persona_json(json!({})))], &[])
+        .await
+        .unwrap();
+    let caller = greeted(&pod).await;
+    (emus, pod, caller)
+}
+
+/// `peer`'s socket errors and reconnects as the pod counted them.
+async fn outage_counts(pod: &PodProcess, peer: &str) -> (f64, f64) {
+    let errors = pod
+        .metric("voice_socket_errors_total", &[("peer", peer)])
+        .await
+        .unwrap();
+    let reconnects = pod
+        .metric("voice_provider_reconnects_total", &[("peer", peer)])
+        .await
+        .unwrap();
+    (errors, reconnects)
+}
+
 /// Waits until `pred` holds for the emulator's connection records, polling.
 async fn until(what: &str, mut pred: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -136,15 +163,7 @@ async fn a_speech_to_text_outage_beyond_its_reconnects_ends_the_call_with_a_good
     // the end reason `stt_unavailable`. The engine does not dial again: 1 drop + 5
     // refused attempts are 6 socket errors and 6 connections, and nothing counts as
     // reconnected.
-    let said = Arc::new(Mutex::new(Vec::new()));
-    let replies = table_replies(table(&[]), "Sorry?".into(), said);
-    let emus = Emulators::start(lines(&[]), replies, ProviderProfile::ZERO)
-        .await
-        .unwrap();
-    let pod = PodProcess::start(&emus, &[("ada", persona_json(json!({})))], &[])
-        .await
-        .unwrap();
-    let mut caller = greeted(&pod).await;
+    let (emus, pod, mut caller) = greeted_quiet_call().await;
     until("deepgram connected", || {
         emus.deepgram.connections().len() == 1
     })
@@ -170,16 +189,11 @@ async fn a_speech_to_text_outage_beyond_its_reconnects_ends_the_call_with_a_good
             .count(),
         5
     );
-    let errors = pod
-        .metric("voice_socket_errors_total", &[("peer", "deepgram")])
-        .await
-        .unwrap();
-    assert_eq!(errors, 6.0, "one drop and five refused attempts");
-    let reconnects = pod
-        .metric("voice_provider_reconnects_total", &[("peer", "deepgram")])
-        .await
-        .unwrap();
-    assert_eq!(reconnects, 0.0);
+    assert_eq!(
+        outage_counts(&pod, "deepgram").await,
+        (6.0, 0.0),
+        "one drop and five refused attempts, no reconnect"
+    );
     assert!(
         pod.log().contains("stt_unavailable"),
         "end reason missing:\n{}",
@@ -193,15 +207,7 @@ async fn a_text_to_speech_outage_beyond_its_reconnects_hangs_up_counted_once() {
     // Proves the TTS side of one reconnect layer: with ElevenLabs gone for good the
     // session gives up after its 5 attempts and the pod hangs up (the persona has no
     // voice to say goodbye with); the engine dials nothing more.
-    let said = Arc::new(Mutex::new(Vec::new()));
-    let replies = table_replies(table(&[]), "Sorry?".into(), said);
-    let emus = Emulators::start(lines(&[]), replies, ProviderProfile::ZERO)
-        .await
-        .unwrap();
-    let pod = PodProcess::start(&emus, &[("ada", persona_json(json!({})))], &[])
-        .await
-        .unwrap();
-    let mut caller = greeted(&pod).await;
+    let (emus, pod, mut caller) = greeted_quiet_call().await;
     let before = emus.elevenlabs.connections().len();
     emus.elevenlabs.shutdown();
     assert!(
@@ -214,16 +220,11 @@ async fn a_text_to_speech_outage_beyond_its_reconnects_hangs_up_counted_once() {
         before,
         "nothing reached a stopped server"
     );
-    let errors = pod
-        .metric("voice_socket_errors_total", &[("peer", "elevenlabs")])
-        .await
-        .unwrap();
-    assert_eq!(errors, 6.0, "one drop and five failed attempts");
-    let reconnects = pod
-        .metric("voice_provider_reconnects_total", &[("peer", "elevenlabs")])
-        .await
-        .unwrap();
-    assert_eq!(reconnects, 0.0);
+    assert_eq!(
+        outage_counts(&pod, "elevenlabs").await,
+        (6.0, 0.0),
+        "one drop and five failed attempts, no reconnect"
+    );
     assert!(
         pod.log().contains("tts_unavailable"),
         "{}",
