@@ -26,7 +26,6 @@ pub(super) struct SttLink {
     audio: Option<mpsc::Sender<Bytes>>,
     pub(super) events: Option<mpsc::Receiver<SttEvent>>,
     control: Option<SttControl>,
-    connecting: bool,
     /// Caller audio while no session takes it (20 ms frames, bounded).
     pre_audio: VecDeque<Bytes>,
 }
@@ -36,43 +35,38 @@ pub(super) struct SttLink {
 pub(super) struct TtsLink {
     pub(super) control: Option<TtsControl>,
     pub(super) events: Option<mpsc::Receiver<TtsEvent>>,
-    connecting: bool,
 }
 
 impl Call {
-    pub(super) fn connect_stt(&mut self) {
-        if self.stt.connecting {
-            return;
-        }
-        self.stt.connecting = true;
-        let stt = self.shared.providers.stt.clone();
-        let cfg = SttSessionConfig::from_spec(&self.persona.stt, &self.ctx.call_sid);
-        let cancel = self.call_cancel.child_token();
-        let tx = self.internal_tx.clone();
-        tokio::spawn(
-            async move {
-                let res = stt.connect(cfg, cancel).await;
-                let _ = tx.send(Internal::SttReady(res)).await;
-            }
-            .instrument(info_span!("stt_connect", call_sid = %self.ctx.call_sid)),
+    /// Opens both provider sessions in the background, once per call (the sessions
+    /// reconnect on their own; the engine never dials again).
+    pub(super) fn connect_links(&mut self) {
+        let stt_span = info_span!("stt_connect", call_sid = %self.ctx.call_sid);
+        let tts_span = info_span!("tts_connect", call_sid = %self.ctx.call_sid);
+        let (stt, tts) = (
+            self.shared.providers.stt.clone(),
+            self.shared.providers.tts.clone(),
         );
-    }
-
-    pub(super) fn connect_tts(&mut self) {
-        if self.tts.connecting {
-            return;
-        }
-        self.tts.connecting = true;
-        let tts = self.shared.providers.tts.clone();
-        let cfg = TtsSessionConfig::from_spec(&self.persona.voice, &self.ctx.call_sid);
-        let cancel = self.call_cancel.child_token();
-        let tx = self.internal_tx.clone();
+        let stt_cfg = SttSessionConfig::from_spec(&self.persona.stt, &self.ctx.call_sid);
+        let tts_cfg = TtsSessionConfig::from_spec(&self.persona.voice, &self.ctx.call_sid);
+        let (stt_cancel, tts_cancel) = (
+            self.call_cancel.child_token(),
+            self.call_cancel.child_token(),
+        );
+        let (stt_tx, tts_tx) = (self.internal_tx.clone(), self.internal_tx.clone());
         tokio::spawn(
             async move {
-                let res = tts.connect(cfg, cancel).await;
-                let _ = tx.send(Internal::TtsReady(res)).await;
+                let res = stt.connect(stt_cfg, stt_cancel).await;
+                let _ = stt_tx.send(Internal::SttReady(res)).await;
             }
-            .instrument(info_span!("tts_connect", call_sid = %self.ctx.call_sid)),
+            .instrument(stt_span),
+        );
+        tokio::spawn(
+            async move {
+                let res = tts.connect(tts_cfg, tts_cancel).await;
+                let _ = tts_tx.send(Internal::TtsReady(res)).await;
+            }
+            .instrument(tts_span),
         );
     }
 
@@ -103,7 +97,6 @@ impl Call {
     }
 
     pub(super) async fn stt_ready(&mut self, res: Result<SttSession, SttError>) {
-        self.stt.connecting = false;
         let session = match res {
             Ok(s) => s,
             Err(e) => {
@@ -129,7 +122,6 @@ impl Call {
     }
 
     pub(super) async fn tts_ready(&mut self, res: Result<TtsSession, TtsError>) {
-        self.tts.connecting = false;
         let session = match res {
             Ok(s) => s,
             Err(e) => {

@@ -240,8 +240,7 @@ impl Call {
         let span = self.span.clone();
         async move {
             info!("call started");
-            self.connect_stt();
-            self.connect_tts();
+            self.connect_links();
             self.say_phrase(Phrase::Greeting).await;
             let mut sleep: std::pin::Pin<Box<Sleep>> = Box::pin(sleep_until(far_future()));
             let end = loop {
